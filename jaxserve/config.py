@@ -1,0 +1,220 @@
+"""The one configuration definition: YAML keys, CLI flags (vLLM's names) and defaults.
+
+Every field of ``ServeConfig`` is a YAML key (``max_model_len`` or ``max-model-len``) and a CLI
+flag (``--max-model-len``); the CLI overrides the YAML, which overrides the defaults. Values are
+validated once in ``__post_init__`` with errors naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key."""
+
+
+def _field(default: Any, help: str, *, choices: tuple | None = None, factory: Any = None) -> Any:  # noqa: A002
+    meta = {"help": help, "choices": choices}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeConfig:
+    """Model, engine and server settings for one ``jaxserve`` process."""
+
+    # --- model -----------------------------------------------------------------------------
+    model: str = _field("", "Local HF checkpoint directory, .gguf file, or a hub id already in the local HF cache.")
+    tokenizer: str | None = _field(None, "Tokenizer directory (default: the model's).")
+    served_model_name: list[str] | None = _field(
+        None, "Name(s) the API accepts in 'model'; the first is reported (default: --model)."
+    )
+    dtype: str = _field(
+        "auto",
+        "Weight and activation dtype; auto = checkpoint dtype on accelerators, float32 on CPU.",
+        choices=("auto", "bfloat16", "float16", "float32"),
+    )
+    max_model_len: int | None = _field(None, "Maximum prompt + output tokens (default: the model's context length).")
+    seed: int = _field(0, "Seed for requests that do not set one.")
+    # --- engine ----------------------------------------------------------------------------
+    block_size: int = _field(16, "Tokens per KV-cache block (a power of two, at most 256).")
+    max_num_seqs: int = _field(64, "Maximum sequences in one step.")
+    max_num_batched_tokens: int = _field(512, "Token budget of one step (prefill chunks + decodes).")
+    gpu_memory_utilization: float = _field(
+        0.9, "Fraction of accelerator memory jaxserve may use (weights + KV cache + activations)."
+    )
+    kv_cache_memory_gib: float = _field(2.0, "KV-cache size in GiB on CPU (accelerators use --gpu-memory-utilization).")
+    num_kv_blocks: int | None = _field(None, "Force the number of KV-cache blocks (overrides the memory budget).")
+    enable_prefix_caching: bool = _field(False, "Reuse KV blocks of shared prompt prefixes (not supported yet).")
+    tensor_parallel_size: int = _field(1, "Devices to shard the model over (not supported yet: must be 1).")
+    attention_backend: str = _field("auto", "Attention implementation.", choices=("auto", "reference"))
+    compilation_cache_dir: str | None = _field(
+        str(Path.home() / ".cache" / "jaxserve" / "xla"),
+        "Persistent XLA compilation cache directory ('' disables it).",
+    )
+    # --- server ----------------------------------------------------------------------------
+    host: str = _field("127.0.0.1", "Address to listen on.")
+    port: int = _field(8000, "Port to listen on.")
+    api_key: list[str] | None = _field(
+        None, "API key(s) clients must send as 'Authorization: Bearer <key>' (also $JAXSERVE_API_KEY)."
+    )
+    allowed_origins: list[str] = _field(None, "CORS allowed origins, a JSON list.", factory=list)
+    allowed_methods: list[str] = _field(None, "CORS allowed methods, a JSON list.", factory=lambda: ["*"])
+    allowed_headers: list[str] = _field(None, "CORS allowed headers, a JSON list.", factory=lambda: ["*"])
+    allow_credentials: bool = _field(False, "CORS: allow credentials.")
+    log_level: str = _field("info", "Log level.", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value not in choices:
+                raise ConfigError(
+                    f"{f.name}: {value!r} is not allowed; allowed values: {', '.join(map(str, choices))}"
+                )
+        _positive(self, "max_num_seqs", "max_num_batched_tokens", "port", "block_size")
+        if self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise ConfigError(f"block_size must be a power of two between 1 and 256, got {self.block_size}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be a positive integer, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ConfigError(f"num_kv_blocks must be at least 2, got {self.num_kv_blocks}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.kv_cache_memory_gib <= 0:
+            raise ConfigError(f"kv_cache_memory_gib must be positive, got {self.kv_cache_memory_gib}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ConfigError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
+            )
+        if self.tensor_parallel_size != 1:
+            raise ConfigError(
+                f"tensor_parallel_size: {self.tensor_parallel_size} is not supported yet (only 1)"
+            )
+        if self.enable_prefix_caching:
+            raise ConfigError("enable_prefix_caching: prefix caching is not supported yet (only false)")
+        if not self.model:
+            raise ConfigError("model: required (a local checkpoint directory or .gguf file)")
+
+    @property
+    def model_name(self) -> str:
+        """The name reported in responses."""
+        return self.served_model_name[0] if self.served_model_name else self.model
+
+    @property
+    def accepted_model_names(self) -> list[str]:
+        return list(self.served_model_name) if self.served_model_name else [self.model]
+
+
+def _positive(cfg: ServeConfig, *names: str) -> None:
+    for n in names:
+        v = getattr(cfg, n)
+        if not isinstance(v, int) or v < 1:
+            raise ConfigError(f"{n} must be a positive integer, got {v!r}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(ServeConfig)}
+
+
+def _base_type(tp: Any) -> Any:
+    """``int | None`` -> int; ``list[str] | None`` -> list[str]."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return args[0]
+    return tp
+
+
+_TYPES = typing.get_type_hints(ServeConfig)
+
+
+def _coerce(name: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, with an error naming the key."""
+    tp = _base_type(_TYPES[name])
+    if value is None:
+        return None
+    try:
+        if typing.get_origin(tp) is list:
+            if isinstance(value, str):
+                value = json.loads(value) if value.strip().startswith("[") else [value]
+            if not isinstance(value, list):
+                raise TypeError
+            return [str(v) for v in value]
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes"):
+                return True
+            if str(value).lower() in ("false", "0", "no"):
+                return False
+            raise TypeError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError, json.JSONDecodeError):
+        raise ConfigError(f"{name}: {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+
+
+def config_from_dict(values: dict[str, Any]) -> ServeConfig:
+    """Build a ServeConfig from YAML-style keys (dashes or underscores)."""
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(FIELDS)}")
+        kwargs[name] = _coerce(name, value)
+    return ServeConfig(**kwargs)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxserve.serve",
+        description="Serve a model with an OpenAI-compatible API.",
+    )
+    p.add_argument("--config", help="YAML file whose keys are the flags below (CLI flags override it).")
+    for f in dataclasses.fields(ServeConfig):
+        flag = "--" + f.name.replace("_", "-")
+        tp = _base_type(_TYPES[f.name])
+        help_text = f.metadata["help"]
+        if tp is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif typing.get_origin(tp) is list:
+            p.add_argument(flag, nargs="+", default=None, help=help_text)
+        else:
+            p.add_argument(flag, default=None, help=help_text, metavar=f.name.upper())
+    return p
+
+
+def load_config(argv: list[str] | None = None) -> ServeConfig:
+    """YAML (``--config``) < CLI flags; ``$JAXSERVE_API_KEY`` adds to ``api_key``."""
+    args = build_arg_parser().parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        with open(args.config) as fh:
+            loaded = yaml.safe_load(fh) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{args.config}: expected a mapping of keys to values")
+        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    for name in FIELDS:
+        v = getattr(args, name)
+        if v is not None:
+            values[name] = v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and v[0].startswith("[") else v
+    env_key = os.environ.get("JAXSERVE_API_KEY")
+    if env_key:
+        keys = _coerce("api_key", values.get("api_key")) or []
+        values["api_key"] = keys + [env_key]
+    return config_from_dict(values)

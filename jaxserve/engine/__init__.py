@@ -1,0 +1,1 @@
+"""The continuous-batching engine: scheduler and block manager (host), model runner (device)."""

@@ -1,0 +1,83 @@
+"""Static step shapes ("buckets"): every step is padded to one of them, all compiled at start-up.
+
+Two families keep the count small:
+- decode-only steps (every sequence advances one token): ``B`` sequences, ``T = R = B``, ``Q = 1``;
+- mixed steps (prefill chunks, possibly with decodes): ``T`` tokens, ``B = min(T, max_num_seqs)``
+  sequences, query rows of ``Q = prefill_row_width`` tokens, ``R = min(T, T // Q + B)`` rows.
+Bucket sizes are powers of two, capped at the configured maxima (decode buckets start at 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class StepShape:
+    """Static sizes of one compiled step."""
+
+    num_tokens: int  # T
+    num_seqs: int  # B (also the number of logits rows)
+    num_rows: int  # R
+    row_width: int  # Q
+
+    @property
+    def is_decode(self) -> bool:
+        return self.row_width == 1
+
+
+def _powers_of_two(lo: int, hi: int) -> list[int]:
+    """lo, 2lo, 4lo, ... below hi, then hi itself."""
+    out, v = [], lo
+    while v < hi:
+        out.append(v)
+        v *= 2
+    out.append(hi)
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPolicy:
+    """Chooses the step shape for a batch; lists every shape for start-up compilation."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    prefill_row_width: int = 16
+    min_prefill_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs})"
+            )
+
+    @property
+    def decode_sizes(self) -> list[int]:
+        # No 1-token bucket: XLA:CPU copies the whole donated cache around a one-row scatter,
+        # and a second (padding) row costs next to nothing in a memory-bound decode step.
+        return _powers_of_two(min(2, self.max_num_seqs), self.max_num_seqs)
+
+    @property
+    def prefill_sizes(self) -> list[int]:
+        return _powers_of_two(min(self.min_prefill_tokens, self.max_num_batched_tokens), self.max_num_batched_tokens)
+
+    def decode_shape(self, num_seqs: int) -> StepShape:
+        b = next(s for s in self.decode_sizes if s >= num_seqs)
+        return StepShape(b, b, b, 1)
+
+    def mixed_shape(self, num_tokens: int) -> StepShape:
+        t = next(s for s in self.prefill_sizes if s >= num_tokens)
+        b = min(t, self.max_num_seqs)
+        q = self.prefill_row_width
+        return StepShape(t, b, min(t, t // q + b), q)
+
+    def shape_for(self, num_seqs: int, num_tokens: int) -> StepShape:
+        if num_seqs > self.max_num_seqs or num_tokens > self.max_num_batched_tokens:
+            raise ValueError(f"batch of {num_seqs} seqs / {num_tokens} tokens exceeds the configured maxima")
+        return self.decode_shape(num_seqs) if num_tokens == num_seqs else self.mixed_shape(num_tokens)
+
+    def all_shapes(self) -> list[StepShape]:
+        shapes = {self.decode_shape(b) for b in self.decode_sizes}
+        shapes |= {self.mixed_shape(t) for t in self.prefill_sizes}
+        return sorted(shapes)

@@ -1,0 +1,55 @@
+"""How many KV blocks fit: a memory budget on accelerators, a fixed GiB budget on CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.config import ServeConfig
+from jaxserve.engine.model_runner import kv_block_bytes
+from jaxserve.weights.loader import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+GIB = 1 << 30
+
+
+def activation_reserve_bytes(config: ServeConfig, loaded: LoadedModel) -> int:
+    """A generous bound on one step's live activations (hidden states, MLP, logits, sampling)."""
+    c = loaded.config
+    itemsize = jnp.dtype(loaded.dtype).itemsize
+    t, b = config.max_num_batched_tokens, config.max_num_seqs
+    per_token = (4 * c.hidden_size + 3 * c.intermediate_size + 3 * c.num_heads * c.head_dim) * itemsize
+    logits = 4 * b * c.vocab_size * 4
+    return max(256 << 20, 2 * (t * per_token + logits))
+
+
+def num_kv_blocks(config: ServeConfig, loaded: LoadedModel, max_model_len: int, platform: str) -> int:
+    """Blocks to allocate (including the reserved null block); errors if one full sequence won't fit."""
+    block_bytes = kv_block_bytes(loaded, config.block_size)
+    if config.num_kv_blocks is not None:
+        blocks = config.num_kv_blocks
+    elif platform == "cpu":
+        blocks = int(config.kv_cache_memory_gib * GIB // block_bytes)
+    else:
+        stats = jax.local_devices()[0].memory_stats() or {}
+        limit = stats.get("bytes_limit")
+        if limit is None:
+            raise RuntimeError(f"cannot read the {platform} device's memory size; set --num-kv-blocks")
+        in_use = stats.get("bytes_in_use", 0)
+        budget = int(config.gpu_memory_utilization * limit) - in_use - activation_reserve_bytes(config, loaded)
+        blocks = budget // block_bytes
+        logger.info(
+            "device memory %.1f GiB, in use %.1f GiB, KV budget %.1f GiB",
+            limit / GIB, in_use / GIB, max(budget, 0) / GIB,
+        )
+    needed = -(-max_model_len // config.block_size) + 1
+    if blocks < needed:
+        raise ValueError(
+            f"the KV cache holds {max(blocks - 1, 0) * config.block_size} tokens, fewer than one "
+            f"max_model_len ({max_model_len}) sequence: lower --max-model-len or give the cache more "
+            "memory (--kv-cache-memory-gib on CPU, --gpu-memory-utilization, --num-kv-blocks)"
+        )
+    return blocks

@@ -1,0 +1,227 @@
+"""The synchronous engine: ``add_request`` / ``step`` / ``abort`` over scheduler + runner.
+
+Start-up: resolve the checkpoint, read its config, load tokenizer and weights, size the KV cache,
+compile every step shape. ``step()`` then schedules, runs one device step, appends sampled tokens,
+finishes requests (EOS, stop tokens, stop strings, length) and returns their text deltas.
+Not thread-safe: the async wrapper drives it from a single thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import time
+
+import jax
+
+from jaxserve.config import ServeConfig
+from jaxserve.engine.block_manager import BlockManager
+from jaxserve.engine.compilation import BucketPolicy
+from jaxserve.engine.kv_cache_size import num_kv_blocks
+from jaxserve.engine.model_runner import ModelRunner
+from jaxserve.engine.output_processor import OutputProcessor, RequestOutput
+from jaxserve.engine.scheduler import Scheduler
+from jaxserve.models.attention import resolve_backend
+from jaxserve.request import Request, RequestStatus
+from jaxserve.sampling_params import SamplingParamError, SamplingParams
+from jaxserve.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
+from jaxserve.weights.loader import load_model, read_model_config, resolve_dtype
+from jaxserve.weights.source import resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTooLongError(SamplingParamError):
+    """Prompt + max_tokens exceed max_model_len (the message states both numbers)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    load_seconds: float
+    compile_seconds: float
+    num_kv_blocks: int
+    block_size: int
+    max_model_len: int
+    num_compiled_shapes: int
+    platform: str
+    dtype: str
+
+
+class LLMEngine:
+    """Continuous-batching generation over a paged KV cache."""
+
+    def __init__(self, config: ServeConfig, *, progress: bool = True) -> None:
+        t0 = time.perf_counter()
+        self.config = config
+        source = resolve_model_source(config.model)
+        model_config, stored_dtype = read_model_config(source)
+        platform = jax.default_backend()
+        dtype = resolve_dtype(config.dtype, stored_dtype, platform)
+        self.max_model_len = self._resolve_max_model_len(config, model_config)
+        self.tokenizer: Tokenizer = load_tokenizer(source, config.tokenizer)
+        self.generation_config = _read_generation_config(source.directory if source.kind == "hf" else None)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids, self.generation_config)
+        # Like vLLM, the checkpoint's generation_config supplies defaults for unset sampling fields.
+        self.default_sampling = {
+            k: self.generation_config[k] for k in ("temperature", "top_p", "top_k", "min_p")
+            if self.generation_config.get(k) is not None
+        }
+        backend = resolve_backend(config.attention_backend, platform)
+        loaded = load_model(source, model_config, dtype, backend=backend, progress=progress)
+        self.model_config = model_config
+        blocks = num_kv_blocks(config, loaded, self.max_model_len, platform)
+        buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(
+            loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets
+        )
+        load_s = time.perf_counter() - t0
+        logger.info(
+            "loaded %s (%s, %s, %d layers) in %.1fs; KV cache: %d blocks x %d tokens",
+            config.model, model_config.architecture, jax.numpy.dtype(dtype).name,
+            model_config.num_layers, load_s, blocks, config.block_size,
+        )
+        compile_s = self.runner.compile_all()
+        logger.info("compiled %d step shapes in %.1fs", len(self.runner.compiled_shapes), compile_s)
+        self.scheduler = Scheduler(
+            BlockManager(blocks, config.block_size),
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        self.outputs = OutputProcessor(self.tokenizer)
+        self.requests: dict[str, Request] = {}
+        self._seeds: dict[str, int] = {}
+        self._rng = random.Random(config.seed)
+        self.stats = EngineStats(
+            load_seconds=load_s,
+            compile_seconds=compile_s,
+            num_kv_blocks=blocks,
+            block_size=config.block_size,
+            max_model_len=self.max_model_len,
+            num_compiled_shapes=len(self.runner.compiled_shapes),
+            platform=platform,
+            dtype=jax.numpy.dtype(dtype).name,
+        )
+
+    @staticmethod
+    def _resolve_max_model_len(config: ServeConfig, model_config) -> int:
+        limit = model_config.max_position_embeddings
+        if model_config.sliding_window is not None:
+            limit = min(limit, model_config.sliding_window)
+        if config.max_model_len is None:
+            if model_config.sliding_window is not None and model_config.sliding_window < model_config.max_position_embeddings:
+                logger.warning("sliding window %d is not supported: max_model_len capped to it", limit)
+            return limit
+        if config.max_model_len > limit:
+            reason = "sliding window" if limit == model_config.sliding_window else "max_position_embeddings"
+            raise ValueError(f"max_model_len ({config.max_model_len}) exceeds the model's {reason} ({limit})")
+        return config.max_model_len
+
+    # ----------------------------------------------------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
+        """Validate a request without queueing it; returns its resolved max_tokens.
+
+        Raises SamplingParamError (``param`` names the offending field). Reads only constants,
+        so any thread may call it.
+        """
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise SamplingParamError("prompt", "the prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise SamplingParamError("prompt", f"token id {bad} is out of range [0, {vocab})")
+        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise SamplingParamError("stop_token_ids", f"token id {bad} is out of range [0, {vocab})")
+        room = self.max_model_len - n
+        if params.max_tokens is None:
+            if room < 1:
+                raise PromptTooLongError(
+                    "messages", f"This model's maximum context length is {self.max_model_len} tokens, "
+                    f"but the prompt has {n} tokens, which leaves no room for output."
+                )
+            return room
+        if params.max_tokens > room:
+            raise PromptTooLongError(
+                "max_tokens", f"This model's maximum context length is {self.max_model_len} tokens. "
+                f"However, you requested {n + params.max_tokens} tokens ({n} in the prompt, "
+                f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens."
+            )
+        return params.max_tokens
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Queue a request. Raises SamplingParamError (with ``param``) for requests that cannot run."""
+        if request_id in self.requests:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        max_tokens = self.check_request(prompt_token_ids, params)
+        req = Request(request_id, prompt_token_ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
+        self.scheduler.add(req)
+        self.requests[request_id] = req
+        self._seeds[request_id] = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        self.outputs.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request now and free its KV blocks; False if it is unknown or already done."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self.outputs.remove(request_id)
+        self._seeds.pop(request_id, None)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled step; return an output for every request that produced a token."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        seeds = [self._seeds[s.request.request_id] for s in sched.scheduled]
+        next_tokens = self.runner.execute(sched.scheduled, seeds)
+        outputs: list[RequestOutput] = []
+        for s, token in zip(sched.scheduled, next_tokens.tolist(), strict=True):
+            req = s.request
+            req.num_computed_tokens += s.num_tokens
+            if not s.samples:
+                continue  # a prefill chunk that does not reach the end of the prompt
+            status = req.append_output(int(token))
+            if status is None and req.num_tokens >= self.max_model_len:
+                status = RequestStatus.FINISHED_LENGTH
+            out, _ = self.outputs.process(req, [int(token)], status)
+            if out.finished:
+                self.scheduler.finish(req, RequestStatus(out.finish_reason))
+                self.requests.pop(req.request_id, None)
+                self._seeds.pop(req.request_id, None)
+            outputs.append(out)
+        return outputs
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
+        """Offline helper: run ``prompts`` to completion; return each one's output token ids."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        ids = [f"gen-{i}-{self._rng.getrandbits(32):08x}" for i in range(len(prompts))]
+        for rid, p, sp in zip(ids, prompts, plist, strict=True):
+            self.add_request(rid, p, sp)
+        result: dict[str, list[int]] = {rid: [] for rid in ids}
+        while any(rid in self.requests for rid in ids):
+            for out in self.step():
+                if out.request_id in result:
+                    result[out.request_id].extend(out.new_token_ids)
+        return [result[rid] for rid in ids]
+
+
+def _read_generation_config(directory) -> dict:
+    if directory is None:
+        return {}
+    path = directory / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        logger.warning("ignoring unreadable %s: %s", path, e)
+        return {}

@@ -1,0 +1,96 @@
+"""On-device token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+
+Randomness for row ``b`` comes from ``fold_in(key(seed_b), step_b)`` where ``step_b`` is the
+number of tokens that sequence has generated, so a seeded request samples the same tokens
+whatever else shares its batch. Filters run only when some row needs them (``lax.cond``), and
+an all-greedy batch skips the random path entirely.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass
+class SamplingTensors:
+    """Per-row sampling settings for one step (a pytree of [B] arrays)."""
+
+    temperature: jax.Array  # f32[B]; 0 = greedy
+    top_p: jax.Array  # f32[B]; 1 = off
+    top_k: jax.Array  # i32[B]; 0 = off
+    min_p: jax.Array  # f32[B]; 0 = off
+    seed: jax.Array  # u32[B]
+    step: jax.Array  # i32[B] tokens generated so far (the PRNG counter)
+
+
+jax.tree_util.register_dataclass(
+    SamplingTensors,
+    data_fields=[f.name for f in dataclasses.fields(SamplingTensors)],
+    meta_fields=[],
+)
+
+
+def build_sampling_tensors(
+    params: list[SamplingParams], seeds: list[int], steps: list[int], num_rows: int
+) -> SamplingTensors:
+    """Host arrays padded to ``num_rows`` (padding rows are greedy)."""
+    n = len(params)
+    temp = np.zeros(num_rows, np.float32)
+    top_p = np.ones(num_rows, np.float32)
+    top_k = np.zeros(num_rows, np.int32)
+    min_p = np.zeros(num_rows, np.float32)
+    seed = np.zeros(num_rows, np.uint32)
+    step = np.zeros(num_rows, np.int32)
+    for i, p in enumerate(params):
+        temp[i] = p.temperature
+        top_p[i] = p.top_p
+        top_k[i] = max(p.top_k, 0)
+        min_p[i] = p.min_p
+    seed[:n] = np.asarray(seeds, np.uint64) & 0xFFFFFFFF
+    step[:n] = steps
+    return SamplingTensors(temp, top_p, top_k, min_p, seed, step)
+
+
+def _filter_probs(probs_BV: jax.Array, st: SamplingTensors) -> jax.Array:
+    """Zero the probabilities that top-k, top-p and min-p exclude (ties at the cut are kept)."""
+    v = probs_BV.shape[-1]
+    sorted_desc = -jnp.sort(-probs_BV, axis=-1)
+    k = jnp.where(st.top_k > 0, jnp.minimum(st.top_k, v), v)
+    kth = jnp.take_along_axis(sorted_desc, (k - 1)[:, None], axis=-1)  # [B, 1]
+    cum = jnp.cumsum(sorted_desc, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p: token i is in if the mass before it < top_p.
+    in_top_p = (cum - sorted_desc) < st.top_p[:, None]
+    n_top_p = jnp.maximum(jnp.sum(in_top_p, axis=-1), 1)
+    pth = jnp.take_along_axis(sorted_desc, (n_top_p - 1)[:, None], axis=-1)
+    mth = st.min_p[:, None] * sorted_desc[:, :1]
+    threshold = jnp.maximum(jnp.maximum(kth, pth), mth)
+    return jnp.where(probs_BV >= threshold, probs_BV, 0.0)
+
+
+def sample(logits_BV: jax.Array, st: SamplingTensors) -> jax.Array:
+    """Next token per row, i32[B]."""
+    greedy_tokens = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    is_random = st.temperature > 0.0
+
+    def random_path() -> jax.Array:
+        temp = jnp.where(is_random, st.temperature, 1.0)
+        probs = jax.nn.softmax(logits_BV / temp[:, None], axis=-1)
+        needs_filter = jnp.any(is_random & ((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0)))
+        probs = jax.lax.cond(needs_filter, lambda p: _filter_probs(p, st), lambda p: p, probs)
+        keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(st.seed, st.step)
+        u = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(keys)
+        cum = jnp.cumsum(probs, axis=-1)
+        target = u * cum[:, -1]
+        idx = jnp.sum(cum <= target[:, None], axis=-1)
+        idx = jnp.minimum(idx, logits_BV.shape[-1] - 1).astype(jnp.int32)
+        # A sampled index must have non-zero probability (guards float edge cases at the boundary).
+        idx = jnp.where(jnp.take_along_axis(probs, idx[:, None], axis=-1)[:, 0] > 0, idx, greedy_tokens)
+        return jnp.where(is_random, idx, greedy_tokens)
+
+    return jax.lax.cond(jnp.any(is_random), random_path, lambda: greedy_tokens)

@@ -1,0 +1,61 @@
+"""Per-request sampling settings, validated once at construction (ValueError naming the field)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+class SamplingParamError(ValueError):
+    """A sampling parameter is out of range; ``param`` names it (the HTTP layer reports it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop, for one sequence.
+
+    ``temperature == 0`` is greedy. ``top_k <= 0`` and ``top_p == 1`` and ``min_p == 0`` disable
+    those filters. ``seed`` makes sampling reproducible whatever else is in the batch.
+    """
+
+    max_tokens: int | None = 16  # None: up to max_model_len
+    min_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    stop: tuple[str, ...] = ()  # stop strings; the matched text is cut from the output
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise SamplingParamError("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.min_tokens < 0:
+            raise SamplingParamError("min_tokens", f"min_tokens must be >= 0, got {self.min_tokens}")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise SamplingParamError(
+                "min_tokens", f"min_tokens ({self.min_tokens}) must be <= max_tokens ({self.max_tokens})"
+            )
+        if not 0.0 <= self.temperature <= 2.0:
+            raise SamplingParamError("temperature", f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingParamError("top_p", f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise SamplingParamError("top_k", f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise SamplingParamError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        if any(not s for s in self.stop):
+            raise SamplingParamError("stop", "stop strings must not be empty")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise SamplingParamError("seed", f"seed must fit in 64 bits, got {self.seed}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0

@@ -1,0 +1,1 @@
+"""Checkpoint readers (safetensors directories, GGUF files) and the loader that fills a model."""

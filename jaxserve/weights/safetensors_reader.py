@@ -1,0 +1,42 @@
+"""Read tensors from an HF checkpoint directory: single or sharded ``*.safetensors``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from safetensors import safe_open
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The checkpoint's shard files, from ``model.safetensors.index.json`` when present."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted({directory / f for f in weight_map.values()})
+    else:
+        files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {directory}")
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint index names missing files: {', '.join(missing)}")
+    return files
+
+
+def count_tensors(files: list[Path]) -> int:
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="numpy") as fh:
+            total += len(list(fh.keys()))
+    return total
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF name, array in the stored dtype) for every tensor in ``files``."""
+    for f in files:
+        with safe_open(str(f), framework="numpy") as fh:
+            for name in fh.keys():
+                yield name, fh.get_tensor(name)

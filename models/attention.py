@@ -1,0 +1,44 @@
+"""The one attention entry point the models call: KV write + ragged paged attention.
+
+``backend`` is resolved once at start-up (``resolve_backend``) and stored on the model as a
+static string; the Pallas kernels plug in here next to the pure-jnp reference.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
+from jaxserve.pallas_kernels.ragged_paged_attention.reference import (
+    ref_ragged_paged_attention,
+    write_kv,
+)
+
+BACKENDS = ("auto", "reference")
+
+
+def resolve_backend(requested: str, platform: str) -> str:
+    """Map the config's ``attention_backend`` to a concrete implementation for ``platform``."""
+    if requested not in BACKENDS:
+        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
+    del platform  # every platform uses the reference until a kernel is registered for it
+    return "reference"
+
+
+def paged_attention(
+    q_TNH: jax.Array,
+    k_TKH: jax.Array,
+    v_TKH: jax.Array,
+    kv_cache: tuple[jax.Array, jax.Array],
+    meta: AttentionMetadata,
+    *,
+    sm_scale: float,
+    backend: str,
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Write this step's K/V into the paged cache, then attend. Returns (o_TNH, new cache)."""
+    k_pages, v_pages = write_kv(kv_cache[0], kv_cache[1], k_TKH, v_TKH, meta.slot_mapping)
+    if backend == "reference":
+        o = ref_ragged_paged_attention(q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale)
+    else:
+        raise ValueError(f"unknown attention backend {backend!r}")
+    return o, (k_pages, v_pages)

@@ -1,0 +1,112 @@
+"""The decoder-only transformer shared by the Llama, Mistral, Qwen2 and Qwen3 families.
+
+Family differences are flags on ``ModelConfig`` (q/k/v bias, q/k RMSNorm, tied embeddings, RoPE
+scaling). Layers are a Python list, so the jitted step unrolls them and each layer's KV pages are
+a separate donated buffer (updated in place; a ``lax.scan`` over stacked layers would copy them).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.models.attention import paged_attention
+from jaxserve.models.config import ModelConfig
+from jaxserve.models.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope, rope_inv_freq
+from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
+
+KVCache = tuple[jax.Array, jax.Array]  # (k_pages [P, S, K, H], v_pages [P, S, K, H])
+
+
+class SelfAttention(nnx.Module):
+    """Multi-head attention with GQA over the paged KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, rngs: nnx.Rngs) -> None:
+        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_proj = Linear(d, n * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, k * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, k * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(n * h, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
+        self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
+        self.inv_freq = tuple(rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling).tolist())
+        self.backend = backend
+
+    def __call__(
+        self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> tuple[jax.Array, KVCache]:
+        t = x_TD.shape[0]
+        q = self.q_proj(x_TD).reshape(t, self.num_heads, self.head_dim)
+        k = self.k_proj(x_TD).reshape(t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x_TD).reshape(t, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        q = apply_rope(q, positions_T, inv_freq)
+        k = apply_rope(k, positions_T, inv_freq)
+        o, kv_cache = paged_attention(
+            q, k, v, kv_cache, meta, sm_scale=self.head_dim**-0.5, backend=self.backend
+        )
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), kv_cache
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, rngs: nnx.Rngs) -> None:
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = SelfAttention(cfg, dtype=dtype, backend=backend, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = GatedMLP(
+            cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs
+        )
+
+    def __call__(
+        self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata
+    ) -> tuple[jax.Array, KVCache]:
+        a, kv_cache = self.self_attn(self.input_layernorm(x_TD), positions_T, kv_cache, meta)
+        x_TD = x_TD + a
+        x_TD = x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+        return x_TD, kv_cache
+
+
+class DecoderForCausalLM(nnx.Module):
+    """Embedding, decoder layers, final norm and LM head over a flat ragged batch."""
+
+    def __init__(
+        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str = "reference", rngs: nnx.Rngs
+    ) -> None:
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List(
+            [DecoderLayer(cfg, dtype=dtype, backend=backend, rngs=rngs) for _ in range(cfg.num_layers)]
+        )
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        )
+
+    def __call__(
+        self,
+        tokens_T: jax.Array,
+        positions_T: jax.Array,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        logits_indices_B: jax.Array,
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """Run every token of the batch; return float32 logits [B, V] at ``logits_indices_B``.
+
+        ``kv_caches`` holds one (k_pages, v_pages) pair per layer; the updated list is returned.
+        """
+        x = self.embed_tokens(tokens_T)
+        new_caches = []
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            x, cache = layer(x, positions_T, cache, meta)
+            new_caches.append(cache)
+        h = self.norm(x[logits_indices_B])
+        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
+        return logits.astype(jnp.float32), new_caches

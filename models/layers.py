@@ -1,0 +1,99 @@
+"""Building blocks shared by the model families: linear, RMSNorm, embedding, RoPE, gated MLP.
+
+Parameters are created as ``nnx.Param``; models are normally built under ``nnx.eval_shape`` and
+then filled from a checkpoint, so initial values never materialise.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxserve.models.config import RopeScaling
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel is [in, out] (HF's [out, in] transposed at load)."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+        self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), dtype) * 0.02)
+        self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """HF-exact RMSNorm: normalise in float32, cast back, then scale."""
+
+    def __init__(self, dim: int, *, eps: float, dtype: jnp.dtype) -> None:
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * xf.astype(x.dtype)
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [V, D]; ``attend`` is the tied LM head."""
+
+    def __init__(self, vocab: int, dim: int, *, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (vocab, dim), dtype) * 0.02)
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0)
+
+    def attend(self, x_BD: jax.Array) -> jax.Array:
+        return x_BD @ self.embedding[...].T
+
+
+class GatedMLP(nnx.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, dim: int, hidden: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+        self.gate_proj = Linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:
+    """Inverse RoPE frequencies [H/2] (float32, as HF computes them), with llama3/linear scaling."""
+    inv = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    inv = inv.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv / scaling.factor).astype(np.float32)
+    if scaling.rope_type == "llama3":
+        factor = scaling.factor
+        old = scaling.original_max_position_embeddings
+        low_wavelen = old / scaling.low_freq_factor
+        high_wavelen = old / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > low_wavelen, inv / factor, inv)
+        smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def apply_rope(x_TNH: jax.Array, positions_T: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate-half (GPT-NeoX layout) rotary embedding, computed in float32 like HF."""
+    freqs = positions_T.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    cos = jnp.cos(emb)[:, None, :].astype(x_TNH.dtype)
+    sin = jnp.sin(emb)[:, None, :].astype(x_TNH.dtype)
+    half = x_TNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_TNH[..., half:], x_TNH[..., :half]], axis=-1)
+    return x_TNH * cos + rotated * sin

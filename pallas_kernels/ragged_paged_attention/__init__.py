@@ -1,0 +1,1 @@
+"""Ragged paged attention: metadata, pure-jnp reference (kernels plug in beside it)."""

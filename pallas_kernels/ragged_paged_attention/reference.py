@@ -1,0 +1,171 @@
+"""Pure-jnp ragged paged attention: the semantics every kernel must match.
+
+Also the CPU serving path, so it is written to be reasonably fast there: queries are processed
+in rows (see ``metadata.py``), KV is gathered page-wise in chunks of ``kv_chunk`` tokens with an
+online softmax, and the loop runs only as far as the longest sequence in the batch (a dynamic
+trip count, so the block-table width does not enter the cost).
+
+Shape letters: T tokens, N query heads, K KV heads, G = N // K, H head dim, P pages,
+S page size, B sequences, W pages per sequence, R rows, Q queries per row, C KV chunk.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
+
+DEFAULT_KV_CHUNK = 256
+
+
+def validate_inputs(
+    q_TNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax.Array, meta: AttentionMetadata
+) -> None:
+    """Shape/dtype checks shared by the reference and the kernels (trace-time, static shapes)."""
+    if q_TNH.ndim != 3:
+        raise ValueError(f"q must be [T, N, H], got shape {q_TNH.shape}")
+    if k_pages_PSKH.ndim != 4 or k_pages_PSKH.shape != v_pages_PSKH.shape:
+        raise ValueError(
+            f"k/v pages must both be [P, S, K, H], got {k_pages_PSKH.shape} and {v_pages_PSKH.shape}"
+        )
+    t, n, h = q_TNH.shape
+    _, _, k, hk = k_pages_PSKH.shape
+    if hk != h:
+        raise ValueError(f"head_dim mismatch: q has {h}, kv pages have {hk}")
+    if n % k:
+        raise ValueError(f"query heads ({n}) must be a multiple of KV heads ({k})")
+    if meta.slot_mapping.shape != (t,):
+        raise ValueError(f"slot_mapping must be [T={t}], got {meta.slot_mapping.shape}")
+    b = meta.seq_lens.shape[0]
+    if meta.query_start_loc.shape != (b + 1,) or meta.block_tables.shape[0] != b:
+        raise ValueError("query_start_loc must be [B+1] and block_tables [B, W] with B = len(seq_lens)")
+    if not (meta.row_seq.shape == meta.row_q_start.shape == meta.row_q_len.shape):
+        raise ValueError("row_seq, row_q_start and row_q_len must have the same shape [R]")
+    if meta.row_width < 1:
+        raise ValueError(f"row_width must be >= 1, got {meta.row_width}")
+
+
+def write_kv(
+    k_pages_PSKH: jax.Array,
+    v_pages_PSKH: jax.Array,
+    k_TKH: jax.Array,
+    v_TKH: jax.Array,
+    slot_mapping_T: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """Scatter the new tokens' K/V into their cache slots (in place when the pages are donated)."""
+    p, s, k, h = k_pages_PSKH.shape
+    k_flat = k_pages_PSKH.reshape(p * s, k, h)
+    v_flat = v_pages_PSKH.reshape(p * s, k, h)
+    k_new = k_TKH.astype(k_pages_PSKH.dtype)
+    v_new = v_TKH.astype(v_pages_PSKH.dtype)
+    k_flat = k_flat.at[slot_mapping_T].set(k_new, mode="promise_in_bounds")
+    v_flat = v_flat.at[slot_mapping_T].set(v_new, mode="promise_in_bounds")
+    return k_flat.reshape(p, s, k, h), v_flat.reshape(p, s, k, h)
+
+
+def ref_ragged_paged_attention(
+    q_TNH: jax.Array,
+    k_pages_PSKH: jax.Array,
+    v_pages_PSKH: jax.Array,
+    meta: AttentionMetadata,
+    *,
+    sm_scale: float,
+    kv_chunk: int = DEFAULT_KV_CHUNK,
+) -> jax.Array:
+    """Causal attention of each sequence's new queries over its cached KV (new tokens included).
+
+    Args:
+      q_TNH: [T, N, H] queries of all sequences, concatenated.
+      k_pages_PSKH, v_pages_PSKH: [P, S, K, H] paged cache, already holding this step's K/V.
+      meta: batch layout; see ``metadata.py``.
+      sm_scale: softmax scale (usually H ** -0.5).
+      kv_chunk: KV tokens processed per loop iteration (rounded up to whole pages).
+    Returns:
+      [T, N, H] in q's dtype; rows of padding tokens are zero.
+    """
+    validate_inputs(q_TNH, k_pages_PSKH, v_pages_PSKH, meta)
+    t, n, h = q_TNH.shape
+    _, page, kh, _ = k_pages_PSKH.shape
+    g = n // kh
+    qw = meta.row_width
+    pages_per_chunk = max(1, -(-kv_chunk // page))
+    c = pages_per_chunk * page
+
+    # Pad the block table so every chunk's dynamic slice stays in bounds (no start clamping).
+    bt = meta.block_tables
+    w = bt.shape[1]
+    w_pad = -(-w // pages_per_chunk) * pages_per_chunk
+    if w_pad != w:
+        bt = jnp.pad(bt, ((0, 0), (0, w_pad - w)))
+
+    q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [B]
+    row_kv_len = meta.seq_lens[meta.row_seq]  # [R]
+    row_bt = bt[meta.row_seq]  # [R, Wp]
+    qi = jnp.arange(qw, dtype=jnp.int32)
+    row_q_valid = qi[None, :] < meta.row_q_len[:, None]  # [R, Q]
+    q_idx = jnp.where(row_q_valid, meta.row_q_start[:, None] + qi[None, :], 0)  # [R, Q]
+    # Absolute position of each query: the row's sequence ends at seq_len; its queries are the last q_len.
+    seq_first_q = meta.query_start_loc[meta.row_seq]  # [R]
+    q_pos = row_kv_len[:, None] - q_lens[meta.row_seq][:, None] + (q_idx - seq_first_q[:, None])  # [R, Q]
+    q_pos = jnp.where(row_q_valid, q_pos, -1)
+
+    r = q_idx.shape[0]
+    q_RQKGH = q_TNH[q_idx].reshape(r, qw, kh, g, h).astype(jnp.float32) * sm_scale
+
+    num_chunks = (jnp.max(row_kv_len, initial=0) + c - 1) // c
+
+    def body(ci, carry):
+        m_i, l_i, acc = carry  # [R, K, G, Q], [R, K, G, Q], [R, K, G, Q, H]
+        pages = jax.lax.dynamic_slice_in_dim(row_bt, ci * pages_per_chunk, pages_per_chunk, axis=1)
+        k_RCKH = k_pages_PSKH[pages].reshape(r, c, kh, h).astype(jnp.float32)
+        v_RCKH = v_pages_PSKH[pages].reshape(r, c, kh, h).astype(jnp.float32)
+        kv_pos = ci * c + jnp.arange(c, dtype=jnp.int32)  # [C]
+        kv_valid = kv_pos[None, :] < row_kv_len[:, None]  # [R, C]
+        # Unused pages may hold anything (NaN in tests): zero them so 0 * NaN never reaches acc.
+        k_RCKH = jnp.where(kv_valid[:, :, None, None], k_RCKH, 0.0)
+        v_RCKH = jnp.where(kv_valid[:, :, None, None], v_RCKH, 0.0)
+        s = jnp.einsum("rqkgh,rckh->rkgqc", q_RQKGH, k_RCKH)
+        mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_pos[:, :, None])  # [R, Q, C]
+        s = jnp.where(mask[:, None, None], s, -jnp.inf)
+        m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+        p = jnp.exp(s - m_safe[..., None])
+        alpha = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, m_safe) - m_safe)
+        l_new = alpha * l_i + jnp.sum(p, axis=-1)
+        acc_new = alpha[..., None] * acc + jnp.einsum("rkgqc,rckh->rkgqh", p, v_RCKH)
+        return m_new, l_new, acc_new
+
+    init = (
+        jnp.full((r, kh, g, qw), -jnp.inf, jnp.float32),
+        jnp.zeros((r, kh, g, qw), jnp.float32),
+        jnp.zeros((r, kh, g, qw, h), jnp.float32),
+    )
+    _, l_f, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / jnp.where(l_f > 0, l_f, 1.0)[..., None]  # [R, K, G, Q, H]
+    out_RQNH = out.transpose(0, 3, 1, 2, 4).reshape(r, qw, n, h).astype(q_TNH.dtype)
+    dest = jnp.where(row_q_valid, q_idx, t)  # out-of-range index: dropped
+    o_TNH = jnp.zeros((t, n, h), q_TNH.dtype)
+    return o_TNH.at[dest.reshape(-1)].set(out_RQNH.reshape(r * qw, n, h), mode="drop")
+
+
+def ref_attention_dense(
+    q_TNH: jax.Array,
+    k_TKH: jax.Array,
+    v_TKH: jax.Array,
+    q_pos_T: jax.Array,
+    kv_pos_T: jax.Array,
+    *,
+    sm_scale: float,
+) -> jax.Array:
+    """Plain causal attention of one sequence (no paging): the oracle the paged tests use."""
+    t, n, h = q_TNH.shape
+    kh = k_TKH.shape[1]
+    g = n // kh
+    q = q_TNH.reshape(t, kh, g, h).astype(jnp.float32) * sm_scale
+    s = jnp.einsum("tkgh,ckh->kgtc", q, k_TKH.astype(jnp.float32))
+    mask = kv_pos_T[None, :] <= q_pos_T[:, None]
+    s = jnp.where(mask[None, None], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    o = jnp.einsum("kgtc,ckh->tkgh", p, v_TKH.astype(jnp.float32))
+    return o.reshape(t, n, h).astype(q_TNH.dtype)

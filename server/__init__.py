@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP layer (FastAPI): protocol, routes, streaming, the engine bridge."""

@@ -1,0 +1,108 @@
+"""The FastAPI application: routes, API-key check, CORS, error handlers."""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from jaxserve import __version__
+from jaxserve.config import ServeConfig
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.server.chat import create_chat_completion
+from jaxserve.server.completions import create_completion
+from jaxserve.server.errors import OpenAIError, error_body, install_error_handlers
+from jaxserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+
+UNGUARDED_PATHS = frozenset({"/health"})
+
+
+class APIKeyMiddleware:
+    """Require ``Authorization: Bearer <key>`` on every route except /health (constant-time check)."""
+
+    def __init__(self, app: ASGIApp, keys: list[str]) -> None:
+        self.app = app
+        self.keys = [k.encode() for k in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or scope["path"] in UNGUARDED_PATHS:
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope.get("headers") or []).get(b"authorization", b"")
+        token = header[7:].strip() if header[:7].lower() == b"bearer " else b""
+        ok = False
+        for k in self.keys:  # compare against every key so timing does not reveal which matched
+            ok |= hmac.compare_digest(token, k)
+        if not ok:
+            response = JSONResponse(
+                error_body(401, "Invalid or missing API key (send 'Authorization: Bearer <key>')."),
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def build_app(config: ServeConfig, engine: AsyncEngine) -> FastAPI:
+    app = FastAPI(title="jaxserve", version=__version__)
+    install_error_handlers(app)
+    accepted = set(config.accepted_model_names)
+
+    def resolve_model(name: str | None) -> str:
+        if name is not None and name not in accepted:
+            raise OpenAIError(404, f"The model `{name}` does not exist.", param="model", type="NotFoundError")
+        return config.model_name
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.is_ready:
+            return Response(status_code=200)
+        return JSONResponse(
+            error_body(503, engine.error or f"the engine is {engine.state.value}"), status_code=503
+        )
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        max_len = engine.engine.max_model_len if engine.engine is not None else config.max_model_len
+        cards = [
+            ModelCard(id=name, root=config.model, max_model_len=max_len) for name in config.accepted_model_names
+        ]
+        return ModelList(data=cards).model_dump()
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
+        name = resolve_model(req.model)
+        _require_ready(engine)
+        return await create_chat_completion(req, raw, engine, name)
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, raw: Request) -> Response:
+        name = resolve_model(req.model)
+        _require_ready(engine)
+        return await create_completion(req, raw, engine, name)
+
+    if config.api_key:
+        app.add_middleware(APIKeyMiddleware, keys=list(config.api_key))
+    if config.allowed_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.allowed_origins,
+            allow_methods=config.allowed_methods,
+            allow_headers=config.allowed_headers,
+            allow_credentials=config.allow_credentials,
+        )
+    return app
+
+
+def _require_ready(engine: AsyncEngine) -> None:
+    if not engine.is_ready:
+        raise OpenAIError(503, engine.error or f"the engine is {engine.state.value}; try again shortly")
+

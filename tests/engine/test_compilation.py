@@ -1,0 +1,56 @@
+"""Fixed shapes: all buckets compiled at start-up, no compile while serving, KV updated in place."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.engine.compilation import BucketPolicy, StepShape
+from jaxserve.sampling_params import SamplingParams
+from tests.engine.engine_helpers import make_engine
+
+
+def test_bucket_choice():
+    b = BucketPolicy(max_num_seqs=8, max_num_batched_tokens=64, prefill_row_width=16)
+    assert b.decode_sizes == [2, 4, 8] and b.prefill_sizes == [16, 32, 64]
+    assert b.shape_for(1, 1) == StepShape(2, 2, 2, 1)
+    assert b.shape_for(5, 5) == StepShape(8, 8, 8, 1)
+    assert b.shape_for(3, 20) == StepShape(32, 8, 10, 16)
+    assert b.shape_for(1, 64) == StepShape(64, 8, 12, 16)
+    with pytest.raises(ValueError):
+        b.shape_for(9, 9)
+
+
+def test_serving_a_varied_workload_compiles_nothing(counting_model):
+    eng = make_engine(counting_model)
+    compiles: list[str] = []
+
+    def listener(event: str, *args, **kwargs) -> None:
+        if "compile" in event:
+            compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rng = np.random.RandomState(0)
+        prompts = [rng.randint(3, 300, size=n).tolist() for n in (1, 5, 31, 64, 2, 17)]
+        params = [SamplingParams(temperature=t, top_p=p, top_k=k, max_tokens=m, seed=s)
+                  for t, p, k, m, s in [(0, 1, 0, 3, None), (0.7, 0.9, 0, 9, 1), (1.0, 1, 5, 4, None),
+                                        (0, 1, 0, 12, None), (1.3, 0.5, 3, 7, 2), (0.2, 1, 0, 2, None)]]
+        eng.generate(prompts, params)
+    finally:
+        jax.monitoring.clear_event_listeners()
+    assert compiles == []
+
+
+def test_kv_pages_are_updated_in_place(counting_model):
+    eng = make_engine(counting_model)
+    k_pages = eng.runner.kv_caches[0][0]
+    cache_dims = ",".join(map(str, k_pages.shape))
+    flat_dims = f"{k_pages.shape[0] * k_pages.shape[1]},{k_pages.shape[2]},{k_pages.shape[3]}"
+    pattern = re.compile(rf"= f32\[({cache_dims}|{flat_dims})\][^ ]* copy\(")
+    for shape, compiled in eng.runner._compiled.items():
+        copies = [line for line in compiled.as_text().splitlines() if pattern.search(line)]
+        assert copies == [], f"{shape} copies the KV cache: {copies[:2]}"

@@ -1,0 +1,83 @@
+"""On-device sampling: filters against numpy, seeds, greedy, and sampled frequencies."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.engine.sampler import _filter_probs, build_sampling_tensors, sample
+from jaxserve.sampling_params import SamplingParamError, SamplingParams
+
+_sample = jax.jit(sample)
+
+
+def _st(params, seeds=None, steps=None):
+    n = len(params)
+    return build_sampling_tensors(params, seeds or [0] * n, steps or [0] * n, n)
+
+
+def _np_filter(p: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    order = np.argsort(-p, kind="stable")
+    keep = np.zeros_like(p, bool)
+    mass = 0.0
+    for rank, i in enumerate(order):
+        if (top_k > 0 and rank >= top_k) or mass >= top_p:
+            break
+        keep[i] = True
+        mass += p[i]
+    keep &= p >= min_p * p.max()
+    return np.where(keep, p, 0.0)
+
+
+@pytest.mark.parametrize("top_k,top_p,min_p", [(3, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.2), (5, 0.5, 0.05), (1, 1.0, 0.0)])
+def test_filters_match_numpy(top_k, top_p, min_p):
+    rng = np.random.RandomState(0)
+    probs = rng.dirichlet(np.ones(50) * 0.5, size=3).astype(np.float32)
+    st = _st([SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p)] * 3)
+    got = np.asarray(_filter_probs(jax.numpy.asarray(probs), st))
+    for row in range(3):
+        np.testing.assert_allclose(got[row], _np_filter(probs[row], top_k, top_p, min_p), rtol=1e-6)
+
+
+def test_greedy_rows_take_argmax_and_mix_with_random_rows():
+    logits = np.random.RandomState(1).randn(4, 100).astype(np.float32)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3),
+              SamplingParams(temperature=0), SamplingParams(temperature=0.5, top_k=1)]
+    out = np.asarray(_sample(logits, _st(params, seeds=[0, 3, 0, 9])))
+    assert out[0] == logits[0].argmax() and out[2] == logits[2].argmax()
+    assert out[3] == logits[3].argmax()  # top_k = 1 is greedy whatever the temperature
+
+
+def test_seed_reproducible_independent_of_batch_and_step_dependent():
+    logits = np.random.RandomState(2).randn(6, 1000).astype(np.float32)
+    p = SamplingParams(temperature=1.0, seed=42)
+    alone = np.asarray(_sample(logits[:1], _st([p], seeds=[42], steps=[5])))[0]
+    batch = [SamplingParams(temperature=1.0)] * 6
+    seeds = [42, 1, 2, 3, 4, 5]
+    in_batch = np.asarray(_sample(np.roll(logits, 0, axis=0), _st(batch, seeds=seeds, steps=[5] * 6)))[0]
+    assert alone == in_batch
+    draws = {int(np.asarray(_sample(logits[:1], _st([p], seeds=[42], steps=[s])))[0]) for s in range(20)}
+    assert len(draws) > 5  # the counter advances the stream
+
+
+def test_sampled_frequencies_follow_the_distribution():
+    probs = np.array([0.5, 0.25, 0.15, 0.1], np.float32)
+    logits = np.tile(np.log(probs), (4000, 1))
+    params = [SamplingParams(temperature=1.0)] * 4000
+    out = np.asarray(_sample(logits, _st(params, seeds=list(range(4000)))))
+    freq = np.bincount(out, minlength=4) / 4000
+    np.testing.assert_allclose(freq, probs, atol=0.03)
+    # temperature 0.5 sharpens: p^2 renormalised
+    out = np.asarray(_sample(logits, _st([SamplingParams(temperature=0.5)] * 4000, seeds=list(range(4000)))))
+    sharp = probs**2 / (probs**2).sum()
+    np.testing.assert_allclose(np.bincount(out, minlength=4) / 4000, sharp, atol=0.03)
+
+
+def test_invalid_params_name_the_field():
+    with pytest.raises(SamplingParamError) as e:
+        SamplingParams(temperature=3.0)
+    assert e.value.param == "temperature"
+    with pytest.raises(SamplingParamError) as e:
+        SamplingParams(top_p=0.0)
+    assert e.value.param == "top_p"

@@ -1,0 +1,191 @@
+"""Test fixtures that write real checkpoints: tiny random HF models, a hand-computable model, a tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_VOCAB = 320
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world! 0123456789",
+    "Paged attention keeps the KV cache in fixed-size blocks; continuous batching fills them.",
+    "JAX compiles the step once per shape bucket, then serves without recompiling.",
+    "Él habló en español, café, naïve, 日本語のテキスト, emoji 🙂 and symbols #$%&*().",
+] * 8
+
+
+def write_tiny_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer (TINY_VOCAB ids incl. ChatML specials) with a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(str(directory))
+
+
+def hf_config(arch: str, **overrides):
+    """A tiny transformers config for ``arch`` (llama, llama3, mistral, qwen2, qwen3)."""
+    import transformers
+
+    common = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        initializer_range=0.08, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+    )
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(**common, tie_word_embeddings=False)
+    elif arch == "llama3":
+        cfg = transformers.LlamaConfig(
+            **common, tie_word_embeddings=False, rope_theta=500000.0,
+            rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        )
+    elif arch == "mistral":
+        cfg = transformers.MistralConfig(**common, sliding_window=None, head_dim=16)
+    elif arch == "qwen2":
+        cfg = transformers.Qwen2Config(**common, tie_word_embeddings=True)
+    elif arch == "qwen3":
+        cfg = transformers.Qwen3Config(**common, head_dim=32, tie_word_embeddings=False)
+    else:
+        raise ValueError(arch)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def write_hf_checkpoint(arch: str, directory: Path, *, seed: int = 0, **overrides):
+    """Random-weight HF checkpoint (float32 safetensors + tokenizer); returns the torch model."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = hf_config(arch, **overrides)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # make biases and norm weights non-trivial so they are tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
+    model.eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    write_tiny_tokenizer(directory)
+    return model
+
+
+def write_counting_checkpoint(directory: Path, vocab: int = TINY_VOCAB) -> None:
+    """A 1-layer Llama whose greedy next token is always ``(token + 1) % vocab`` (no torch needed).
+
+    Embeddings are one-hot (hidden = vocab), every attention/MLP projection is zero, so the
+    residual stream is the one-hot input; the LM head maps one-hot ``i`` to logit peak ``i + 1``.
+    Outputs can be worked out by hand, which makes scheduler/engine tests exact.
+    """
+    from safetensors.numpy import save_file
+
+    d = vocab
+    eye = np.eye(vocab, dtype=np.float32)
+    head = np.roll(eye, 1, axis=0)  # row j (output token j) picks input j - 1
+    t = {
+        "model.embed_tokens.weight": eye,
+        "model.norm.weight": np.ones(d, np.float32),
+        "lm_head.weight": head,
+        "model.layers.0.input_layernorm.weight": np.ones(d, np.float32),
+        "model.layers.0.post_attention_layernorm.weight": np.ones(d, np.float32),
+        "model.layers.0.self_attn.q_proj.weight": np.zeros((64, d), np.float32),
+        "model.layers.0.self_attn.k_proj.weight": np.zeros((32, d), np.float32),
+        "model.layers.0.self_attn.v_proj.weight": np.zeros((32, d), np.float32),
+        "model.layers.0.self_attn.o_proj.weight": np.zeros((d, 64), np.float32),
+        "model.layers.0.mlp.gate_proj.weight": np.zeros((8, d), np.float32),
+        "model.layers.0.mlp.up_proj.weight": np.zeros((8, d), np.float32),
+        "model.layers.0.mlp.down_proj.weight": np.zeros((d, 8), np.float32),
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(t, str(directory / "model.safetensors"))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+        "hidden_size": d, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
+    }
+    (directory / "config.json").write_text(json.dumps(config))
+    write_tiny_tokenizer(directory)
+
+
+_GGUF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's convert_hf_to_gguf ``LlamaModel.permute`` (interleave the two RoPE halves)."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf_from_hf(model, path: Path, arch: str, qtype: str = "F32") -> None:
+    """Write a transformers model as a GGUF file the way llama.cpp's converter lays it out."""
+    import gguf
+
+    cfg = model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    w.add_rope_freq_base(float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))))
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_eos_token_id(2)
+    quant = getattr(gguf.GGMLQuantizationType, qtype)
+    for name, t in model.state_dict().items():
+        a = t.detach().numpy().astype(np.float32)
+        if name == "model.embed_tokens.weight":
+            gname = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gname = "output_norm.weight"
+        elif name == "lm_head.weight":
+            if cfg.tie_word_embeddings:
+                continue
+            gname = "output.weight"
+        else:
+            parts = name.split(".")
+            gname = f"blk.{parts[2]}." + _GGUF_LAYER[".".join(parts[3:])]
+        if arch == "llama" and gname.endswith(("attn_q.weight", "attn_q.bias")):
+            a = llama_cpp_permute(a, cfg.num_attention_heads)
+        elif arch == "llama" and gname.endswith(("attn_k.weight", "attn_k.bias")):
+            a = llama_cpp_permute(a, cfg.num_key_value_heads)
+        if a.ndim == 2 and quant != gguf.GGMLQuantizationType.F32:
+            w.add_tensor(gname, gguf.quants.quantize(a, quant), raw_dtype=quant)
+        else:
+            w.add_tensor(gname, a)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()

@@ -1,0 +1,89 @@
+"""Real servers for the HTTP tests: ``python -m jaxserve.serve`` in a subprocess on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.port = _free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "jaxserve.serve", "--port", str(self.port), "--compilation-cache-dir", "", *args],
+            stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env,
+        )
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def start_server(tmp_path_factory: pytest.TempPathFactory, name: str, args: list[str], env=None) -> ServerProcess:
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    server = ServerProcess(args, log, env)
+    try:
+        server.wait_ready()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+API_KEY = "test-key"
+SMALL = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--block-size", "4", "--max-model-len", "256"]
+
+
+@pytest.fixture(scope="session")
+def counting_server(tmp_path_factory, counting_model) -> Iterator[ServerProcess]:
+    server = start_server(
+        tmp_path_factory, "counting",
+        ["--model", str(counting_model), "--served-model-name", "counter", "alias", *SMALL,
+         "--api-key", API_KEY, "--allowed-origins", '["http://allowed.example"]'],
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory, smollm2_gguf) -> Iterator[ServerProcess]:
+    server = start_server(
+        tmp_path_factory, "smollm2",
+        ["--config", str(Path(__file__).parents[2] / "configs" / "smollm2.yaml"), "--max-num-seqs", "2",
+         "--max-num-batched-tokens", "64", "--max-model-len", "512"],
+    )
+    yield server
+    server.stop()

@@ -1,0 +1,68 @@
+"""One config definition: YAML keys and CLI flags (vLLM's names), CLI wins, clear errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from jaxserve.config import ConfigError, ServeConfig, build_arg_parser, load_config
+
+
+def test_yaml_then_cli_override(tmp_path, counting_model):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"model: {counting_model}\nmax-num-seqs: 8\nmax_model_len: 128\nport: 9001\n"
+                        "allowed-origins: ['http://a.example']\n")
+    cfg = load_config(["--config", str(cfg_file), "--max-num-seqs", "16", "--served-model-name", "x", "y"])
+    assert (cfg.max_num_seqs, cfg.max_model_len, cfg.port) == (16, 128, 9001)
+    assert cfg.served_model_name == ["x", "y"] and cfg.model_name == "x"
+    assert cfg.allowed_origins == ["http://a.example"]
+    cfg = load_config(["--model", str(counting_model), "--allowed-origins", '["*"]'])
+    assert cfg.allowed_origins == ["*"]
+
+
+def test_every_field_is_a_flag():
+    flags = {a.dest for a in build_arg_parser()._actions}
+    assert set(ServeConfig.__dataclass_fields__) <= flags
+    for vllm_flag in ("--max-model-len", "--gpu-memory-utilization", "--tensor-parallel-size", "--max-num-seqs",
+                      "--max-num-batched-tokens", "--block-size", "--enable-prefix-caching", "--api-key",
+                      "--allowed-origins", "--served-model-name", "--dtype", "--seed", "--host", "--port"):
+        assert vllm_flag in build_arg_parser().format_help()
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--dtype", "int4"], "dtype: 'int4' is not allowed; allowed values: auto, bfloat16, float16, float32"),
+    (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer"),
+    (["--max-num-seqs", "abc"], "max_num_seqs: 'abc' is not a valid int"),
+    (["--block-size", "12"], "block_size must be a power of two"),
+    (["--tensor-parallel-size", "2"], "tensor_parallel_size: 2 is not supported yet"),
+    (["--enable-prefix-caching"], "prefix caching is not supported yet"),
+    (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1]"),
+])
+def test_bad_values_name_the_key(argv, message, counting_model):
+    with pytest.raises(ConfigError) as e:
+        load_config(["--model", str(counting_model), *argv])
+    assert message in str(e.value)
+
+
+def test_unknown_yaml_key(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("model: x\nmax_tokens_per_step: 3\n")
+    with pytest.raises(ConfigError, match="unknown config key 'max_tokens_per_step'"):
+        load_config(["--config", str(f)])
+
+
+def test_api_key_from_env(monkeypatch, counting_model):
+    monkeypatch.setenv("JAXSERVE_API_KEY", "envkey")
+    cfg = load_config(["--model", str(counting_model), "--api-key", "k1", "k2"])
+    assert cfg.api_key == ["k1", "k2", "envkey"]
+
+
+def test_unavailable_hub_id_fails_with_one_sentence():
+    r = subprocess.run([sys.executable, "-m", "jaxserve.serve", "--model", "meta-llama/Llama-3.1-8B-Instruct"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    lines = [line for line in r.stderr.strip().splitlines() if line]
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert "meta-llama/Llama-3.1-8B-Instruct" in lines[0] and "no model hub is reachable" in lines[0]
