@@ -73,6 +73,10 @@ class ServeConfig:
     allowed_methods: list[str] = _field(None, "CORS allowed methods, a JSON list.", factory=lambda: ["*"])
     allowed_headers: list[str] = _field(None, "CORS allowed headers, a JSON list.", factory=lambda: ["*"])
     allow_credentials: bool = _field(False, "CORS: allow credentials.")
+    max_queue_size: int | None = _field(
+        None, "Most requests allowed to wait for the engine; more get 503 (default: unbounded)."
+    )
+    max_request_body_bytes: int = _field(32 << 20, "Largest accepted request body; larger ones get 413.")
     log_level: str = _field("info", "Log level.", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
@@ -88,6 +92,10 @@ class ServeConfig:
             raise ConfigError(f"block_size must be a power of two between 1 and 256, got {self.block_size}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be a positive integer, got {self.max_model_len}")
+        if self.max_queue_size is not None and self.max_queue_size < 0:
+            raise ConfigError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
+        if self.max_request_body_bytes < 1024:
+            raise ConfigError(f"max_request_body_bytes must be at least 1024, got {self.max_request_body_bytes}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ConfigError(f"num_kv_blocks must be at least 2, got {self.num_kv_blocks}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's top_logprobs limit)
+
 
 class SamplingParamError(ValueError):
     """A sampling parameter is out of range; ``param`` names it (the HTTP layer reports it)."""
@@ -33,6 +36,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings; the matched text is cut from the output
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
+    logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:
@@ -51,6 +59,24 @@ class SamplingParams:
             raise SamplingParamError("top_k", f"top_k must be -1, 0 (disabled) or positive, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
             raise SamplingParamError("min_p", f"min_p must be in [0, 1], got {self.min_p}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise SamplingParamError(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= 2.0:
+            raise SamplingParamError(
+                "repetition_penalty", f"repetition_penalty must be in (0, 2], got {self.repetition_penalty}"
+            )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise SamplingParamError("logit_bias", f"logit_bias has more than {MAX_LOGIT_BIAS} entries")
+        for tid, bias in self.logit_bias:
+            if not -100.0 <= bias <= 100.0:
+                raise SamplingParamError("logit_bias", f"logit_bias values must be in [-100, 100], got {bias}")
+            if tid < 0:
+                raise SamplingParamError("logit_bias", f"logit_bias token id {tid} is negative")
+        if len(self.stop_token_ids) > 63:
+            raise SamplingParamError("stop_token_ids", "at most 63 stop_token_ids are supported")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise SamplingParamError("logprobs", f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise SamplingParamError("stop", "stop strings must not be empty")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:

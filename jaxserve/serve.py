@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.server.app import build_app
 
-    engine = AsyncEngine(lambda: LLMEngine(config))
+    engine = AsyncEngine(lambda: LLMEngine(config), max_queue_size=config.max_queue_size)
     engine.start()
     app = build_app(config, engine)
     logger.info("serving %s on http://%s:%d (loading in the background)", config.model_name, config.host, config.port)

@@ -15,7 +15,17 @@ from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
 from jaxserve.server.errors import OpenAIError, error_body, install_error_handlers
-from jaxserve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from jaxserve.server.limits import RequestLimitsMiddleware
+from jaxserve.server.metrics import metrics_text
+from jaxserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeRequest,
+)
+from jaxserve.server.requests import chat_prompt_ids
 
 UNGUARDED_PATHS = frozenset({"/health"})
 
@@ -89,6 +99,44 @@ def build_app(config: ServeConfig, engine: AsyncEngine) -> FastAPI:
         _require_ready(engine)
         return await create_completion(req, raw, engine, name)
 
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest) -> dict:
+        resolve_model(req.model)
+        _require_ready(engine)
+        llm = engine.check()
+        tok = llm.tokenizer
+        if (req.prompt is None) == (req.messages is None):
+            raise OpenAIError(400, "send exactly one of prompt or messages", param="prompt")
+        if req.messages is not None:
+            chat = ChatCompletionRequest(
+                messages=req.messages, add_generation_prompt=req.add_generation_prompt,
+                continue_final_message=req.continue_final_message, chat_template_kwargs=req.chat_template_kwargs,
+            )
+            tokens = chat_prompt_ids(tok, chat)
+            if req.add_special_tokens:
+                tokens = tok.build_inputs_with_special_tokens(tokens)
+        else:
+            add = True if req.add_special_tokens is None else req.add_special_tokens
+            tokens = tok.encode(req.prompt, add_special_tokens=add)
+        return {"count": len(tokens), "max_model_len": llm.max_model_len, "tokens": tokens}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest) -> dict:
+        resolve_model(req.model)
+        _require_ready(engine)
+        llm = engine.check()
+        vocab = llm.model_config.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise OpenAIError(400, f"token id {bad} is out of range [0, {vocab})", param="tokens")
+        return {"prompt": llm.tokenizer.decode(req.tokens)}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(metrics_text(engine, config.model_name), media_type="text/plain; version=0.0.4")
+
+    # Middleware added last runs first: CORS, then the API key, then body limits.
+    app.add_middleware(RequestLimitsMiddleware, max_body_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, keys=list(config.api_key))
     if config.allowed_origins:

@@ -10,7 +10,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.errors import OpenAIError, error_body
+from jaxserve.server.logprobs import TokenText, chat_logprobs
 from jaxserve.server.protocol import (
     ChatCompletionChoice,
     ChatCompletionChunk,
@@ -36,30 +38,36 @@ async def create_chat_completion(
     llm = engine.check()
     prompt = chat_prompt_ids(llm.tokenizer, req)
     max_tokens = chat_max_tokens(req)
-    defaults = llm.default_sampling
-    params = [sampling_params(req, max_tokens=max_tokens, defaults=defaults, index=i) for i in range(req.n)]
+    params = [
+        sampling_params(req, max_tokens=max_tokens, defaults=llm.default_sampling, index=i) for i in range(req.n)
+    ]
     prompts = [prompt] * req.n
     check_inputs(engine, prompts, params)
     request_id = random_id("chatcmpl-")
     created = int(time.time())
+    tt = TokenText(llm.tokenizer, as_ids=req.return_tokens_as_token_ids)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opts = req.stream_options
         return StreamingResponse(
-            _stream(engine, request_id, created, model_name, prompts, params, include_usage),
+            _stream(engine, tt, request_id, created, model_name, prompt, params,
+                    include_usage=bool(opts and opts.include_usage),
+                    continuous_usage=bool(opts and opts.continuous_usage_stats)),
             media_type="text/event-stream",
         )
 
     async def collect() -> ChatCompletionResponse:
-        texts = [""] * req.n
-        finish: list[str | None] = [None] * req.n
-        stop_reason: list[int | str | None] = [None] * req.n
-        completion_tokens = [0] * req.n
+        n = req.n
+        texts = [""] * n
+        lps: list[list] = [[] for _ in range(n)]
+        finish: list[str | None] = [None] * n
+        stop_reason: list[int | str | None] = [None] * n
+        completion_tokens = [0] * n
         async for i, out in merged_outputs(engine, request_id, prompts, params):
             texts[i] += out.new_text
+            lps[i].extend(out.logprobs or [])
             completion_tokens[i] = out.num_output_tokens
             if out.finished:
                 finish[i], stop_reason[i] = out.finish_reason, out.stop_reason
-        n_prompt = len(prompt)
         return ChatCompletionResponse(
             id=request_id,
             created=created,
@@ -68,16 +76,13 @@ async def create_chat_completion(
                 ChatCompletionChoice(
                     index=i,
                     message=ChatResponseMessage(content=texts[i]),
+                    logprobs=chat_logprobs(tt, lps[i]) if params[i].logprobs is not None else None,
                     finish_reason=finish[i],
                     stop_reason=stop_reason[i],
                 )
-                for i in range(req.n)
+                for i in range(n)
             ],
-            usage=UsageInfo(
-                prompt_tokens=n_prompt,
-                completion_tokens=sum(completion_tokens),
-                total_tokens=n_prompt + sum(completion_tokens),
-            ),
+            usage=_usage(len(prompt), sum(completion_tokens)),
         )
 
     result = await unless_disconnected(raw, collect)
@@ -86,38 +91,50 @@ async def create_chat_completion(
     return JSONResponse(result.model_dump())
 
 
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
 async def _stream(
     engine: AsyncEngine,
+    tt: TokenText,
     request_id: str,
     created: int,
     model_name: str,
-    prompts: list[list[int]],
-    params: list,
+    prompt: list[int],
+    params: list[SamplingParams],
+    *,
     include_usage: bool,
+    continuous_usage: bool,
 ) -> AsyncIterator[str]:
+    n = len(params)
+    completion_tokens = [0] * n
+
     def chunk(choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None = None) -> str:
+        if usage is None and continuous_usage and include_usage:
+            usage = _usage(len(prompt), sum(completion_tokens))
         return sse(ChatCompletionChunk(id=request_id, created=created, model=model_name, choices=choices, usage=usage))
 
-    n = len(prompts)
-    completion_tokens = [0] * n
     try:
         for i in range(n):
             yield chunk([ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))])
-        async for i, out in merged_outputs(engine, request_id, prompts, params):
+        async for i, out in merged_outputs(engine, request_id, [prompt] * n, params):
             completion_tokens[i] = out.num_output_tokens
-            if out.new_text or out.finished:
+            want_lp = params[i].logprobs is not None and bool(out.logprobs)
+            if out.new_text or out.finished or want_lp:
                 yield chunk([
                     ChatCompletionStreamChoice(
                         index=i,
-                        delta=DeltaMessage(content=out.new_text or None) if out.new_text else DeltaMessage(),
+                        delta=DeltaMessage(content=out.new_text) if out.new_text else DeltaMessage(),
+                        logprobs=chat_logprobs(tt, out.logprobs) if want_lp else None,
                         finish_reason=out.finish_reason if out.finished else None,
                         stop_reason=out.stop_reason if out.finished else None,
                     )
                 ])
         if include_usage:
-            n_prompt = sum(len(p) for p in prompts[:1])
-            total_out = sum(completion_tokens)
-            yield chunk([], UsageInfo(prompt_tokens=n_prompt, completion_tokens=total_out, total_tokens=n_prompt + total_out))
+            yield chunk([], _usage(len(prompt), sum(completion_tokens)))
     except OpenAIError as e:
         yield sse(error_body(e.status, e.message, param=e.param, type=e.type))
     except Exception as e:  # noqa: BLE001 - report inside the stream; the HTTP status is already sent

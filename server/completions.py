@@ -10,7 +10,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.errors import OpenAIError, error_body
+from jaxserve.server.logprobs import TokenText, completion_logprobs, merge_completion_logprobs
 from jaxserve.server.protocol import (
     CompletionChoice,
     CompletionRequest,
@@ -40,23 +42,30 @@ async def create_completion(
         for k in range(len(prompts))
     ]
     check_inputs(engine, prompts, params)
+    echoes = [llm.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens) if req.echo else "" for p in prompts]
     request_id = random_id("cmpl-")
     created = int(time.time())
     n_prompt = sum(len(p) for p in prompt_list)
+    tt = TokenText(llm.tokenizer, as_ids=req.return_tokens_as_token_ids)
     if req.stream:
-        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        opts = req.stream_options
         return StreamingResponse(
-            _stream(engine, request_id, created, model_name, prompts, params, include_usage, n_prompt),
+            _stream(engine, tt, request_id, created, model_name, prompts, params, echoes, n_prompt,
+                    include_usage=bool(opts and opts.include_usage),
+                    continuous_usage=bool(opts and opts.continuous_usage_stats)),
             media_type="text/event-stream",
         )
 
     async def collect() -> CompletionResponse:
         k = len(prompts)
-        texts = [""] * k
+        texts = list(echoes)
+        lp_parts: list[list[dict]] = [[] for _ in range(k)]
         finish: list[str | None] = [None] * k
         stop_reason: list[int | str | None] = [None] * k
         completion_tokens = [0] * k
         async for i, out in merged_outputs(engine, request_id, prompts, params):
+            if out.logprobs:
+                lp_parts[i].append(completion_logprobs(tt, out.logprobs, _offset(lp_parts[i])))
             texts[i] += out.new_text
             completion_tokens[i] = out.num_output_tokens
             if out.finished:
@@ -66,14 +75,13 @@ async def create_completion(
             created=created,
             model=model_name,
             choices=[
-                CompletionChoice(index=i, text=texts[i], finish_reason=finish[i], stop_reason=stop_reason[i])
+                CompletionChoice(
+                    index=i, text=texts[i], finish_reason=finish[i], stop_reason=stop_reason[i],
+                    logprobs=merge_completion_logprobs(lp_parts[i]) if params[i].logprobs is not None else None,
+                )
                 for i in range(k)
             ],
-            usage=UsageInfo(
-                prompt_tokens=n_prompt,
-                completion_tokens=sum(completion_tokens),
-                total_tokens=n_prompt + sum(completion_tokens),
-            ),
+            usage=_usage(n_prompt, sum(completion_tokens)),
         )
 
     result = await unless_disconnected(raw, collect)
@@ -82,44 +90,64 @@ async def create_completion(
     return JSONResponse(result.model_dump())
 
 
+def _offset(parts: list[dict]) -> int:
+    """Character offset where the next token's text starts (tokens so far, no echo with logprobs)."""
+    if not parts or not parts[-1]["tokens"]:
+        return 0
+    last = parts[-1]
+    return last["text_offset"][-1] + len(last["tokens"][-1])
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
+
+
 async def _stream(
     engine: AsyncEngine,
+    tt: TokenText,
     request_id: str,
     created: int,
     model_name: str,
     prompts: list[list[int]],
-    params: list,
-    include_usage: bool,
+    params: list[SamplingParams],
+    echoes: list[str],
     n_prompt: int,
+    *,
+    include_usage: bool,
+    continuous_usage: bool,
 ) -> AsyncIterator[str]:
     completion_tokens = [0] * len(prompts)
+    lp_parts: list[list[dict]] = [[] for _ in prompts]
+    echoed = [not e for e in echoes]
+
+    def chunk(choices: list[CompletionChoice], usage: UsageInfo | None = None) -> str:
+        if usage is None and continuous_usage and include_usage:
+            usage = _usage(n_prompt, sum(completion_tokens))
+        return sse(CompletionStreamResponse(id=request_id, created=created, model=model_name, choices=choices,
+                                            usage=usage))
+
     try:
         async for i, out in merged_outputs(engine, request_id, prompts, params):
             completion_tokens[i] = out.num_output_tokens
-            if out.new_text or out.finished:
-                yield sse(
-                    CompletionStreamResponse(
-                        id=request_id,
-                        created=created,
-                        model=model_name,
-                        choices=[
-                            CompletionChoice(
-                                index=i,
-                                text=out.new_text,
-                                finish_reason=out.finish_reason if out.finished else None,
-                                stop_reason=out.stop_reason if out.finished else None,
-                            )
-                        ],
+            text = out.new_text
+            if not echoed[i]:
+                text, echoed[i] = echoes[i] + text, True
+            lp = None
+            if out.logprobs and params[i].logprobs is not None:
+                lp = completion_logprobs(tt, out.logprobs, _offset(lp_parts[i]))
+                lp_parts[i].append(lp)
+            if text or out.finished or lp:
+                yield chunk([
+                    CompletionChoice(
+                        index=i, text=text, logprobs=lp,
+                        finish_reason=out.finish_reason if out.finished else None,
+                        stop_reason=out.stop_reason if out.finished else None,
                     )
-                )
+                ])
         if include_usage:
-            total = sum(completion_tokens)
-            yield sse(
-                CompletionStreamResponse(
-                    id=request_id, created=created, model=model_name, choices=[],
-                    usage=UsageInfo(prompt_tokens=n_prompt, completion_tokens=total, total_tokens=n_prompt + total),
-                )
-            )
+            yield chunk([], _usage(n_prompt, sum(completion_tokens)))
     except OpenAIError as e:
         yield sse(error_body(e.status, e.message, param=e.param, type=e.type))
     except Exception as e:  # noqa: BLE001 - report inside the stream; the HTTP status is already sent

@@ -22,35 +22,41 @@ def _reject(param: str, why: str) -> OpenAIError:
 
 def check_unsupported(req: SamplingFields) -> None:
     """Fields in the schema whose feature is not implemented yet: 400 instead of silence."""
-    if req.presence_penalty or req.frequency_penalty:
-        name = "presence_penalty" if req.presence_penalty else "frequency_penalty"
-        raise _reject(name, "penalties are not supported yet")
-    if req.repetition_penalty not in (None, 1.0):
-        raise _reject("repetition_penalty", "penalties are not supported yet")
-    if req.logit_bias:
-        raise _reject("logit_bias", "logit_bias is not supported yet")
-    if req.min_tokens:
-        raise _reject("min_tokens", "min_tokens is not supported yet")
-    if req.stream_options is not None and req.stream_options.continuous_usage_stats:
-        raise _reject("stream_options.continuous_usage_stats", "not supported yet")
     if req.stream_options is not None and not req.stream:
         raise _reject("stream_options", "only allowed when stream is true")
     if isinstance(req, ChatCompletionRequest):
-        if req.logprobs or req.top_logprobs:
-            raise _reject("logprobs", "logprobs are not supported yet")
+        if req.top_logprobs and not req.logprobs:
+            raise _reject("top_logprobs", "requires logprobs to be true")
         for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
             value = getattr(req, name)
             if value is not None and not (name == "tool_choice" and value == "none"):
                 raise _reject(name, "tools and structured outputs are not supported yet")
     else:
-        if req.logprobs is not None:
-            raise _reject("logprobs", "logprobs are not supported yet")
-        if req.echo:
-            raise _reject("echo", "echo is not supported yet")
+        if req.echo and req.logprobs is not None:
+            raise _reject("logprobs", "logprobs together with echo (prompt logprobs) are not supported yet")
         if req.suffix:
-            raise _reject("suffix", "suffix is not supported by this model server")
+            raise _reject("suffix", "suffix (fill-in-the-middle) is not supported by this server")
         if req.best_of not in (None, 1) and req.best_of != req.n:
             raise _reject("best_of", "best_of other than n is not supported")
+
+
+def _logit_bias(raw: dict[str, float] | None) -> tuple[tuple[int, float], ...]:
+    if not raw:
+        return ()
+    out = []
+    for key, value in raw.items():
+        try:
+            out.append((int(key), float(value)))
+        except (TypeError, ValueError):
+            raise _reject("logit_bias", f"keys must be token ids, got {key!r}") from None
+    return tuple(out)
+
+
+def requested_logprobs(req: SamplingFields) -> int | None:
+    """How many top logprobs to return per token (None: no logprobs)."""
+    if isinstance(req, ChatCompletionRequest):
+        return (req.top_logprobs or 0) if req.logprobs else None
+    return req.logprobs  # type: ignore[union-attr]
 
 
 def sampling_params(
@@ -77,6 +83,11 @@ def sampling_params(
             stop=tuple(stop),
             include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            repetition_penalty=pick("repetition_penalty", 1.0),
+            logit_bias=_logit_bias(req.logit_bias),
+            logprobs=requested_logprobs(req),
         )
     except SamplingParamError as e:
         raise OpenAIError(400, str(e), param=e.param) from None

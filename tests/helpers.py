@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 CHATML = (
+    "{% if greeting is defined %}{{ greeting }}{% endif %}"
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )

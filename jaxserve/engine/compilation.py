@@ -5,6 +5,9 @@ Two families keep the count small:
 - mixed steps (prefill chunks, possibly with decodes): ``T`` tokens, ``B = min(T, max_num_seqs)``
   sequences, query rows of ``Q = prefill_row_width`` tokens, ``R = min(T, T // Q + B)`` rows.
 Bucket sizes are powers of two, capped at the configured maxima (decode buckets start at 2).
+
+Steps with a request that needs logit bias or penalties carry per-row token histories
+(``extras``); to keep compiles few, such steps use the largest bucket of their family.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ class StepShape:
     num_seqs: int  # B (also the number of logits rows)
     num_rows: int  # R
     row_width: int  # Q
+    extras: bool = False  # carries logits-processor inputs (bias, penalty histories)
 
     @property
     def is_decode(self) -> bool:
@@ -72,12 +76,20 @@ class BucketPolicy:
         q = self.prefill_row_width
         return StepShape(t, b, min(t, t // q + b), q)
 
-    def shape_for(self, num_seqs: int, num_tokens: int) -> StepShape:
+    def shape_for(self, num_seqs: int, num_tokens: int, extras: bool = False) -> StepShape:
         if num_seqs > self.max_num_seqs or num_tokens > self.max_num_batched_tokens:
             raise ValueError(f"batch of {num_seqs} seqs / {num_tokens} tokens exceeds the configured maxima")
-        return self.decode_shape(num_seqs) if num_tokens == num_seqs else self.mixed_shape(num_tokens)
+        decode = num_tokens == num_seqs
+        if extras:
+            return self._extras_shape(decode)
+        return self.decode_shape(num_seqs) if decode else self.mixed_shape(num_tokens)
+
+    def _extras_shape(self, decode: bool) -> StepShape:
+        base = self.decode_shape(self.max_num_seqs) if decode else self.mixed_shape(self.max_num_batched_tokens)
+        return dataclasses.replace(base, extras=True)
 
     def all_shapes(self) -> list[StepShape]:
         shapes = {self.decode_shape(b) for b in self.decode_sizes}
         shapes |= {self.mixed_shape(t) for t in self.prefill_sizes}
+        shapes |= {self._extras_shape(True), self._extras_shape(False)}
         return sorted(shapes)

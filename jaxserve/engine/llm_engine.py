@@ -21,7 +21,7 @@ from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.compilation import BucketPolicy
 from jaxserve.engine.kv_cache_size import num_kv_blocks
 from jaxserve.engine.model_runner import ModelRunner
-from jaxserve.engine.output_processor import OutputProcessor, RequestOutput
+from jaxserve.engine.output_processor import OutputProcessor, RequestOutput, TokenLogprob
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.models.attention import resolve_backend
 from jaxserve.request import Request, RequestStatus
@@ -49,6 +49,17 @@ class EngineStats:
     dtype: str
 
 
+@dataclasses.dataclass
+class EngineCounters:
+    """Monotonic counters for metrics (plain ints: readable from other threads)."""
+
+    steps: int = 0
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    requests_finished: int = 0
+    requests_aborted: int = 0
+
+
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache."""
 
@@ -65,7 +76,7 @@ class LLMEngine:
         self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids, self.generation_config)
         # Like vLLM, the checkpoint's generation_config supplies defaults for unset sampling fields.
         self.default_sampling = {
-            k: self.generation_config[k] for k in ("temperature", "top_p", "top_k", "min_p")
+            k: self.generation_config[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
             if self.generation_config.get(k) is not None
         }
         backend = resolve_backend(config.attention_backend, platform)
@@ -93,6 +104,7 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self._seeds: dict[str, int] = {}
         self._rng = random.Random(config.seed)
+        self.counters = EngineCounters()
         self.stats = EngineStats(
             load_seconds=load_s,
             compile_seconds=compile_s,
@@ -135,6 +147,9 @@ class LLMEngine:
         bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
         if bad is not None:
             raise SamplingParamError("stop_token_ids", f"token id {bad} is out of range [0, {vocab})")
+        bad = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise SamplingParamError("logit_bias", f"token id {bad} is out of range [0, {vocab})")
         room = self.max_model_len - n
         if params.max_tokens is None:
             if room < 1:
@@ -169,6 +184,7 @@ class LLMEngine:
         if req is None:
             return False
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+        self.counters.requests_aborted += 1
         self.outputs.remove(request_id)
         self._seeds.pop(request_id, None)
         return True
@@ -182,18 +198,27 @@ class LLMEngine:
         if not sched.scheduled:
             return []
         seeds = [self._seeds[s.request.request_id] for s in sched.scheduled]
-        next_tokens = self.runner.execute(sched.scheduled, seeds)
+        next_tokens, lp = self.runner.execute(sched.scheduled, seeds)
+        self.counters.steps += 1
         outputs: list[RequestOutput] = []
-        for s, token in zip(sched.scheduled, next_tokens.tolist(), strict=True):
+        for i, (s, token) in enumerate(zip(sched.scheduled, next_tokens.tolist(), strict=True)):
             req = s.request
+            self.counters.prompt_tokens += max(0, min(s.start + s.num_tokens, req.num_prompt_tokens) - s.start)
             req.num_computed_tokens += s.num_tokens
             if not s.samples:
                 continue  # a prefill chunk that does not reach the end of the prompt
+            self.counters.generation_tokens += 1
             status = req.append_output(int(token))
             if status is None and req.num_tokens >= self.max_model_len:
                 status = RequestStatus.FINISHED_LENGTH
-            out, _ = self.outputs.process(req, [int(token)], status)
+            token_lp = None
+            k = req.params.logprobs
+            if k is not None and lp is not None:
+                top = list(zip(lp.top_ids[i, :k].tolist(), lp.top_vals[i, :k].tolist()))
+                token_lp = [TokenLogprob(int(token), float(lp.sampled[i]), top)]
+            out, _ = self.outputs.process(req, [int(token)], status, token_lp)
             if out.finished:
+                self.counters.requests_finished += 1
                 self.scheduler.finish(req, RequestStatus(out.finish_reason))
                 self.requests.pop(req.request_id, None)
                 self._seeds.pop(req.request_id, None)

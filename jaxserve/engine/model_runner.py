@@ -7,6 +7,7 @@ raises instead. The KV-cache pages are donated to each step and updated in place
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 
@@ -16,7 +17,13 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.engine.compilation import BucketPolicy, StepShape
-from jaxserve.engine.sampler import SamplingTensors, build_sampling_tensors, sample
+from jaxserve.engine.logits_processors import (
+    MAX_BIAS_ENTRIES,
+    LogitsExtras,
+    build_logits_extras,
+    needs_extras,
+)
+from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling_tensors, sample
 from jaxserve.engine.scheduler import ScheduledRequest
 from jaxserve.models.decoder import KVCache
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import (
@@ -32,6 +39,15 @@ def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
     """Bytes one KV block takes across all layers (K and V)."""
     c = loaded.config
     return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * jnp.dtype(loaded.dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class HostLogprobs:
+    """One step's logprobs on the host, one row per scheduled request."""
+
+    sampled: np.ndarray  # f32[n]
+    top_ids: np.ndarray  # i32[n, MAX_LOGPROBS]
+    top_vals: np.ndarray  # f32[n, MAX_LOGPROBS]
 
 
 class ModelRunner:
@@ -50,6 +66,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.table_width = -(-max_model_len // block_size)
+        self.max_model_len = max_model_len
         self.buckets = buckets
         c = loaded.config
         page_shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
@@ -66,10 +83,12 @@ class ModelRunner:
             meta: AttentionMetadata,
             logits_indices_B: jax.Array,
             sampling: SamplingTensors,
-        ) -> tuple[jax.Array, list[KVCache]]:
+            extras: LogitsExtras,
+        ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
             model = nnx.merge(graphdef, state)
             logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
-            return sample(logits, sampling), kv_caches
+            tokens, logprobs = sample(logits, sampling, extras)
+            return tokens, logprobs, kv_caches
 
         self._jitted = jax.jit(step, donate_argnums=(1,))
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
@@ -105,7 +124,10 @@ class ModelRunner:
             [s.request.num_output_tokens for s in scheduled],
             shape.num_seqs,
         )
-        return tokens, positions, meta, logits_indices, sampling
+        extras = build_logits_extras(
+            [s.request for s in scheduled], shape.num_seqs, with_extras=shape.extras, history_len=self.max_model_len
+        )
+        return tokens, positions, meta, logits_indices, sampling, extras
 
     def _abstract_inputs(self, shape: StepShape) -> tuple:
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -121,8 +143,14 @@ class ModelRunner:
             row_q_len=i32(shape.num_rows),
             row_width=shape.row_width,
         )
-        sampling = SamplingTensors(f32(b), f32(b), i32(b), f32(b), jax.ShapeDtypeStruct((b,), jnp.uint32), i32(b))
-        return i32(shape.num_tokens), i32(shape.num_tokens), meta, i32(b), sampling
+        sampling = SamplingTensors(
+            f32(b), f32(b), i32(b), f32(b), jax.ShapeDtypeStruct((b,), jnp.uint32), i32(b),
+            jax.ShapeDtypeStruct((b,), jnp.bool_),
+        )
+        e = MAX_BIAS_ENTRIES if shape.extras else 0
+        hl = self.max_model_len if shape.extras else 0
+        extras = LogitsExtras(i32(b, e), f32(b, e), i32(b, hl), i32(b, hl), f32(b), f32(b), f32(b))
+        return i32(shape.num_tokens), i32(shape.num_tokens), meta, i32(b), sampling, extras
 
     def compile_all(self, shapes: list[StepShape] | None = None) -> float:
         """Compile every bucket (or ``shapes``); returns the seconds it took."""
@@ -140,16 +168,25 @@ class ModelRunner:
     def compiled_shapes(self) -> list[StepShape]:
         return sorted(self._compiled)
 
-    def execute(self, scheduled: list[ScheduledRequest], seeds: list[int]) -> np.ndarray:
-        """Run one step; returns the sampled token of every scheduled request (i32[len(scheduled)]).
+    def execute(
+        self, scheduled: list[ScheduledRequest], seeds: list[int]
+    ) -> tuple[np.ndarray, HostLogprobs | None]:
+        """Run one step; returns the sampled token of every scheduled request (i32[len(scheduled)])
+        and, when any of them asked, their logprobs.
 
         Entries of requests whose chunk does not reach the end of their sequence are meaningless.
         """
         num_tokens = sum(s.num_tokens for s in scheduled)
-        shape = self.buckets.shape_for(len(scheduled), num_tokens)
+        extras = any(s.samples and needs_extras(s.request) for s in scheduled)
+        shape = self.buckets.shape_for(len(scheduled), num_tokens, extras)
         compiled = self._compiled.get(shape)
         if compiled is None:
             raise RuntimeError(f"step shape {shape} was not compiled at start-up")
         inputs = self._host_inputs(shape, scheduled, seeds)
-        next_tokens, self.kv_caches = compiled(self.loaded.state, self.kv_caches, *inputs)
-        return np.asarray(jax.device_get(next_tokens))[: len(scheduled)]
+        next_tokens, logprobs, self.kv_caches = compiled(self.loaded.state, self.kv_caches, *inputs)
+        n = len(scheduled)
+        host_lp = None
+        if any(s.request.params.logprobs is not None for s in scheduled):
+            lp = jax.device_get(logprobs)
+            host_lp = HostLogprobs(np.asarray(lp.sampled)[:n], np.asarray(lp.top_ids)[:n], np.asarray(lp.top_vals)[:n])
+        return np.asarray(jax.device_get(next_tokens))[:n], host_lp

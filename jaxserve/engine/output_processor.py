@@ -13,6 +13,15 @@ from jaxserve.request import Request, RequestStatus
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's raw-model logprob and the ``k`` most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclasses.dataclass
 class RequestOutput:
     """What one step produced for one request."""
@@ -25,6 +34,7 @@ class RequestOutput:
     stop_reason: str | int | None  # the stop string or stop token id that ended it
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when requested
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -50,15 +60,19 @@ class RequestTextState:
         self.text = ""  # all decoded text so far
         self.emitted = 0  # characters of ``text`` already returned
 
-    def update(self, token_ids: list[int], finishing: bool) -> tuple[str, str | None]:
-        """Add tokens; return (text to emit now, matched stop string or None)."""
+    def update(self, token_ids: list[int], finishing: bool, check_stops: bool = True) -> tuple[str, str | None]:
+        """Add tokens; return (text to emit now, matched stop string or None).
+
+        With ``check_stops`` False (below min_tokens) stop strings are not matched yet, but text that
+        could start one is still held back.
+        """
         self.text += self.detok.add(token_ids)
         if finishing:
             self.text += self.detok.flush()
         if self.stops:
             search_from = max(0, self.emitted - max(len(s) for s in self.stops) + 1)
             hit: tuple[int, str] | None = None
-            for s in self.stops:
+            for s in self.stops if check_stops else ():
                 i = self.text.find(s, search_from)
                 if i >= 0 and (hit is None or i < hit[0]):
                     hit = (i, s)
@@ -91,12 +105,18 @@ class OutputProcessor:
         self.states.pop(request_id, None)
 
     def process(
-        self, req: Request, new_token_ids: list[int], status: RequestStatus | None
+        self,
+        req: Request,
+        new_token_ids: list[int],
+        status: RequestStatus | None,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> tuple[RequestOutput, bool]:
         """Output for ``req`` after it gained ``new_token_ids``; second value: a stop string hit."""
         state = self.states[req.request_id]
         finishing = status is not None
-        text, stop_str = state.update(new_token_ids, finishing)
+        text, stop_str = state.update(
+            new_token_ids, finishing, check_stops=req.num_output_tokens >= req.params.min_tokens
+        )
         stop_reason: str | int | None = stop_str
         if stop_str is not None:
             status = RequestStatus.FINISHED_STOPPED
@@ -116,6 +136,7 @@ class OutputProcessor:
                 stop_reason=stop_reason,
                 num_prompt_tokens=req.num_prompt_tokens,
                 num_output_tokens=req.num_output_tokens,
+                logprobs=logprobs,
             ),
             stop_str is not None,
         )

@@ -1,9 +1,12 @@
-"""On-device token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds.
+"""On-device token sampling: processors, greedy, temperature, top-k, top-p, min-p, seeds, logprobs.
 
 Randomness for row ``b`` comes from ``fold_in(key(seed_b), step_b)`` where ``step_b`` is the
 number of tokens that sequence has generated, so a seeded request samples the same tokens
 whatever else shares its batch. Filters run only when some row needs them (``lax.cond``), and
 an all-greedy batch skips the random path entirely.
+
+Logprobs are those of the raw model output (before bias, penalties and temperature), like vLLM's
+default; they are computed only when some row asks for them.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.engine.logits_processors import LogitsExtras, apply_logits_processors
+from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 @dataclasses.dataclass
@@ -27,6 +31,7 @@ class SamplingTensors:
     min_p: jax.Array  # f32[B]; 0 = off
     seed: jax.Array  # u32[B]
     step: jax.Array  # i32[B] tokens generated so far (the PRNG counter)
+    want_logprobs: jax.Array  # bool[B]
 
 
 jax.tree_util.register_dataclass(
@@ -47,14 +52,53 @@ def build_sampling_tensors(
     min_p = np.zeros(num_rows, np.float32)
     seed = np.zeros(num_rows, np.uint32)
     step = np.zeros(num_rows, np.int32)
+    want = np.zeros(num_rows, np.bool_)
     for i, p in enumerate(params):
         temp[i] = p.temperature
         top_p[i] = p.top_p
         top_k[i] = max(p.top_k, 0)
         min_p[i] = p.min_p
-    seed[:n] = np.asarray(seeds, np.uint64) & 0xFFFFFFFF
+        want[i] = p.logprobs is not None
+    seed[:n] = np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32)
     step[:n] = steps
-    return SamplingTensors(temp, top_p, top_k, min_p, seed, step)
+    return SamplingTensors(temp, top_p, top_k, min_p, seed, step, want)
+
+
+@dataclasses.dataclass
+class LogprobsOut:
+    """Raw-model logprobs of the sampled token and the top MAX_LOGPROBS (zeros when not requested)."""
+
+    sampled: jax.Array  # f32[B]
+    top_ids: jax.Array  # i32[B, MAX_LOGPROBS]
+    top_vals: jax.Array  # f32[B, MAX_LOGPROBS]
+
+
+jax.tree_util.register_dataclass(
+    LogprobsOut, data_fields=[f.name for f in dataclasses.fields(LogprobsOut)], meta_fields=[]
+)
+
+
+def compute_logprobs(logits_BV: jax.Array, tokens_B: jax.Array, want_B: jax.Array) -> LogprobsOut:
+    b = logits_BV.shape[0]
+
+    def compute() -> LogprobsOut:
+        lp = jax.nn.log_softmax(logits_BV, axis=-1)
+        k = min(MAX_LOGPROBS, lp.shape[-1])
+        top_vals, top_ids = jax.lax.top_k(lp, k)
+        if k < MAX_LOGPROBS:  # tiny vocabularies (tests)
+            top_vals = jnp.pad(top_vals, ((0, 0), (0, MAX_LOGPROBS - k)), constant_values=-jnp.inf)
+            top_ids = jnp.pad(top_ids, ((0, 0), (0, MAX_LOGPROBS - k)))
+        sampled = jnp.take_along_axis(lp, tokens_B[:, None], axis=-1)[:, 0]
+        return LogprobsOut(sampled, top_ids.astype(jnp.int32), top_vals)
+
+    def skip() -> LogprobsOut:
+        return LogprobsOut(
+            jnp.zeros((b,), jnp.float32),
+            jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
+            jnp.zeros((b, MAX_LOGPROBS), jnp.float32),
+        )
+
+    return jax.lax.cond(jnp.any(want_B), compute, skip)
 
 
 def _filter_probs(probs_BV: jax.Array, st: SamplingTensors) -> jax.Array:
@@ -73,8 +117,12 @@ def _filter_probs(probs_BV: jax.Array, st: SamplingTensors) -> jax.Array:
     return jnp.where(probs_BV >= threshold, probs_BV, 0.0)
 
 
-def sample(logits_BV: jax.Array, st: SamplingTensors) -> jax.Array:
-    """Next token per row, i32[B]."""
+def sample(
+    logits_BV: jax.Array, st: SamplingTensors, extras: LogitsExtras
+) -> tuple[jax.Array, LogprobsOut]:
+    """Next token per row (i32[B]) and the logprobs rows asked for."""
+    raw_BV = logits_BV
+    logits_BV = apply_logits_processors(logits_BV, extras)
     greedy_tokens = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
     is_random = st.temperature > 0.0
 
@@ -93,4 +141,5 @@ def sample(logits_BV: jax.Array, st: SamplingTensors) -> jax.Array:
         idx = jnp.where(jnp.take_along_axis(probs, idx[:, None], axis=-1)[:, 0] > 0, idx, greedy_tokens)
         return jnp.where(is_random, idx, greedy_tokens)
 
-    return jax.lax.cond(jnp.any(is_random), random_path, lambda: greedy_tokens)
+    tokens = jax.lax.cond(jnp.any(is_random), random_path, lambda: greedy_tokens)
+    return tokens, compute_logprobs(raw_BV, tokens, st.want_logprobs)

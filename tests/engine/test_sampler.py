@@ -6,10 +6,17 @@ import jax
 import numpy as np
 import pytest
 
+from jaxserve.engine.logits_processors import build_logits_extras
 from jaxserve.engine.sampler import _filter_probs, build_sampling_tensors, sample
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
 
-_sample = jax.jit(sample)
+_sample_jit = jax.jit(sample)
+
+
+def _sample(logits, st):
+    """Tokens only, no logits processors (zero-width extras)."""
+    extras = build_logits_extras([], len(st.temperature), with_extras=False, history_len=0)
+    return _sample_jit(logits, st, extras)[0]
 
 
 def _st(params, seeds=None, steps=None):
@@ -81,3 +88,18 @@ def test_invalid_params_name_the_field():
     with pytest.raises(SamplingParamError) as e:
         SamplingParams(top_p=0.0)
     assert e.value.param == "top_p"
+
+
+def test_logprobs_are_raw_model_log_softmax():
+    logits = np.random.RandomState(5).randn(3, 64).astype(np.float32)
+    params = [SamplingParams(temperature=0, logprobs=3), SamplingParams(temperature=0.8, seed=1, logprobs=0),
+              SamplingParams(temperature=0)]
+    st = _st(params, seeds=[0, 1, 0])
+    extras = build_logits_extras([], 3, with_extras=False, history_len=0)
+    tokens, lp = _sample_jit(logits, st, extras)
+    ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    tokens = np.asarray(tokens)
+    np.testing.assert_allclose(np.asarray(lp.sampled), ref[np.arange(3), tokens], atol=1e-5)
+    order = np.argsort(-ref, axis=-1)[:, :20]
+    np.testing.assert_array_equal(np.asarray(lp.top_ids), order)
+    np.testing.assert_allclose(np.asarray(lp.top_vals), np.take_along_axis(ref, order, -1), atol=1e-5)

@@ -128,8 +128,9 @@ def test_errors_have_openai_shape(client, counting_server):
         client.completions.create(model="counter", prompt=[5] * 10, max_tokens=300)
     assert "256" in e.value.body["message"] and "310" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
-        client.chat.completions.create(model="counter", messages=MESSAGES, logprobs=True)
-    assert e.value.body["param"] == "logprobs"
+        client.chat.completions.create(model="counter", messages=MESSAGES,
+                                       tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+    assert e.value.body["param"] == "tools" and "not supported yet" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="counter", messages=MESSAGES, extra_body={"bogus_field": 1})
     assert "bogus_field" in e.value.body["param"]

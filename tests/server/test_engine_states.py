@@ -1,0 +1,164 @@
+"""/health and request handling while the engine loads, after a failed start-up, after a crash,
+and when the waiting queue is full (in-process app with a stand-in engine)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from jaxserve.config import ServeConfig
+from jaxserve.engine.async_engine import AsyncEngine, EngineState
+from jaxserve.engine.output_processor import RequestOutput
+from jaxserve.server.app import build_app
+
+
+class FakeTokenizer:
+    chat_template = "x"
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) % 50 for c in text] or [1]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(97 + i % 26) for i in ids)
+
+    def apply_chat_template(self, messages, tokenize=False, **kw):
+        return "".join(m["content"] for m in messages)
+
+    def convert_ids_to_tokens(self, i):
+        return chr(97 + i % 26)
+
+
+class FakeLLM:
+    """Duck-typed LLMEngine: one token per step; optionally crashes on the first step."""
+
+    def __init__(self, crash: bool = False, hold: threading.Event | None = None) -> None:
+        self.tokenizer = FakeTokenizer()
+        self.default_sampling = {}
+        self.max_model_len = 64
+        self.crash = crash
+        self.hold = hold
+        self.pending: dict[str, int] = {}
+
+        class _S:  # scheduler stand-in for queue accounting
+            waiting: list = []
+
+        self.scheduler = _S()
+
+    def check_request(self, prompt, params):
+        return params.max_tokens or 4
+
+    def add_request(self, rid, prompt, params):
+        self.pending[rid] = params.max_tokens or 4
+
+    def abort(self, rid):
+        return self.pending.pop(rid, None) is not None
+
+    def has_unfinished(self):
+        return bool(self.pending)
+
+    def step(self):
+        if self.crash:
+            raise RuntimeError("device fell over")
+        if self.hold is not None:
+            self.hold.wait(10)
+        outs = []
+        for rid in list(self.pending):
+            self.pending[rid] -= 1
+            done = self.pending[rid] == 0
+            if done:
+                del self.pending[rid]
+            outs.append(RequestOutput(rid, [3], "d", done, "length" if done else None, None, 1, 1))
+        return outs
+
+
+CFG = ServeConfig(model="stand-in")
+
+
+def _client(engine: AsyncEngine) -> TestClient:
+    return TestClient(build_app(CFG, engine))
+
+
+def test_health_503_while_loading_then_200():
+    gate = threading.Event()
+
+    def factory():
+        gate.wait(10)
+        return FakeLLM()
+
+    engine = AsyncEngine(factory)
+    engine.start()
+    client = _client(engine)
+    r = client.get("/health")
+    assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+    gate.set()
+    engine.wait_ready(5)
+    assert client.get("/health").status_code == 200
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "dd"
+    engine.shutdown()
+
+
+def test_health_503_after_failed_startup():
+    def factory():
+        raise FileNotFoundError("weights gone")
+
+    engine = AsyncEngine(factory)
+    engine.start()
+    with pytest.raises(Exception):
+        engine.wait_ready(5)
+    assert engine.state is EngineState.FAILED
+    r = _client(engine).get("/health")
+    assert r.status_code == 503 and "weights gone" in r.json()["error"]["message"]
+
+
+def test_crashed_loop_fails_requests_and_health():
+    engine = AsyncEngine(lambda: FakeLLM(crash=True))
+    engine.start()
+    engine.wait_ready(5)
+    client = _client(engine)
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert r.status_code == 503 and "device fell over" in r.json()["error"]["message"]
+    assert engine.state is EngineState.DEAD
+    assert client.get("/health").status_code == 503
+    # streaming requests started before the crash get an error event, then [DONE]
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True})
+    assert r.status_code == 503
+
+
+def test_error_after_stream_started_is_an_event_then_done():
+    hold = threading.Event()
+    llm = FakeLLM(hold=hold)
+    engine = AsyncEngine(lambda: llm)
+    engine.start()
+    engine.wait_ready(5)
+    client = _client(engine)
+
+    def crash_soon():
+        time.sleep(0.3)
+        llm.crash = True
+        hold.set()
+
+    threading.Thread(target=crash_soon, daemon=True).start()
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}], "stream": True,
+                                                 "max_tokens": 5})
+    events = [line for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200
+    assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
+
+
+def test_queue_full_gives_503():
+    hold = threading.Event()
+    engine = AsyncEngine(lambda: FakeLLM(hold=hold), max_queue_size=0)
+    engine.start()
+    engine.wait_ready(5)
+    r = _client(engine).post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503 and "busy" in r.json()["error"]["message"]
+    hold.set()
+    engine.shutdown()
+
+
