@@ -42,7 +42,8 @@ class ServeConfig:
     )
     dtype: str = _field(
         "auto",
-        "Weight and activation dtype; auto = checkpoint dtype on accelerators, float32 on CPU.",
+        "Weight (and KV-cache) dtype; auto = the checkpoint's 16-bit dtype on accelerators; on CPU "
+        "bfloat16 where the CPU has native bf16 dot products, else float32 (CPU activations stay float32).",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
     max_model_len: int | None = _field(None, "Maximum prompt + output tokens (default: the model's context length).")
@@ -56,12 +57,19 @@ class ServeConfig:
     )
     kv_cache_memory_gib: float = _field(2.0, "KV-cache size in GiB on CPU (accelerators use --gpu-memory-utilization).")
     num_kv_blocks: int | None = _field(None, "Force the number of KV-cache blocks (overrides the memory budget).")
-    enable_prefix_caching: bool = _field(False, "Reuse KV blocks of shared prompt prefixes (not supported yet).")
+    enable_prefix_caching: bool = _field(True, "Reuse the KV blocks of shared prompt prefixes across requests.")
+    async_scheduling: bool = _field(
+        True, "Prepare step N+1 on the host while the device runs step N (sampled ids stay on device)."
+    )
     tensor_parallel_size: int = _field(1, "Devices to shard the model over (not supported yet: must be 1).")
     attention_backend: str = _field("auto", "Attention implementation.", choices=("auto", "reference"))
     compilation_cache_dir: str | None = _field(
         str(Path.home() / ".cache" / "jaxserve" / "xla"),
         "Persistent XLA compilation cache directory ('' disables it).",
+    )
+    tokenizer_cache_dir: str | None = _field(
+        str(Path.home() / ".cache" / "jaxserve" / "tokenizers"),
+        "Where tokenizers rebuilt from GGUF metadata are kept ('' disables it).",
     )
     # --- server ----------------------------------------------------------------------------
     host: str = _field("127.0.0.1", "Address to listen on.")
@@ -110,8 +118,6 @@ class ServeConfig:
             raise ConfigError(
                 f"tensor_parallel_size: {self.tensor_parallel_size} is not supported yet (only 1)"
             )
-        if self.enable_prefix_caching:
-            raise ConfigError("enable_prefix_caching: prefix caching is not supported yet (only false)")
         if not self.model:
             raise ConfigError("model: required (a local checkpoint directory or .gguf file)")
 

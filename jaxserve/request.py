@@ -7,6 +7,8 @@ import time
 
 from jaxserve.sampling_params import SamplingParams
 
+PLACEHOLDER = -1  # an output token sampled by a step whose result has not reached the host yet
+
 
 class RequestStatus(enum.Enum):
     WAITING = "waiting"  # queued (new, or preempted and waiting to recompute)
@@ -29,7 +31,8 @@ class Request:
 
     Invariant: ``num_computed_tokens <= num_tokens``. A step computes the next
     ``num_tokens - num_computed_tokens`` tokens (possibly a chunk of them); when it reaches
-    ``num_tokens`` the step's sampled token is appended. Preemption resets
+    ``num_tokens`` the step's sampled token is appended, first as ``PLACEHOLDER`` while the step
+    runs (so the next step can be scheduled), then resolved to its value. Preemption resets
     ``num_computed_tokens`` to 0 (the KV is recomputed later from prompt + outputs).
     """
 
@@ -54,6 +57,8 @@ class Request:
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
+        self.num_registered_blocks = 0  # leading blocks already in the prefix cache
+        self.num_pending = 0  # PLACEHOLDER outputs (at the end of output_token_ids)
         self.num_preemptions = 0
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
 
@@ -81,10 +86,36 @@ class Request:
             return self.output_token_ids[start - n : stop - n]
         return self.prompt_token_ids[start:] + self.output_token_ids[: stop - n]
 
+    @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose values the host knows (all but the trailing placeholders)."""
+        return self.num_tokens - self.num_pending
+
+    @property
+    def reached_max_tokens(self) -> bool:
+        """Every output slot is taken (some may still be in flight): schedule no more steps."""
+        return len(self.output_token_ids) >= self.max_tokens
+
+    def add_placeholder(self) -> int:
+        """Reserve the next output slot for a token being sampled; returns its index."""
+        self.output_token_ids.append(PLACEHOLDER)
+        self.num_pending += 1
+        return len(self.output_token_ids) - 1
+
+    def truncate_outputs(self, n: int) -> None:
+        """Keep only the first ``n`` outputs (drops tokens sampled after the sequence finished)."""
+        del self.output_token_ids[n:]
+        self.num_pending = sum(1 for t in self.output_token_ids if t == PLACEHOLDER)
+
     def append_output(self, token_id: int) -> RequestStatus | None:
         """Record a sampled token; return the finishing status if the sequence must stop."""
-        self.output_token_ids.append(token_id)
-        n_out = len(self.output_token_ids)
+        return self.resolve_output(self.add_placeholder(), token_id)
+
+    def resolve_output(self, index: int, token_id: int) -> RequestStatus | None:
+        """Fill output slot ``index``; return the finishing status if the sequence stops there."""
+        self.output_token_ids[index] = token_id
+        self.num_pending -= 1
+        n_out = index + 1
         if n_out >= self.params.min_tokens:
             if not self.params.ignore_eos and token_id in self.eos_token_ids:
                 return RequestStatus.FINISHED_STOPPED

@@ -76,19 +76,26 @@ class DecoderForCausalLM(nnx.Module):
     """Embedding, decoder layers, final norm and LM head over a flat ragged batch."""
 
     def __init__(
-        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str = "reference", rngs: nnx.Rngs
+        self,
+        cfg: ModelConfig,
+        *,
+        dtype: jnp.dtype,
+        backend: str = "reference",
+        compute_dtype: jnp.dtype | None = None,
+        rngs: nnx.Rngs,
     ) -> None:
         self.config = cfg
+        # Activations (residual stream) dtype; parameters are ``dtype``. On CPU: bf16 weights, f32 activations.
+        self.compute_dtype = jnp.dtype(compute_dtype or dtype)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
             [DecoderLayer(cfg, dtype=dtype, backend=backend, rngs=rngs) for _ in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
-        )
+        # Tied models get their own [D, V] copy of the embedding: a product with the transposed
+        # [V, D] table takes a slow layout-changing path on XLA:CPU for bf16, and a separate kernel
+        # shards vocab-parallel like an untied head.
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(
         self,
@@ -102,11 +109,10 @@ class DecoderForCausalLM(nnx.Module):
 
         ``kv_caches`` holds one (k_pages, v_pages) pair per layer; the updated list is returned.
         """
-        x = self.embed_tokens(tokens_T)
+        x = self.embed_tokens(tokens_T).astype(self.compute_dtype)
         new_caches = []
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x, cache = layer(x, positions_T, cache, meta)
             new_caches.append(cache)
         h = self.norm(x[logits_indices_B])
-        logits = self.embed_tokens.attend(h) if self.lm_head is None else self.lm_head(h)
-        return logits.astype(jnp.float32), new_caches
+        return self.lm_head(h.astype(jnp.float32)), new_caches

@@ -44,6 +44,8 @@ class EngineCollector(Collector):
             ("request_success", "Requests finished (stop or length)", st.requests_finished),
             ("request_aborted", "Requests aborted", st.requests_aborted),
             ("engine_steps", "Engine steps run", st.steps),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", bm.prefix_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", bm.prefix_hits),
         ):
             c = CounterMetricFamily(f"jaxserve:{name}", doc, labels=labels)
             c.add_metric([self.model_name], float(value))

@@ -37,7 +37,6 @@ def test_every_field_is_a_flag():
     (["--max-num-seqs", "abc"], "max_num_seqs: 'abc' is not a valid int"),
     (["--block-size", "12"], "block_size must be a power of two"),
     (["--tensor-parallel-size", "2"], "tensor_parallel_size: 2 is not supported yet"),
-    (["--enable-prefix-caching"], "prefix caching is not supported yet"),
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1]"),
 ])
 def test_bad_values_name_the_key(argv, message, counting_model):

@@ -1,31 +1,56 @@
-"""KV-cache pages: who owns which block (plain Python, no jax).
+"""KV-cache pages: who owns which block, and (optionally) which full blocks can be shared.
 
 Block 0 is the *null block*: never handed out, it absorbs the K/V writes of padding tokens and
-fills unused block-table entries. Blocks ``1 .. num_blocks - 1`` are allocated on demand as a
-sequence grows and returned when it finishes or is preempted.
+fills unused block-table entries. Blocks ``1 .. num_blocks - 1`` are reference counted.
+
+Prefix caching: a full block is identified by ``(parent's chain id, its tokens)``. The chain id is
+a serial number given to each registered block and never reused, so equal keys mean equal token
+prefixes exactly (no hash collisions). Blocks whose count drops to zero go to the back of an LRU
+free list but stay findable until they are handed out again (evicted).
+Plain Python, no jax.
 """
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
+from collections import OrderedDict
 
 from jaxserve.request import Request
 
 NULL_BLOCK = 0
 
+BlockKey = tuple[int, tuple[int, ...]]
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "key", "chain_id")
+
+    def __init__(self, block_id: int) -> None:
+        self.block_id = block_id
+        self.ref_count = 0
+        self.key: BlockKey | None = None  # set while the block is registered in the prefix cache
+        self.chain_id = -1
+
 
 class BlockManager:
-    """Free list of KV blocks and the per-request block lists."""
+    """Free list (LRU), reference counts, per-request block lists and the prefix cache."""
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = False) -> None:
         if num_blocks < 2:
             raise ValueError(f"the KV cache needs at least 2 blocks (one is reserved), got {num_blocks}")
         if block_size < 1:
             raise ValueError(f"block_size must be positive, got {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self._free: deque[int] = deque(range(1, num_blocks))
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self._cache: dict[BlockKey, int] = {}
+        self._serial = itertools.count()
+        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of which found
 
+    # ------------------------------------------------------------------ accounting
     @property
     def num_free_blocks(self) -> int:
         return len(self._free)
@@ -38,6 +63,10 @@ class BlockManager:
     def num_used_blocks(self) -> int:
         return self.num_usable_blocks - len(self._free)
 
+    @property
+    def num_cached_blocks(self) -> int:
+        return len(self._cache)
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
@@ -49,16 +78,91 @@ class BlockManager:
     def can_allocate(self, req: Request, num_new_tokens: int) -> bool:
         return self.num_new_blocks(req, num_new_tokens) <= len(self._free)
 
+    # ------------------------------------------------------------------ prefix cache
+    def match_prefix(self, req: Request) -> list[int]:
+        """Cached blocks holding ``req``'s leading tokens (at least one token is always left to compute)."""
+        if not self.enable_prefix_caching or req.block_ids:
+            return []
+        bs = self.block_size
+        hits: list[int] = []
+        parent = -1
+        for k in range((req.num_tokens - 1) // bs):
+            bid = self._cache.get((parent, tuple(req.tokens(k * bs, (k + 1) * bs))))
+            if bid is None:
+                break
+            hits.append(bid)
+            parent = self.blocks[bid].chain_id
+        return hits
+
+    def can_admit(self, req: Request, hits: list[int], num_new_tokens: int) -> bool:
+        """Whether taking ``hits`` and allocating for ``num_new_tokens`` more tokens fits."""
+        reused_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        fresh = self.blocks_needed(len(hits) * self.block_size + num_new_tokens) - len(hits)
+        return reused_free + fresh <= len(self._free)
+
+    def acquire_prefix(self, req: Request, hits: list[int]) -> None:
+        """Give ``req`` the cached ``hits`` and count them as computed."""
+        self.prefix_queries += req.num_tokens
+        self.prefix_hits += len(hits) * self.block_size
+        for bid in hits:
+            block = self.blocks[bid]
+            if block.ref_count == 0:
+                del self._free[bid]
+            block.ref_count += 1
+            req.block_ids.append(bid)
+        req.num_computed_tokens = len(hits) * self.block_size
+        req.num_registered_blocks = len(hits)
+
+    def register_full_blocks(self, req: Request, num_known_tokens: int) -> None:
+        """Make ``req``'s blocks that are full of computed, known tokens findable by later requests."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        full = min(req.num_computed_tokens, num_known_tokens) // bs
+        k = req.num_registered_blocks
+        parent = self.blocks[req.block_ids[k - 1]].chain_id if k else -1
+        while k < full:
+            block = self.blocks[req.block_ids[k]]
+            key = (parent, tuple(req.tokens(k * bs, (k + 1) * bs)))
+            existing = self._cache.get(key)
+            if existing is None:
+                block.key = key
+                block.chain_id = next(self._serial)
+                self._cache[key] = block.block_id
+                parent = block.chain_id
+            else:  # the same prefix was computed twice concurrently: keep the first copy findable
+                parent = self.blocks[existing].chain_id
+                block.chain_id = parent
+            k += 1
+        req.num_registered_blocks = k
+
+    # ------------------------------------------------------------------ allocation
     def allocate(self, req: Request, num_new_tokens: int) -> None:
         """Grow ``req.block_ids`` to cover its next ``num_new_tokens`` positions."""
         n = self.num_new_blocks(req, num_new_tokens)
         if n > len(self._free):
             raise RuntimeError(f"out of KV blocks: need {n}, {len(self._free)} free")
         for _ in range(n):
-            req.block_ids.append(self._free.popleft())
+            bid, _ = self._free.popitem(last=False)  # least recently freed first
+            block = self.blocks[bid]
+            if block.key is not None:  # evict it from the prefix cache
+                del self._cache[block.key]
+                block.key = None
+            block.chain_id = -1
+            block.ref_count = 1
+            req.block_ids.append(bid)
 
     def free(self, req: Request) -> None:
-        """Return all of ``req``'s blocks (most recently allocated first, so they are reused last)."""
-        for b in reversed(req.block_ids):
-            self._free.append(b)
+        """Drop ``req``'s references; blocks nobody uses go to the back of the LRU free list.
+
+        The tail of a sequence is freed first, so it is evicted before the shareable prefix.
+        """
+        for bid in reversed(req.block_ids):
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                if block.key is None:
+                    block.chain_id = -1
+                self._free[bid] = None
         req.block_ids = []
+        req.num_registered_blocks = 0

@@ -4,7 +4,7 @@ Two families keep the count small:
 - decode-only steps (every sequence advances one token): ``B`` sequences, ``T = R = B``, ``Q = 1``;
 - mixed steps (prefill chunks, possibly with decodes): ``T`` tokens, ``B = min(T, max_num_seqs)``
   sequences, query rows of ``Q = prefill_row_width`` tokens, ``R = min(T, T // Q + B)`` rows.
-Bucket sizes are powers of two, capped at the configured maxima (decode buckets start at 2).
+Bucket sizes are powers of two, capped at the configured maxima.
 
 Steps with a request that needs logit bias or penalties carry per-row token histories
 (``extras``); to keep compiles few, such steps use the largest bucket of their family.
@@ -48,6 +48,7 @@ class BucketPolicy:
     max_num_batched_tokens: int
     prefill_row_width: int = 16
     min_prefill_tokens: int = 16
+    min_decode_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -58,9 +59,7 @@ class BucketPolicy:
 
     @property
     def decode_sizes(self) -> list[int]:
-        # No 1-token bucket: XLA:CPU copies the whole donated cache around a one-row scatter,
-        # and a second (padding) row costs next to nothing in a memory-bound decode step.
-        return _powers_of_two(min(2, self.max_num_seqs), self.max_num_seqs)
+        return _powers_of_two(min(self.min_decode_batch, self.max_num_seqs), self.max_num_seqs)
 
     @property
     def prefill_sizes(self) -> list[int]:

@@ -71,7 +71,7 @@ class LLMEngine:
         platform = jax.default_backend()
         dtype = resolve_dtype(config.dtype, stored_dtype, platform)
         self.max_model_len = self._resolve_max_model_len(config, model_config)
-        self.tokenizer: Tokenizer = load_tokenizer(source, config.tokenizer)
+        self.tokenizer: Tokenizer = load_tokenizer(source, config.tokenizer, config.tokenizer_cache_dir)
         self.generation_config = _read_generation_config(source.directory if source.kind == "hf" else None)
         self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids, self.generation_config)
         # Like vLLM, the checkpoint's generation_config supplies defaults for unset sampling fields.
@@ -80,10 +80,16 @@ class LLMEngine:
             if self.generation_config.get(k) is not None
         }
         backend = resolve_backend(config.attention_backend, platform)
-        loaded = load_model(source, model_config, dtype, backend=backend, progress=progress)
+        # CPUs keep float32 activations even with 16-bit weights (XLA:CPU is slow at 16-bit elementwise).
+        compute_dtype = jax.numpy.float32 if platform == "cpu" else dtype
+        loaded = load_model(
+            source, model_config, dtype, backend=backend, compute_dtype=compute_dtype, progress=progress
+        )
         self.model_config = model_config
         blocks = num_kv_blocks(config, loaded, self.max_model_len, platform)
-        buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens)
+        # XLA:CPU's one-row bf16 product is a slow path; a padding row makes it a fast bf16 GEMM.
+        min_decode = 2 if platform == "cpu" and jax.numpy.dtype(dtype) != jax.numpy.float32 else 1
+        buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens, min_decode_batch=min_decode)
         self.runner = ModelRunner(
             loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets
         )
@@ -96,7 +102,7 @@ class LLMEngine:
         compile_s = self.runner.compile_all()
         logger.info("compiled %d step shapes in %.1fs", len(self.runner.compiled_shapes), compile_s)
         self.scheduler = Scheduler(
-            BlockManager(blocks, config.block_size),
+            BlockManager(blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching),
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
@@ -105,6 +111,8 @@ class LLMEngine:
         self._seeds: dict[str, int] = {}
         self._rng = random.Random(config.seed)
         self.counters = EngineCounters()
+        self.async_scheduling = config.async_scheduling
+        self._inflight: tuple | None = None  # (scheduled, StepHandle, output slots) of the running step
         self.stats = EngineStats(
             load_seconds=load_s,
             compile_seconds=compile_s,
@@ -190,34 +198,72 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduled step; return an output for every request that produced a token."""
-        sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        seeds = [self._seeds[s.request.request_id] for s in sched.scheduled]
-        next_tokens, lp = self.runner.execute(sched.scheduled, seeds)
-        self.counters.steps += 1
+        """Schedule and dispatch one step, then finish the previous one; returns its outputs.
+
+        With async scheduling the device runs step N while the host resolves step N-1's tokens,
+        detokenizes, and prepares step N+1. Without it (or when a penalty needs the previous
+        token's value on the host) the previous step is finished before scheduling.
+        """
         outputs: list[RequestOutput] = []
-        for i, (s, token) in enumerate(zip(sched.scheduled, next_tokens.tolist(), strict=True)):
+        if self._inflight is not None and (not self.async_scheduling or self._needs_sync()):
+            outputs += self._finish_step(*self._inflight)
+            self._inflight = None
+        sched = self.scheduler.schedule()
+        handle = None
+        if sched.scheduled:
+            seeds = [self._seeds[s.request.request_id] for s in sched.scheduled]
+            prev_rows = self._inflight[1].rows if self._inflight is not None else {}
+            handle = self.runner.dispatch(sched.scheduled, seeds, prev_rows)
+            self.counters.steps += 1
+            slots = []
+            for s in sched.scheduled:
+                req = s.request
+                self.counters.prompt_tokens += max(0, min(s.start + s.num_tokens, req.num_prompt_tokens) - s.start)
+                req.num_computed_tokens += s.num_tokens
+                slots.append(req.add_placeholder() if s.samples else -1)
+        if self._inflight is not None:
+            outputs += self._finish_step(*self._inflight)
+            self._inflight = None
+        if handle is not None:
+            self._inflight = (sched.scheduled, handle, slots)
+            if not self.async_scheduling:
+                outputs += self._finish_step(*self._inflight)
+                self._inflight = None
+        return outputs
+
+    def _needs_sync(self) -> bool:
+        """A penalty reads the token history on the host, so in-flight tokens must land first."""
+        return any(
+            r.num_pending and (r.params.presence_penalty or r.params.frequency_penalty or r.params.repetition_penalty != 1.0)
+            for r in self.scheduler.running
+        )
+
+    def _finish_step(self, scheduled: list, handle, slots: list[int]) -> list[RequestOutput]:
+        """Wait for a dispatched step, resolve its placeholders, finish requests, build outputs."""
+        next_tokens, lp = self.runner.fetch(handle)
+        bm = self.scheduler.block_manager
+        outputs: list[RequestOutput] = []
+        for i, (s, token, slot) in enumerate(zip(scheduled, next_tokens.tolist(), slots, strict=True)):
             req = s.request
-            self.counters.prompt_tokens += max(0, min(s.start + s.num_tokens, req.num_prompt_tokens) - s.start)
-            req.num_computed_tokens += s.num_tokens
-            if not s.samples:
+            if req.request_id not in self.requests or req.status.finished:
+                continue  # finished or aborted while this step ran: its token is dropped
+            if slot < 0:
+                bm.register_full_blocks(req, req.num_known_tokens)
                 continue  # a prefill chunk that does not reach the end of the prompt
             self.counters.generation_tokens += 1
-            status = req.append_output(int(token))
-            if status is None and req.num_tokens >= self.max_model_len:
-                status = RequestStatus.FINISHED_LENGTH
+            status = req.resolve_output(slot, int(token))
+            bm.register_full_blocks(req, req.num_known_tokens)
             token_lp = None
             k = req.params.logprobs
             if k is not None and lp is not None:
                 top = list(zip(lp.top_ids[i, :k].tolist(), lp.top_vals[i, :k].tolist()))
                 token_lp = [TokenLogprob(int(token), float(lp.sampled[i]), top)]
-            out, _ = self.outputs.process(req, [int(token)], status, token_lp)
+            out, _ = self.outputs.process(req, [int(token)], status, token_lp, num_output_tokens=slot + 1)
             if out.finished:
+                req.truncate_outputs(slot + 1)
                 self.counters.requests_finished += 1
                 self.scheduler.finish(req, RequestStatus(out.finish_reason))
                 self.requests.pop(req.request_id, None)

@@ -3,6 +3,11 @@
 Every step shape is compiled ahead of time (``compile_all``) and executed through the compiled
 executable itself, so serving can never trigger a compile: a batch that fits no compiled shape
 raises instead. The KV-cache pages are donated to each step and updated in place.
+
+``dispatch`` returns at once (jax dispatch is asynchronous); ``fetch`` waits for the sampled ids.
+A token the host does not know yet (``PLACEHOLDER``, sampled by the previous, still running step)
+is read on device from that step's output, so step N+1 can be dispatched before step N's tokens
+reach the host.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from jaxserve.engine.logits_processors import (
 from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling_tensors, sample
 from jaxserve.engine.scheduler import ScheduledRequest
 from jaxserve.models.decoder import KVCache
+from jaxserve.request import PLACEHOLDER
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import (
     AttentionMetadata,
     build_host_metadata,
@@ -38,7 +44,7 @@ logger = logging.getLogger(__name__)
 def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
     """Bytes one KV block takes across all layers (K and V)."""
     c = loaded.config
-    return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * jnp.dtype(loaded.dtype).itemsize
+    return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * jnp.dtype(loaded.compute_dtype).itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +54,18 @@ class HostLogprobs:
     sampled: np.ndarray  # f32[n]
     top_ids: np.ndarray  # i32[n, MAX_LOGPROBS]
     top_vals: np.ndarray  # f32[n, MAX_LOGPROBS]
+
+
+@dataclasses.dataclass
+class StepHandle:
+    """A dispatched step: device outputs plus which row holds each request's sample."""
+
+    tokens: jax.Array  # i32[max_rows] (device) sampled ids, padded
+    logprobs: LogprobsOut
+    rows: dict[str, int]  # request id -> row, for requests whose chunk samples
+    num_scheduled: int
+    want_logprobs: bool
+    dispatched_at: float
 
 
 class ModelRunner:
@@ -70,40 +88,55 @@ class ModelRunner:
         self.buckets = buckets
         c = loaded.config
         page_shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        # The cache holds activations: float32 on CPU even with bf16 weights (XLA:CPU would convert
+        # a whole bf16 cache to scatter into it), the model dtype on accelerators.
+        kv_dtype = loaded.compute_dtype
         self.kv_caches: list[KVCache] = [
-            (jnp.zeros(page_shape, loaded.dtype), jnp.zeros(page_shape, loaded.dtype)) for _ in range(c.num_layers)
+            (jnp.zeros(page_shape, kv_dtype), jnp.zeros(page_shape, kv_dtype)) for _ in range(c.num_layers)
         ]
         graphdef = loaded.graphdef
 
         def step(
             state: nnx.State,
             kv_caches: list[KVCache],
+            prev_tokens_M: jax.Array,
             tokens_T: jax.Array,
+            prev_idx_T: jax.Array,
             positions_T: jax.Array,
             meta: AttentionMetadata,
             logits_indices_B: jax.Array,
             sampling: SamplingTensors,
             extras: LogitsExtras,
         ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
+            # Tokens sampled by the previous step that the host has not seen yet come from its output.
+            tokens_T = jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
             model = nnx.merge(graphdef, state)
             logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
             tokens, logprobs = sample(logits, sampling, extras)
-            return tokens, logprobs, kv_caches
+            padded = jnp.zeros(prev_tokens_M.shape, jnp.int32).at[: tokens.shape[0]].set(tokens)
+            return padded, logprobs, kv_caches
 
         self._jitted = jax.jit(step, donate_argnums=(1,))
+        self.max_rows = max(s.num_seqs for s in buckets.all_shapes())
+        self._prev_tokens = jnp.zeros((self.max_rows,), jnp.int32)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
 
     # ----------------------------------------------------------------------------------------
     def _host_inputs(
-        self, shape: StepShape, scheduled: list[ScheduledRequest], seeds: list[int]
+        self, shape: StepShape, scheduled: list[ScheduledRequest], seeds: list[int], prev_rows: dict[str, int]
     ) -> tuple:
         tokens = np.zeros(shape.num_tokens, np.int32)
+        prev_idx = np.full(shape.num_tokens, -1, np.int32)
         positions = np.zeros(shape.num_tokens, np.int32)
         logits_indices = np.zeros(shape.num_seqs, np.int32)
         t = 0
         for b, s in enumerate(scheduled):
             n = s.num_tokens
-            tokens[t : t + n] = s.request.tokens(s.start, s.start + n)
+            chunk = s.request.tokens(s.start, s.start + n)
+            if chunk[-1] == PLACEHOLDER:  # only a sequence's last token can still be in flight
+                prev_idx[t + n - 1] = prev_rows[s.request.request_id]
+                chunk[-1] = 0
+            tokens[t : t + n] = chunk
             positions[t : t + n] = np.arange(s.start, s.start + n)
             logits_indices[b] = t + n - 1
             t += n
@@ -127,7 +160,7 @@ class ModelRunner:
         extras = build_logits_extras(
             [s.request for s in scheduled], shape.num_seqs, with_extras=shape.extras, history_len=self.max_model_len
         )
-        return tokens, positions, meta, logits_indices, sampling, extras
+        return tokens, prev_idx, positions, meta, logits_indices, sampling, extras
 
     def _abstract_inputs(self, shape: StepShape) -> tuple:
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -150,7 +183,8 @@ class ModelRunner:
         e = MAX_BIAS_ENTRIES if shape.extras else 0
         hl = self.max_model_len if shape.extras else 0
         extras = LogitsExtras(i32(b, e), f32(b, e), i32(b, hl), i32(b, hl), f32(b), f32(b), f32(b))
-        return i32(shape.num_tokens), i32(shape.num_tokens), meta, i32(b), sampling, extras
+        t = shape.num_tokens
+        return i32(self.max_rows), i32(t), i32(t), i32(t), meta, i32(b), sampling, extras
 
     def compile_all(self, shapes: list[StepShape] | None = None) -> float:
         """Compile every bucket (or ``shapes``); returns the seconds it took."""
@@ -168,13 +202,13 @@ class ModelRunner:
     def compiled_shapes(self) -> list[StepShape]:
         return sorted(self._compiled)
 
-    def execute(
-        self, scheduled: list[ScheduledRequest], seeds: list[int]
-    ) -> tuple[np.ndarray, HostLogprobs | None]:
-        """Run one step; returns the sampled token of every scheduled request (i32[len(scheduled)])
-        and, when any of them asked, their logprobs.
+    def dispatch(
+        self, scheduled: list[ScheduledRequest], seeds: list[int], prev_rows: dict[str, int]
+    ) -> StepHandle:
+        """Start one step on the device and return without waiting for it.
 
-        Entries of requests whose chunk does not reach the end of their sequence are meaningless.
+        ``prev_rows`` maps the requests of the previous (possibly still running) step to the rows
+        of its output, for tokens the host does not know yet.
         """
         num_tokens = sum(s.num_tokens for s in scheduled)
         extras = any(s.samples and needs_extras(s.request) for s in scheduled)
@@ -182,11 +216,30 @@ class ModelRunner:
         compiled = self._compiled.get(shape)
         if compiled is None:
             raise RuntimeError(f"step shape {shape} was not compiled at start-up")
-        inputs = self._host_inputs(shape, scheduled, seeds)
-        next_tokens, logprobs, self.kv_caches = compiled(self.loaded.state, self.kv_caches, *inputs)
-        n = len(scheduled)
+        inputs = self._host_inputs(shape, scheduled, seeds, prev_rows)
+        tokens, logprobs, self.kv_caches = compiled(self.loaded.state, self.kv_caches, self._prev_tokens, *inputs)
+        self._prev_tokens = tokens
+        return StepHandle(
+            tokens=tokens,
+            logprobs=logprobs,
+            rows={s.request.request_id: b for b, s in enumerate(scheduled) if s.samples},
+            num_scheduled=len(scheduled),
+            want_logprobs=any(s.request.params.logprobs is not None for s in scheduled),
+            dispatched_at=time.perf_counter(),
+        )
+
+    def fetch(self, handle: StepHandle) -> tuple[np.ndarray, HostLogprobs | None]:
+        """Wait for a dispatched step; its sampled ids (one per scheduled request) and logprobs."""
+        n = handle.num_scheduled
+        tokens = np.asarray(jax.device_get(handle.tokens))[:n]
         host_lp = None
-        if any(s.request.params.logprobs is not None for s in scheduled):
-            lp = jax.device_get(logprobs)
+        if handle.want_logprobs:
+            lp = jax.device_get(handle.logprobs)
             host_lp = HostLogprobs(np.asarray(lp.sampled)[:n], np.asarray(lp.top_ids)[:n], np.asarray(lp.top_vals)[:n])
-        return np.asarray(jax.device_get(next_tokens))[:n], host_lp
+        return tokens, host_lp
+
+    def execute(
+        self, scheduled: list[ScheduledRequest], seeds: list[int]
+    ) -> tuple[np.ndarray, HostLogprobs | None]:
+        """Dispatch and wait (no tokens in flight)."""
+        return self.fetch(self.dispatch(scheduled, seeds, {}))

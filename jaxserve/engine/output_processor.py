@@ -110,12 +110,14 @@ class OutputProcessor:
         new_token_ids: list[int],
         status: RequestStatus | None,
         logprobs: list[TokenLogprob] | None = None,
+        *,
+        num_output_tokens: int,
     ) -> tuple[RequestOutput, bool]:
         """Output for ``req`` after it gained ``new_token_ids``; second value: a stop string hit."""
         state = self.states[req.request_id]
         finishing = status is not None
         text, stop_str = state.update(
-            new_token_ids, finishing, check_stops=req.num_output_tokens >= req.params.min_tokens
+            new_token_ids, finishing, check_stops=num_output_tokens >= req.params.min_tokens
         )
         stop_reason: str | int | None = stop_str
         if stop_str is not None:
@@ -135,7 +137,7 @@ class OutputProcessor:
                 finish_reason=status.value if status is not None else None,
                 stop_reason=stop_reason,
                 num_prompt_tokens=req.num_prompt_tokens,
-                num_output_tokens=req.num_output_tokens,
+                num_output_tokens=num_output_tokens,
                 logprobs=logprobs,
             ),
             stop_str is not None,

@@ -76,6 +76,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            if req.reached_max_tokens:  # its last token is in flight; it finishes when that arrives
+                i += 1
+                continue
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while not self.block_manager.can_allocate(req, n):
                 victim = self.running.pop()  # the most recently admitted request
@@ -92,13 +95,17 @@ class Scheduler:
             break  # ``req`` itself was preempted: nothing after it can run either
 
         if not preempted:
+            bm = self.block_manager
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[0]
-                n = min(req.num_tokens - req.num_computed_tokens, budget)
-                if not self.block_manager.can_allocate(req, n):
+                hits = bm.match_prefix(req)
+                n = min(req.num_tokens - len(hits) * bm.block_size - req.num_computed_tokens, budget)
+                if not bm.can_admit(req, hits, n):
                     break
                 self.waiting.popleft()
-                self.block_manager.allocate(req, n)
+                if bm.enable_prefix_caching:
+                    bm.acquire_prefix(req, hits)
+                bm.allocate(req, n)
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)
                 scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n))

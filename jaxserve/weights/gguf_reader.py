@@ -7,6 +7,7 @@ rotate adjacent pairs; ``unpermute_qk`` restores HF's rotate-half order.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,12 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's ``permute`` of q/k rows: [n_heads * H, ...] back to rotate-half order."""
     shape = w.shape
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+
+
+@functools.lru_cache(maxsize=2)
+def open_gguf(path: Path) -> GGUFCheckpoint:
+    """One parsed reader per file per process (parsing the tokenizer arrays takes seconds)."""
+    return GGUFCheckpoint(path)
 
 
 class GGUFCheckpoint:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from jaxserve.models import ModelConfig, model_class, model_config_from_hf
-from jaxserve.weights.gguf_reader import GGUFCheckpoint
+from jaxserve.weights.gguf_reader import open_gguf
 from jaxserve.weights.safetensors_reader import count_tensors, iter_safetensors, safetensors_files
 from jaxserve.weights.source import ModelSource
 
@@ -36,16 +36,27 @@ class LoadedModel:
     config: ModelConfig
     graphdef: nnx.GraphDef
     state: nnx.State
-    dtype: jnp.dtype
+    dtype: jnp.dtype  # parameters (and KV cache)
+    compute_dtype: jnp.dtype  # activations
     load_seconds: float
 
 
+def cpu_has_bf16_dot() -> bool:
+    """Whether this CPU computes bfloat16 dot products natively (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = open("/proc/cpuinfo").read()  # noqa: SIM115 - tiny file
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def resolve_dtype(requested: str, checkpoint_dtype: str | None, platform: str) -> jnp.dtype:
-    """``auto``: the checkpoint's dtype on accelerators, float32 on CPU (XLA:CPU is slow in 16 bit)."""
+    """Parameter dtype. ``auto``: the checkpoint's 16-bit dtype on accelerators; on CPU bfloat16
+    where the CPU has native bf16 dot products (with float32 activations), else float32."""
     if requested != "auto":
         return DTYPES[requested]
     if platform == "cpu":
-        return jnp.float32
+        return jnp.bfloat16 if cpu_has_bf16_dot() else jnp.float32
     if checkpoint_dtype in ("float16", "float32"):
         return DTYPES[checkpoint_dtype]
     return jnp.bfloat16
@@ -54,7 +65,7 @@ def resolve_dtype(requested: str, checkpoint_dtype: str | None, platform: str) -
 def read_model_config(source: ModelSource) -> tuple[ModelConfig, str | None]:
     """The architecture config and the checkpoint's stored dtype name (None when quantized/unknown)."""
     if source.kind == "gguf":
-        return GGUFCheckpoint(source.path).model_config(), None
+        return open_gguf(source.path).model_config(), None
     hf = AutoConfig.from_pretrained(str(source.path), local_files_only=True)
     stored = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
     return model_config_from_hf(hf), (str(stored).replace("torch.", "") if stored else None)
@@ -99,18 +110,25 @@ def load_model(
     dtype: jnp.dtype,
     *,
     backend: str = "reference",
+    compute_dtype: jnp.dtype | None = None,
     progress: bool = True,
 ) -> LoadedModel:
-    """Read every parameter of ``source`` into a fresh model of ``cfg``'s architecture."""
+    """Read every parameter of ``source`` into a fresh model of ``cfg``'s architecture.
+
+    ``compute_dtype`` (default: ``dtype``) is the activation dtype.
+    """
     t0 = time.perf_counter()
     cls = model_class(cfg.architecture)
-    abstract = nnx.eval_shape(lambda: cls(cfg, dtype=dtype, backend=backend, rngs=nnx.Rngs(0)))
+    compute_dtype = jnp.dtype(compute_dtype or dtype)
+    abstract = nnx.eval_shape(
+        lambda: cls(cfg, dtype=dtype, backend=backend, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
+    )
     graphdef, abstract_state = nnx.split(abstract)
     wanted = {
         _path_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }
     if source.kind == "gguf":
-        ckpt = GGUFCheckpoint(source.path)
+        ckpt = open_gguf(source.path)
         tensors: Iterator[tuple[str, np.ndarray]] = ckpt.iter_tensors(cfg)
         total = ckpt.num_tensors()
     else:
@@ -121,19 +139,21 @@ def load_model(
     loaded: dict[tuple, jax.Array] = {}
     for name, arr in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         mapped = _our_path(name)
-        if mapped is None or mapped[0] not in wanted:
+        if mapped is None or mapped[0] not in wanted or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             logger.debug("skipping checkpoint tensor %s", name)
             continue
-        path, transpose = mapped
-        if transpose:
-            arr = arr.T
-        expect = wanted[path]
-        if tuple(arr.shape) != tuple(expect.shape):
-            raise ValueError(f"{name}: checkpoint shape {arr.shape} != model shape {expect.shape}")
-        loaded[path] = jax.device_put(np.ascontiguousarray(arr.astype(np_dtype, copy=False)))
+        targets = [mapped]
+        if cfg.tie_word_embeddings and mapped[0] == ("embed_tokens", "embedding"):
+            targets.append((("lm_head", "kernel"), True))  # the tied head, stored transposed
+        for path, transpose in targets:
+            a = arr.T if transpose else arr
+            expect = wanted[path]
+            if tuple(a.shape) != tuple(expect.shape):
+                raise ValueError(f"{name}: checkpoint shape {a.shape} != model shape {expect.shape}")
+            loaded[path] = jax.device_put(np.ascontiguousarray(a.astype(np_dtype, copy=False)))
     missing = sorted(".".join(map(str, p)) for p in wanted if p not in loaded)
     if missing:
         raise ValueError(f"checkpoint is missing parameters: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
     state = jax.tree_util.tree_map_with_path(lambda p, _: loaded[_path_key(p)], abstract_state)
-    return LoadedModel(cfg, graphdef, state, dtype, time.perf_counter() - t0)
+    return LoadedModel(cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0)

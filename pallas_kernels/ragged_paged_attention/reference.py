@@ -59,6 +59,12 @@ def write_kv(
     v_flat = v_pages_PSKH.reshape(p * s, k, h)
     k_new = k_TKH.astype(k_pages_PSKH.dtype)
     v_new = v_TKH.astype(v_pages_PSKH.dtype)
+    if slot_mapping_T.shape[0] == 1:
+        # XLA turns a one-row scatter into a dynamic-update-slice and then copies the whole
+        # donated cache; a second write into the null block's slot 0 keeps it a scatter.
+        slot_mapping_T = jnp.concatenate([slot_mapping_T, jnp.zeros((1,), slot_mapping_T.dtype)])
+        k_new = jnp.concatenate([k_new, jnp.zeros_like(k_new)])
+        v_new = jnp.concatenate([v_new, jnp.zeros_like(v_new)])
     k_flat = k_flat.at[slot_mapping_T].set(k_new, mode="promise_in_bounds")
     v_flat = v_flat.at[slot_mapping_T].set(v_new, mode="promise_in_bounds")
     return k_flat.reshape(p, s, k, h), v_flat.reshape(p, s, k, h)
@@ -111,7 +117,10 @@ def ref_ragged_paged_attention(
     q_pos = jnp.where(row_q_valid, q_pos, -1)
 
     r = q_idx.shape[0]
-    q_RQKGH = q_TNH[q_idx].reshape(r, qw, kh, g, h).astype(jnp.float32) * sm_scale
+    # Decode layout (one query per row, row i = token i): no gather or scatter of queries needed.
+    identity_rows = qw == 1 and r == t
+    q_rows = q_TNH if identity_rows else q_TNH[q_idx]
+    q_RQKGH = q_rows.reshape(r, qw, kh, g, h).astype(jnp.float32) * sm_scale
 
     num_chunks = (jnp.max(row_kv_len, initial=0) + c - 1) // c
 
@@ -144,6 +153,8 @@ def ref_ragged_paged_attention(
     _, l_f, acc = jax.lax.fori_loop(0, num_chunks, body, init)
     out = acc / jnp.where(l_f > 0, l_f, 1.0)[..., None]  # [R, K, G, Q, H]
     out_RQNH = out.transpose(0, 3, 1, 2, 4).reshape(r, qw, n, h).astype(q_TNH.dtype)
+    if identity_rows:
+        return jnp.where(row_q_valid.reshape(t, 1, 1), out_RQNH.reshape(t, n, h), 0)
     dest = jnp.where(row_q_valid, q_idx, t)  # out-of-range index: dropped
     o_TNH = jnp.zeros((t, n, h), q_TNH.dtype)
     return o_TNH.at[dest.reshape(-1)].set(out_RQNH.reshape(r * qw, n, h), mode="drop")

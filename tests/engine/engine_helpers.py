@@ -11,10 +11,11 @@ _ENGINES: dict[tuple, LLMEngine] = {}
 
 
 def make_engine(model: Path | str, **overrides) -> LLMEngine:
-    """An engine on CPU with small buckets; identical configs share one engine (compiles are slow)."""
+    """An engine on CPU with small buckets and a 64 MiB KV cache; identical configs share one engine
+    (compiles are slow)."""
     values = dict(
         model=str(model), max_num_seqs=4, max_num_batched_tokens=32, block_size=4,
-        max_model_len=256, compilation_cache_dir="", dtype="float32",
+        max_model_len=256, compilation_cache_dir="", dtype="float32", kv_cache_memory_gib=0.0625,
     )
     values.update(overrides)
     key = tuple(sorted(values.items()))

@@ -15,13 +15,17 @@ from tests.engine.engine_helpers import make_engine
 
 def test_bucket_choice():
     b = BucketPolicy(max_num_seqs=8, max_num_batched_tokens=64, prefill_row_width=16)
-    assert b.decode_sizes == [2, 4, 8] and b.prefill_sizes == [16, 32, 64]
-    assert b.shape_for(1, 1) == StepShape(2, 2, 2, 1)
+    assert b.decode_sizes == [1, 2, 4, 8] and b.prefill_sizes == [16, 32, 64]
+    assert b.shape_for(1, 1) == StepShape(1, 1, 1, 1)
     assert b.shape_for(5, 5) == StepShape(8, 8, 8, 1)
     assert b.shape_for(3, 20) == StepShape(32, 8, 10, 16)
     assert b.shape_for(1, 64) == StepShape(64, 8, 12, 16)
     with pytest.raises(ValueError):
         b.shape_for(9, 9)
+    # Steps with logits-processor inputs use the largest bucket of their family.
+    assert b.shape_for(2, 2, extras=True) == StepShape(8, 8, 8, 1, extras=True)
+    assert b.shape_for(2, 20, extras=True) == StepShape(64, 8, 12, 16, extras=True)
+    assert StepShape(8, 8, 8, 1, extras=True) in b.all_shapes()
 
 
 def test_serving_a_varied_workload_compiles_nothing(counting_model):
@@ -45,12 +49,13 @@ def test_serving_a_varied_workload_compiles_nothing(counting_model):
     assert compiles == []
 
 
-def test_kv_pages_are_updated_in_place(counting_model):
-    eng = make_engine(counting_model)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_kv_pages_are_updated_in_place(counting_model, dtype):
+    eng = make_engine(counting_model, dtype=dtype)
     k_pages = eng.runner.kv_caches[0][0]
     cache_dims = ",".join(map(str, k_pages.shape))
     flat_dims = f"{k_pages.shape[0] * k_pages.shape[1]},{k_pages.shape[2]},{k_pages.shape[3]}"
-    pattern = re.compile(rf"= f32\[({cache_dims}|{flat_dims})\][^ ]* copy\(")
+    pattern = re.compile(rf"= [a-z0-9]+\[({cache_dims}|{flat_dims})\][^ ]* (copy|convert)\(")
     for shape, compiled in eng.runner._compiled.items():
         copies = [line for line in compiled.as_text().splitlines() if pattern.search(line)]
         assert copies == [], f"{shape} copies the KV cache: {copies[:2]}"

@@ -5,6 +5,9 @@ Token 2 is the tokenizer's EOS (<|im_end|>), so a count that wraps past 319 stop
 
 from __future__ import annotations
 
+import jax.numpy as jnp
+import pytest
+
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.engine_helpers import make_engine
 from tests.helpers import TINY_VOCAB
@@ -24,6 +27,13 @@ def test_outputs_count_up_from_last_prompt_token(counting_model):
     assert eng.scheduler.block_manager.num_used_blocks == 0
 
 
+def test_bfloat16_weights_with_float32_activations(counting_model):
+    eng = make_engine(counting_model, dtype="bfloat16")
+    assert jnp.dtype(eng.runner.loaded.dtype) == jnp.bfloat16 and eng.runner.kv_caches[0][0].dtype == jnp.float32
+    prompts = [[10, 20, 30], [100], list(range(40, 90))]
+    assert eng.generate(prompts, GREEDY) == [_count(30, 6), _count(100, 6), _count(89, 6)]
+
+
 def test_eos_stop_tokens_and_ignore_eos(counting_model):
     eng = make_engine(counting_model)
     # 317 -> 318, 319, 0, 1, 2 (EOS): stops after emitting EOS.
@@ -34,8 +44,9 @@ def test_eos_stop_tokens_and_ignore_eos(counting_model):
     assert eng.generate([[50]], SamplingParams(temperature=0, max_tokens=3, stop_token_ids=(52,))) == [[51, 52]]
 
 
-def test_requests_join_and_leave_every_step(counting_model):
-    eng = make_engine(counting_model)
+@pytest.mark.parametrize("async_scheduling", [True, False])
+def test_requests_join_and_leave_every_step(counting_model, async_scheduling):
+    eng = make_engine(counting_model, async_scheduling=async_scheduling)
     got: dict[str, list[int]] = {}
     arrivals = {0: ("a", [5], 4), 1: ("b", list(range(60, 100)), 3), 2: ("c", [9, 9], 7), 5: ("d", [200], 2)}
     step = 0
@@ -68,7 +79,9 @@ def test_abort_frees_blocks_at_once(counting_model):
     eng.step()
     assert eng.scheduler.block_manager.num_used_blocks > 0
     assert eng.abort("x")
-    assert eng.scheduler.block_manager.num_used_blocks == 0 and not eng.has_unfinished()
+    assert eng.scheduler.block_manager.num_used_blocks == 0
+    assert eng.step() == []  # the step still in flight finishes; its token is dropped
+    assert not eng.has_unfinished()
     assert not eng.abort("x")
 
 

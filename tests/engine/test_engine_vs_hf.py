@@ -27,11 +27,12 @@ def _hf_greedy(model, prompt: list[int], n: int) -> list[int]:
     return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-def test_engine_greedy_equals_hf_generate(arch, hf_checkpoints):
+@pytest.mark.parametrize("arch,async_scheduling", [("llama", True), ("qwen2", False), ("qwen3", True)])
+def test_engine_greedy_equals_hf_generate(arch, async_scheduling, hf_checkpoints):
     directory, hf_model = hf_checkpoints(arch)
     # 4-token blocks, 24 usable: far less than the 4 x ~60 positions the requests need together.
-    eng = make_engine(directory, num_kv_blocks=25, max_num_batched_tokens=32, max_model_len=96)
+    eng = make_engine(directory, num_kv_blocks=25, max_num_batched_tokens=32, max_model_len=96,
+                      async_scheduling=async_scheduling)
     rng = np.random.RandomState(7)
     plan = [(0, 37, 20), (0, 5, 24), (2, 50, 12), (3, 12, 30), (9, 70, 8)]  # (arrival step, prompt len, new tokens)
     prompts = {f"r{i}": rng.randint(3, 300, size=n).tolist() for i, (_, n, _) in enumerate(plan)}

