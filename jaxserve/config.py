@@ -61,7 +61,10 @@ class ServeConfig:
     async_scheduling: bool = _field(
         True, "Prepare step N+1 on the host while the device runs step N (sampled ids stay on device)."
     )
-    tensor_parallel_size: int = _field(1, "Devices to shard the model over (not supported yet: must be 1).")
+    tensor_parallel_size: int = _field(1, "Devices to shard the model over (tensor parallelism).")
+    num_processes: int = _field(1, "Processes (hosts) in a multi-host launch (jax.distributed).")
+    process_id: int = _field(0, "This process's rank; 0 serves HTTP and drives the schedule.")
+    coordinator_address: str | None = _field(None, "host:port of process 0's jax.distributed coordinator.")
     attention_backend: str = _field("auto", "Attention implementation.", choices=("auto", "reference"))
     compilation_cache_dir: str | None = _field(
         str(Path.home() / ".cache" / "jaxserve" / "xla"),
@@ -114,10 +117,11 @@ class ServeConfig:
             raise ConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs ({self.max_num_seqs})"
             )
-        if self.tensor_parallel_size != 1:
-            raise ConfigError(
-                f"tensor_parallel_size: {self.tensor_parallel_size} is not supported yet (only 1)"
-            )
+        _positive(self, "tensor_parallel_size", "num_processes")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(f"process_id must be in [0, {self.num_processes}), got {self.process_id}")
+        if self.num_processes > 1 and not self.coordinator_address:
+            raise ConfigError("coordinator_address: required when num_processes > 1 (host:port of process 0)")
         if not self.model:
             raise ConfigError("model: required (a local checkpoint directory or .gguf file)")
 

@@ -24,7 +24,7 @@ def load_tokenizer(source: ModelSource, tokenizer: str | None = None, cache_dir:
     """
     if tokenizer is not None:
         return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    if source.kind != "gguf":
+    if source.kind != "gguf":  # HF directories and converted checkpoints carry tokenizer files
         return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
     cached = None
     if cache_dir:

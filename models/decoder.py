@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import Mesh
 
 from jaxserve.models.attention import paged_attention
 from jaxserve.models.config import ModelConfig
@@ -22,7 +23,9 @@ KVCache = tuple[jax.Array, jax.Array]  # (k_pages [P, S, K, H], v_pages [P, S, K
 class SelfAttention(nnx.Module):
     """Multi-head attention with GQA over the paged KV cache."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, mesh: Mesh | None, rngs: nnx.Rngs
+    ) -> None:
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_proj = Linear(d, n * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.k_proj = Linear(d, k * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
@@ -33,6 +36,7 @@ class SelfAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
         self.inv_freq = tuple(rope_inv_freq(h, cfg.rope_theta, cfg.rope_scaling).tolist())
         self.backend = backend
+        self.mesh = mesh
 
     def __call__(
         self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata
@@ -47,7 +51,7 @@ class SelfAttention(nnx.Module):
         q = apply_rope(q, positions_T, inv_freq)
         k = apply_rope(k, positions_T, inv_freq)
         o, kv_cache = paged_attention(
-            q, k, v, kv_cache, meta, sm_scale=self.head_dim**-0.5, backend=self.backend
+            q, k, v, kv_cache, meta, sm_scale=self.head_dim**-0.5, backend=self.backend, mesh=self.mesh
         )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), kv_cache
 
@@ -55,9 +59,11 @@ class SelfAttention(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, mesh: Mesh | None, rngs: nnx.Rngs
+    ) -> None:
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.self_attn = SelfAttention(cfg, dtype=dtype, backend=backend, rngs=rngs)
+        self.self_attn = SelfAttention(cfg, dtype=dtype, backend=backend, mesh=mesh, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.mlp = GatedMLP(
             cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs
@@ -82,6 +88,7 @@ class DecoderForCausalLM(nnx.Module):
         dtype: jnp.dtype,
         backend: str = "reference",
         compute_dtype: jnp.dtype | None = None,
+        mesh: Mesh | None = None,
         rngs: nnx.Rngs,
     ) -> None:
         self.config = cfg
@@ -89,7 +96,7 @@ class DecoderForCausalLM(nnx.Module):
         self.compute_dtype = jnp.dtype(compute_dtype or dtype)
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype, rngs=rngs)
         self.layers = nnx.List(
-            [DecoderLayer(cfg, dtype=dtype, backend=backend, rngs=rngs) for _ in range(cfg.num_layers)]
+            [DecoderLayer(cfg, dtype=dtype, backend=backend, mesh=mesh, rngs=rngs) for _ in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         # Tied models get their own [D, V] copy of the embedding: a product with the transposed

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -57,8 +60,19 @@ class APIKeyMiddleware:
         await self.app(scope, receive, send)
 
 
-def build_app(config: ServeConfig, engine: AsyncEngine) -> FastAPI:
-    app = FastAPI(title="jaxserve", version=__version__)
+def build_app(
+    config: ServeConfig, engine: AsyncEngine, on_shutdown: Callable[[], None] | None = None
+) -> FastAPI:
+    """The app; ``on_shutdown`` runs when the server stops (uvicorn re-raises SIGTERM afterwards,
+    so clean-up must happen here, not after ``uvicorn.run`` returns)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        if on_shutdown is not None:
+            await asyncio.get_running_loop().run_in_executor(None, on_shutdown)
+
+    app = FastAPI(title="jaxserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
     accepted = set(config.accepted_model_names)
 

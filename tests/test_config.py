@@ -36,7 +36,7 @@ def test_every_field_is_a_flag():
     (["--max-num-seqs", "0"], "max_num_seqs must be a positive integer"),
     (["--max-num-seqs", "abc"], "max_num_seqs: 'abc' is not a valid int"),
     (["--block-size", "12"], "block_size must be a power of two"),
-    (["--tensor-parallel-size", "2"], "tensor_parallel_size: 2 is not supported yet"),
+    (["--tensor-parallel-size", "0"], "tensor_parallel_size must be a positive integer"),
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1]"),
 ])
 def test_bad_values_name_the_key(argv, message, counting_model):

@@ -160,6 +160,7 @@ class AsyncEngine:
                     if cmd == "stop":
                         self.state = EngineState.STOPPED
                         self._fail_all(EngineDeadError("the engine is shutting down"))
+                        engine.close()
                         return
                     self._handle(engine, cmd, arg)
                     try:

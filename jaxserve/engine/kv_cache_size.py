@@ -27,7 +27,11 @@ def activation_reserve_bytes(config: ServeConfig, loaded: LoadedModel) -> int:
 
 
 def num_kv_blocks(config: ServeConfig, loaded: LoadedModel, max_model_len: int, platform: str) -> int:
-    """Blocks to allocate (including the reserved null block); errors if one full sequence won't fit."""
+    """Blocks to allocate (including the reserved null block); errors if one full sequence won't fit.
+
+    On CPU the GiB budget is for the whole cache; on accelerators the budget is per device and the
+    cache is split by KV heads over the tensor-parallel devices.
+    """
     block_bytes = kv_block_bytes(loaded, config.block_size)
     if config.num_kv_blocks is not None:
         blocks = config.num_kv_blocks
@@ -40,7 +44,7 @@ def num_kv_blocks(config: ServeConfig, loaded: LoadedModel, max_model_len: int, 
             raise RuntimeError(f"cannot read the {platform} device's memory size; set --num-kv-blocks")
         in_use = stats.get("bytes_in_use", 0)
         budget = int(config.gpu_memory_utilization * limit) - in_use - activation_reserve_bytes(config, loaded)
-        blocks = budget // block_bytes
+        blocks = budget * loaded.plan.tp // block_bytes  # each device holds 1/tp of every block
         logger.info(
             "device memory %.1f GiB, in use %.1f GiB, KV budget %.1f GiB",
             limit / GIB, in_use / GIB, max(budget, 0) / GIB,

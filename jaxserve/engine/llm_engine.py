@@ -24,6 +24,7 @@ from jaxserve.engine.model_runner import ModelRunner
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput, TokenLogprob
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.models.attention import resolve_backend
+from jaxserve.sharding import make_plan
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
 from jaxserve.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
@@ -72,7 +73,7 @@ class LLMEngine:
         dtype = resolve_dtype(config.dtype, stored_dtype, platform)
         self.max_model_len = self._resolve_max_model_len(config, model_config)
         self.tokenizer: Tokenizer = load_tokenizer(source, config.tokenizer, config.tokenizer_cache_dir)
-        self.generation_config = _read_generation_config(source.directory if source.kind == "hf" else None)
+        self.generation_config = _read_generation_config(source.directory if source.kind in ("hf", "orbax") else None)
         self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids, self.generation_config)
         # Like vLLM, the checkpoint's generation_config supplies defaults for unset sampling fields.
         self.default_sampling = {
@@ -80,10 +81,16 @@ class LLMEngine:
             if self.generation_config.get(k) is not None
         }
         backend = resolve_backend(config.attention_backend, platform)
+        plan = make_plan(model_config, config.tensor_parallel_size)
+        if plan.kv_replication > 1:
+            logger.info(
+                "tensor_parallel_size %d > num_key_value_heads %d: each KV head is replicated %d times at load",
+                plan.tp, model_config.num_kv_heads, plan.kv_replication,
+            )
         # CPUs keep float32 activations even with 16-bit weights (XLA:CPU is slow at 16-bit elementwise).
         compute_dtype = jax.numpy.float32 if platform == "cpu" else dtype
         loaded = load_model(
-            source, model_config, dtype, backend=backend, compute_dtype=compute_dtype, progress=progress
+            source, model_config, dtype, backend=backend, compute_dtype=compute_dtype, plan=plan, progress=progress
         )
         self.model_config = model_config
         blocks = num_kv_blocks(config, loaded, self.max_model_len, platform)
@@ -196,6 +203,10 @@ class LLMEngine:
         self.outputs.remove(request_id)
         self._seeds.pop(request_id, None)
         return True
+
+    def close(self) -> None:
+        """Release follower processes (multi-host); the engine cannot step afterwards."""
+        self.runner.close()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._inflight is not None

@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.engine.compilation import BucketPolicy, StepShape
+from jaxserve.engine.multihost import StepChannel
 from jaxserve.engine.logits_processors import (
     MAX_BIAS_ENTRIES,
     LogitsExtras,
@@ -45,6 +46,11 @@ def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
     """Bytes one KV block takes across all layers (K and V)."""
     c = loaded.config
     return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * jnp.dtype(loaded.compute_dtype).itemsize
+
+
+def _local(x: jax.Array) -> np.ndarray:
+    """A replicated array's value from this process's first shard (works across hosts too)."""
+    return np.asarray(x.addressable_shards[0].data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +97,10 @@ class ModelRunner:
         # The cache holds activations: float32 on CPU even with bf16 weights (XLA:CPU would convert
         # a whole bf16 cache to scatter into it), the model dtype on accelerators.
         kv_dtype = loaded.compute_dtype
-        self.kv_caches: list[KVCache] = [
-            (jnp.zeros(page_shape, kv_dtype), jnp.zeros(page_shape, kv_dtype)) for _ in range(c.num_layers)
-        ]
+        plan = loaded.plan
+        kv_sharding = plan.kv_cache
+        zeros = jax.jit(lambda: jnp.zeros(page_shape, kv_dtype), out_shardings=kv_sharding)
+        self.kv_caches: list[KVCache] = [(zeros(), zeros()) for _ in range(c.num_layers)]
         graphdef = loaded.graphdef
 
         def step(
@@ -116,9 +123,18 @@ class ModelRunner:
             padded = jnp.zeros(prev_tokens_M.shape, jnp.int32).at[: tokens.shape[0]].set(tokens)
             return padded, logprobs, kv_caches
 
-        self._jitted = jax.jit(step, donate_argnums=(1,))
+        rep = plan.replicated
+        state_sh = jax.tree.map(lambda a: a.sharding, loaded.state)
+        kv_sh = [(kv_sharding, kv_sharding)] * c.num_layers
+        # Host inputs are replicated; parameters and KV pages keep their shardings.
+        self._jitted = jax.jit(
+            step,
+            donate_argnums=(1,),
+            in_shardings=(state_sh, kv_sh, rep, rep, rep, rep, rep, rep, rep, rep),
+            out_shardings=(rep, rep, kv_sh),
+        )
         self.max_rows = max(s.num_seqs for s in buckets.all_shapes())
-        self._prev_tokens = jnp.zeros((self.max_rows,), jnp.int32)
+        self._prev_tokens = jax.device_put(jnp.zeros((self.max_rows,), jnp.int32), rep)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -196,7 +212,31 @@ class ModelRunner:
             lowered = self._jitted.lower(self.loaded.state, self.kv_caches, *self._abstract_inputs(shape))
             self._compiled[shape] = lowered.compile()
             logger.debug("compiled %s in %.2fs", shape, time.perf_counter() - ts)
+        self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
         return time.perf_counter() - t0
+
+    def _zero_inputs(self, shape: StepShape) -> tuple:
+        """Host placeholders with the structure of ``shape``'s inputs (followers' broadcast buffers)."""
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._abstract_inputs(shape)[1:])
+
+    def _run(self, shape: StepShape, inputs: tuple) -> tuple[jax.Array, LogprobsOut]:
+        tokens, logprobs, self.kv_caches = self._compiled[shape](
+            self.loaded.state, self.kv_caches, self._prev_tokens, *inputs
+        )
+        self._prev_tokens = tokens
+        return tokens, logprobs
+
+    def follow(self) -> int:
+        """On processes other than 0: run the steps process 0 broadcasts until it stops; returns the count."""
+        steps = 0
+        while (received := self.channel.follower_receive()) is not None:
+            self._run(*received)
+            steps += 1
+        return steps
+
+    def close(self) -> None:
+        """On process 0: release the followers."""
+        self.channel.leader_stop()
 
     @property
     def compiled_shapes(self) -> list[StepShape]:
@@ -213,12 +253,11 @@ class ModelRunner:
         num_tokens = sum(s.num_tokens for s in scheduled)
         extras = any(s.samples and needs_extras(s.request) for s in scheduled)
         shape = self.buckets.shape_for(len(scheduled), num_tokens, extras)
-        compiled = self._compiled.get(shape)
-        if compiled is None:
+        if shape not in self._compiled:
             raise RuntimeError(f"step shape {shape} was not compiled at start-up")
         inputs = self._host_inputs(shape, scheduled, seeds, prev_rows)
-        tokens, logprobs, self.kv_caches = compiled(self.loaded.state, self.kv_caches, self._prev_tokens, *inputs)
-        self._prev_tokens = tokens
+        self.channel.leader_send(shape, inputs)
+        tokens, logprobs = self._run(shape, inputs)
         return StepHandle(
             tokens=tokens,
             logprobs=logprobs,
@@ -231,11 +270,11 @@ class ModelRunner:
     def fetch(self, handle: StepHandle) -> tuple[np.ndarray, HostLogprobs | None]:
         """Wait for a dispatched step; its sampled ids (one per scheduled request) and logprobs."""
         n = handle.num_scheduled
-        tokens = np.asarray(jax.device_get(handle.tokens))[:n]
+        tokens = _local(handle.tokens)[:n]
         host_lp = None
         if handle.want_logprobs:
-            lp = jax.device_get(handle.logprobs)
-            host_lp = HostLogprobs(np.asarray(lp.sampled)[:n], np.asarray(lp.top_ids)[:n], np.asarray(lp.top_vals)[:n])
+            lp = handle.logprobs
+            host_lp = HostLogprobs(_local(lp.sampled)[:n], _local(lp.top_ids)[:n], _local(lp.top_vals)[:n])
         return tokens, host_lp
 
     def execute(

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,9 @@ from tqdm import tqdm
 from transformers import AutoConfig
 
 from jaxserve.models import ModelConfig, model_class, model_config_from_hf
+from jaxserve.sharding import ShardingPlan, make_plan, sharded_config
 from jaxserve.weights.gguf_reader import open_gguf
+from jaxserve.weights.orbax_checkpoint import read_orbax_config, restore_orbax
 from jaxserve.weights.safetensors_reader import count_tensors, iter_safetensors, safetensors_files
 from jaxserve.weights.source import ModelSource
 
@@ -36,9 +39,10 @@ class LoadedModel:
     config: ModelConfig
     graphdef: nnx.GraphDef
     state: nnx.State
-    dtype: jnp.dtype  # parameters (and KV cache)
-    compute_dtype: jnp.dtype  # activations
+    dtype: jnp.dtype  # parameters
+    compute_dtype: jnp.dtype  # activations (and the KV cache)
     load_seconds: float
+    plan: ShardingPlan  # mesh and head layout the state is placed with
 
 
 def cpu_has_bf16_dot() -> bool:
@@ -66,6 +70,8 @@ def read_model_config(source: ModelSource) -> tuple[ModelConfig, str | None]:
     """The architecture config and the checkpoint's stored dtype name (None when quantized/unknown)."""
     if source.kind == "gguf":
         return open_gguf(source.path).model_config(), None
+    if source.kind == "orbax":
+        return read_orbax_config(source.path)
     hf = AutoConfig.from_pretrained(str(source.path), local_files_only=True)
     stored = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
     return model_config_from_hf(hf), (str(stored).replace("torch.", "") if stored else None)
@@ -104,6 +110,37 @@ def _path_key(path: tuple) -> tuple:
     return tuple(keys)
 
 
+def _normalize(index: tuple, shape: tuple[int, ...]) -> list[slice]:
+    out = []
+    for s, n in zip(index, shape, strict=True):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError("strided shard slices are not supported")
+        out.append(slice(start, stop))
+    return out
+
+
+def _read_shard(
+    tensor, index: tuple, our_shape: tuple[int, ...], *, transpose: bool, rep: int, head_dim: int
+) -> np.ndarray:
+    """Our-layout slice ``index`` of a checkpoint tensor stored in HF layout.
+
+    ``transpose``: HF's [out, in] is our [in, out]. ``rep`` > 1: our output features are the
+    checkpoint's KV heads each repeated ``rep`` times, so our head j is checkpoint head j // rep.
+    """
+    ours = _normalize(index, our_shape)
+    hf = ours[::-1] if transpose else list(ours)
+    if rep > 1:
+        rows = hf[0]  # the output-feature axis in HF layout (weights and biases alike)
+        j = np.arange(rows.start, rows.stop)
+        src = (j // head_dim) // rep * head_dim + j % head_dim
+        lo, hi = int(src.min()), int(src.max()) + 1
+        block = np.asarray(tensor[(slice(lo, hi), *hf[1:])])[src - lo]
+    else:
+        block = np.asarray(tensor[tuple(hf)])
+    return block.T if transpose else block
+
+
 def load_model(
     source: ModelSource,
     cfg: ModelConfig,
@@ -111,17 +148,26 @@ def load_model(
     *,
     backend: str = "reference",
     compute_dtype: jnp.dtype | None = None,
+    plan: ShardingPlan | None = None,
     progress: bool = True,
 ) -> LoadedModel:
     """Read every parameter of ``source`` into a fresh model of ``cfg``'s architecture.
 
-    ``compute_dtype`` (default: ``dtype``) is the activation dtype.
+    ``compute_dtype`` (default: ``dtype``) is the activation dtype. With a ``plan`` every
+    parameter goes straight into its shards: each device's slice is read from the checkpoint on
+    its own (safetensors are read slice by slice; GGUF tensors are dequantized whole, one at a time).
     """
     t0 = time.perf_counter()
-    cls = model_class(cfg.architecture)
     compute_dtype = jnp.dtype(compute_dtype or dtype)
+    if source.kind == "orbax":
+        return restore_orbax(source.path, cfg, dtype, backend=backend, compute_dtype=compute_dtype, plan=plan)
+    plan = plan or make_plan(cfg, 1)
+    model_cfg = sharded_config(cfg, plan)
+    cls = model_class(cfg.architecture)
+    mesh = plan.mesh if plan.tp > 1 else None
     abstract = nnx.eval_shape(
-        lambda: cls(cfg, dtype=dtype, backend=backend, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
+        lambda: cls(model_cfg, dtype=dtype, backend=backend, compute_dtype=compute_dtype, mesh=mesh,
+                    rngs=nnx.Rngs(0))
     )
     graphdef, abstract_state = nnx.split(abstract)
     wanted = {
@@ -129,7 +175,7 @@ def load_model(
     }
     if source.kind == "gguf":
         ckpt = open_gguf(source.path)
-        tensors: Iterator[tuple[str, np.ndarray]] = ckpt.iter_tensors(cfg)
+        tensors: Iterator[tuple[str, Any]] = ckpt.iter_tensors(cfg)
         total = ckpt.num_tensors()
     else:
         files = safetensors_files(source.path)
@@ -137,7 +183,7 @@ def load_model(
         total = count_tensors(files)
     np_dtype = np.dtype(dtype)
     loaded: dict[tuple, jax.Array] = {}
-    for name, arr in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
+    for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         mapped = _our_path(name)
         if mapped is None or mapped[0] not in wanted or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             logger.debug("skipping checkpoint tensor %s", name)
@@ -146,14 +192,26 @@ def load_model(
         if cfg.tie_word_embeddings and mapped[0] == ("embed_tokens", "embedding"):
             targets.append((("lm_head", "kernel"), True))  # the tied head, stored transposed
         for path, transpose in targets:
-            a = arr.T if transpose else arr
-            expect = wanted[path]
-            if tuple(a.shape) != tuple(expect.shape):
-                raise ValueError(f"{name}: checkpoint shape {a.shape} != model shape {expect.shape}")
-            loaded[path] = jax.device_put(np.ascontiguousarray(a.astype(np_dtype, copy=False)))
+            expect = tuple(wanted[path].shape)
+            is_kv = len(path) >= 2 and path[-2] in ("k_proj", "v_proj")
+            rep = plan.kv_replication if is_kv else 1
+            hf_shape = tuple(tensor.shape)
+            ckpt_shape = hf_shape[::-1] if transpose else hf_shape
+            if rep > 1:  # the output-feature axis grows by the replication factor
+                axis = len(expect) - 1
+                ckpt_shape = (*ckpt_shape[:axis], ckpt_shape[axis] * rep)
+            if ckpt_shape != expect:
+                raise ValueError(f"{name}: checkpoint shape {hf_shape} does not fit model shape {expect}")
+            sharding = plan.param("/".join(map(str, path)))
+
+            def read(index, tensor=tensor, transpose=transpose, rep=rep, expect=expect):
+                block = _read_shard(tensor, index, expect, transpose=transpose, rep=rep, head_dim=cfg.head_dim)
+                return np.ascontiguousarray(block.astype(np_dtype, copy=False))
+
+            loaded[path] = jax.make_array_from_callback(expect, sharding, read)
     missing = sorted(".".join(map(str, p)) for p in wanted if p not in loaded)
     if missing:
         raise ValueError(f"checkpoint is missing parameters: {', '.join(missing[:8])}"
                          + (" ..." if len(missing) > 8 else ""))
     state = jax.tree_util.tree_map_with_path(lambda p, _: loaded[_path_key(p)], abstract_state)
-    return LoadedModel(cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0)
+    return LoadedModel(model_cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0, plan)

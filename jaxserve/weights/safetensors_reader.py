@@ -34,9 +34,24 @@ def count_tensors(files: list[Path]) -> int:
     return total
 
 
-def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, array in the stored dtype) for every tensor in ``files``."""
+class LazyTensor:
+    """A tensor in a safetensors file read only where it is sliced (``t[a:b, c:d]``)."""
+
+    def __init__(self, handle, name: str) -> None:
+        self._slice = handle.get_slice(name)
+        self.shape = tuple(self._slice.get_shape())
+
+    def __getitem__(self, index: tuple[slice, ...]) -> np.ndarray:
+        return np.asarray(self._slice[index])
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
+    """Yield (HF name, lazily sliced tensor) for every tensor in ``files``.
+
+    Each tensor is valid until the next one is requested (its file stays open meanwhile), so the
+    loader reads just the slices each device shard needs.
+    """
     for f in files:
         with safe_open(str(f), framework="numpy") as fh:
             for name in fh.keys():
-                yield name, fh.get_tensor(name)
+                yield name, LazyTensor(fh, name)

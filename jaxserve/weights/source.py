@@ -16,12 +16,12 @@ class ModelNotFoundError(ValueError):
 class ModelSource:
     """Where the weights, config and tokenizer come from."""
 
-    kind: str  # "hf" (directory with config.json + safetensors) or "gguf" (one .gguf file)
+    kind: str  # "hf" (config.json + safetensors), "gguf" (one .gguf file) or "orbax" (converted, sharded)
     path: Path  # the directory (hf) or the file (gguf)
 
     @property
     def directory(self) -> Path:
-        return self.path if self.kind == "hf" else self.path.parent
+        return self.path.parent if self.kind == "gguf" else self.path
 
 
 def resolve_model_source(model: str) -> ModelSource:
@@ -32,6 +32,8 @@ def resolve_model_source(model: str) -> ModelSource:
             raise ModelNotFoundError(f"--model {model!r} is a file but not a .gguf file.")
         return ModelSource("gguf", p.resolve())
     if p.is_dir():
+        if (p / "jaxserve_checkpoint.json").is_file():
+            return ModelSource("orbax", p.resolve())
         if (p / "config.json").is_file():
             return ModelSource("hf", p.resolve())
         ggufs = sorted(p.glob("*.gguf"))

@@ -1,0 +1,127 @@
+"""Sharded checkpoints in orbax format: convert once, restore straight into the mesh's shardings.
+
+Layout of a converted directory::
+
+    jaxserve_checkpoint.json   format tag, the ModelConfig, the parameter dtype
+    state/                     the parameter pytree (orbax), in the checkpoint's own head layout
+    tokenizer files            saved with ``save_pretrained`` (chat template included)
+    generation_config.json     copied when the source had one
+
+Restoring reads, on every process, only the shards its devices hold. When tensor parallelism
+needs KV heads repeated (fewer KV heads than devices), k/v projections are restored whole and
+repeated on device once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxserve.models import ModelConfig, model_class
+from jaxserve.models.config import RopeScaling
+from jaxserve.sharding import ShardingPlan, make_plan, sharded_config
+
+FORMAT = "jaxserve-orbax-1"
+MARKER = "jaxserve_checkpoint.json"
+
+
+def is_orbax_checkpoint(directory: Path) -> bool:
+    return (directory / MARKER).is_file()
+
+
+def read_orbax_config(directory: Path) -> tuple[ModelConfig, str]:
+    meta = json.loads((directory / MARKER).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+    raw = dict(meta["model_config"])
+    raw["rope_scaling"] = RopeScaling(**raw["rope_scaling"])
+    raw["eos_token_ids"] = tuple(raw["eos_token_ids"])
+    return ModelConfig(**raw), meta["dtype"]
+
+
+def save_orbax(directory: Path, cfg: ModelConfig, state: nnx.State, dtype: str, tokenizer, source_dir: Path | None) -> None:
+    """Write a converted checkpoint (``state`` must use the checkpoint's own head layout, TP = 1)."""
+    import orbax.checkpoint as ocp
+
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "state", nnx.to_pure_dict(state), force=True)
+    tokenizer.save_pretrained(str(directory))
+    if source_dir is not None and (source_dir / "generation_config.json").is_file():
+        shutil.copy(source_dir / "generation_config.json", directory / "generation_config.json")
+    meta = {"format": FORMAT, "model_config": dataclasses.asdict(cfg), "dtype": dtype}
+    (directory / MARKER).write_text(json.dumps(meta, indent=1))
+
+
+def restore_orbax(
+    directory: Path,
+    cfg: ModelConfig,
+    dtype: jnp.dtype,
+    *,
+    backend: str,
+    compute_dtype: jnp.dtype,
+    plan: ShardingPlan | None,
+):
+    """Restore into ``plan``'s shardings; returns a LoadedModel."""
+    import orbax.checkpoint as ocp
+
+    from jaxserve.weights.loader import LoadedModel
+
+    t0 = time.perf_counter()
+    plan = plan or make_plan(cfg, 1)
+    model_cfg = sharded_config(cfg, plan)
+    cls = model_class(cfg.architecture)
+    mesh = plan.mesh if plan.tp > 1 else None
+
+    def build(c: ModelConfig):
+        return nnx.eval_shape(
+            lambda: cls(c, dtype=dtype, backend=backend, compute_dtype=compute_dtype, mesh=mesh, rngs=nnx.Rngs(0))
+        )
+
+    graphdef, abstract_state = nnx.split(build(model_cfg))
+    stored_abstract = nnx.to_pure_dict(nnx.split(build(cfg))[1])  # checkpoint layout (KV heads unrepeated)
+
+    def target(path, leaf):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        is_kv = "/k_proj/" in name or "/v_proj/" in name
+        sharding = plan.replicated if (is_kv and plan.kv_replication > 1) else plan.param(name)
+        return jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(dtype), sharding=sharding)
+
+    target_tree = jax.tree_util.tree_map_with_path(target, stored_abstract)
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(directory / "state", target_tree)
+    if plan.kv_replication > 1:
+        restored = _repeat_kv_heads(restored, cfg, plan)
+    state = abstract_state
+    nnx.replace_by_pure_dict(state, restored)
+    return LoadedModel(model_cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0, plan)
+
+
+def _repeat_kv_heads(tree: dict, cfg: ModelConfig, plan: ShardingPlan) -> dict:
+    """Repeat every KV head ``plan.kv_replication`` times in k/v projections, then shard them."""
+    r, h = plan.kv_replication, cfg.head_dim
+
+    def fix(path, x):
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        if "/k_proj/" not in name and "/v_proj/" not in name:
+            return x
+        sharding = plan.param(name)
+
+        def repeat(a):
+            lead = a.shape[:-1]
+            return jnp.repeat(a.reshape(*lead, -1, h), r, axis=-2).reshape(*lead, -1)
+
+        return jax.jit(repeat, out_shardings=sharding)(x)
+
+    return jax.tree_util.tree_map_with_path(fix, tree)
+
+
+

@@ -1,0 +1,60 @@
+"""Two local CPU processes (gloo collectives) serve one model with TP = 2 across them:
+process 0 serves HTTP and drives the schedule, process 1 follows the same steps."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.helpers import TINY_VOCAB
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_tensor_parallel(counting_model, tmp_path):
+    coord, http = _port(), _port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    common = ["--model", str(counting_model), "--tensor-parallel-size", "2", "--num-processes", "2",
+              "--coordinator-address", f"127.0.0.1:{coord}", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
+              "--max-model-len", "128", "--kv-cache-memory-gib", "0.03", "--dtype", "float32",
+              "--compilation-cache-dir", "", "--port", str(http)]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "jaxserve.serve", *common, "--process-id", str(i)],
+                         stdout=(tmp_path / f"p{i}.log").open("w"), stderr=subprocess.STDOUT, env=env)
+        for i in range(2)
+    ]
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert all(p.poll() is None for p in procs), (tmp_path / "p0.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{http}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, (tmp_path / "p1.log").read_text()[-3000:]
+            time.sleep(0.5)
+        for prompt in ([10, 11, 12], [200], list(range(30, 60))):
+            r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", timeout=60,
+                           json={"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1,
+                                 "return_tokens_as_token_ids": True})
+            assert r.status_code == 200, r.text
+            got = [int(t.removeprefix("token_id:")) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+            assert got == [(prompt[-1] + 1 + i) % TINY_VOCAB for i in range(6)]
+    finally:
+        procs[0].terminate()
+        try:
+            assert procs[1].wait(timeout=60) == 0, "the follower must exit when the leader stops"
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
