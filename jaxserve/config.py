@@ -65,7 +65,12 @@ class ServeConfig:
     num_processes: int = _field(1, "Processes (hosts) in a multi-host launch (jax.distributed).")
     process_id: int = _field(0, "This process's rank; 0 serves HTTP and drives the schedule.")
     coordinator_address: str | None = _field(None, "host:port of process 0's jax.distributed coordinator.")
-    attention_backend: str = _field("auto", "Attention implementation.", choices=("auto", "reference"))
+    attention_backend: str = _field(
+        "auto",
+        "Attention implementation: auto = Pallas kernel on CUDA GPUs, pure-jnp reference elsewhere; "
+        "pallas off-GPU runs the kernel in interpret mode.",
+        choices=("auto", "pallas", "reference"),
+    )
     compilation_cache_dir: str | None = _field(
         str(Path.home() / ".cache" / "jaxserve" / "xla"),
         "Persistent XLA compilation cache directory ('' disables it).",

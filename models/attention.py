@@ -13,21 +13,28 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
-from jaxserve.pallas_kernels.ragged_paged_attention.reference import (
-    ref_ragged_paged_attention,
-    write_kv,
-)
+from jaxserve.pallas_kernels.kv_cache_write.reference import write_kv
+from jaxserve.pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
+from jaxserve.pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
 
-BACKENDS = ("auto", "reference")
+BACKENDS = ("auto", "pallas", "reference")
 MODEL_AXIS = "model"
 
 
 def resolve_backend(requested: str, platform: str) -> str:
-    """Map the config's ``attention_backend`` to a concrete implementation for ``platform``."""
+    """Map the config's ``attention_backend`` to an implementation for ``platform``.
+
+    ``auto``: the Pallas (Triton) kernel on CUDA GPUs, the pure-jnp reference elsewhere. TPUs are
+    a clean slot for jax's bundled TPU ragged paged attention (not wired yet: reference).
+    ``pallas`` off-GPU runs the kernel in interpret mode (tests).
+    """
     if requested not in BACKENDS:
         raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
-    del platform  # every platform uses the reference until a kernel is registered for it
-    return "reference"
+    if requested == "reference":
+        return "reference"
+    if platform in ("gpu", "cuda"):
+        return "pallas"
+    return "pallas_interpret" if requested == "pallas" else "reference"
 
 
 def _local_attention(
@@ -44,6 +51,10 @@ def _local_attention(
     k_pages, v_pages = write_kv(k_pages, v_pages, k_TKH, v_TKH, meta.slot_mapping)
     if backend == "reference":
         o = ref_ragged_paged_attention(q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale)
+    elif backend in ("pallas", "pallas_interpret"):
+        o = ragged_paged_attention(
+            q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale, interpret=backend == "pallas_interpret"
+        )
     else:
         raise ValueError(f"unknown attention backend {backend!r}")
     return o, k_pages, v_pages

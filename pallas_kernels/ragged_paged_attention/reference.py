@@ -11,6 +11,8 @@ S page size, B sequences, W pages per sequence, R rows, Q queries per row, C KV 
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
@@ -46,28 +48,48 @@ def validate_inputs(
         raise ValueError(f"row_width must be >= 1, got {meta.row_width}")
 
 
-def write_kv(
-    k_pages_PSKH: jax.Array,
-    v_pages_PSKH: jax.Array,
-    k_TKH: jax.Array,
-    v_TKH: jax.Array,
-    slot_mapping_T: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """Scatter the new tokens' K/V into their cache slots (in place when the pages are donated)."""
-    p, s, k, h = k_pages_PSKH.shape
-    k_flat = k_pages_PSKH.reshape(p * s, k, h)
-    v_flat = v_pages_PSKH.reshape(p * s, k, h)
-    k_new = k_TKH.astype(k_pages_PSKH.dtype)
-    v_new = v_TKH.astype(v_pages_PSKH.dtype)
-    if slot_mapping_T.shape[0] == 1:
-        # XLA turns a one-row scatter into a dynamic-update-slice and then copies the whole
-        # donated cache; a second write into the null block's slot 0 keeps it a scatter.
-        slot_mapping_T = jnp.concatenate([slot_mapping_T, jnp.zeros((1,), slot_mapping_T.dtype)])
-        k_new = jnp.concatenate([k_new, jnp.zeros_like(k_new)])
-        v_new = jnp.concatenate([v_new, jnp.zeros_like(v_new)])
-    k_flat = k_flat.at[slot_mapping_T].set(k_new, mode="promise_in_bounds")
-    v_flat = v_flat.at[slot_mapping_T].set(v_new, mode="promise_in_bounds")
-    return k_flat.reshape(p, s, k, h), v_flat.reshape(p, s, k, h)
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """Per-row views of the metadata, shared by the reference and the kernel wrapper."""
+
+    q_idx: jax.Array  # i32[R, Q] flat token of each query slot (0 where invalid)
+    q_valid: jax.Array  # bool[R, Q]
+    q_pos: jax.Array  # i32[R, Q] absolute position of each query (-1 where invalid)
+    kv_len: jax.Array  # i32[R] KV length of the row's sequence
+    identity: bool  # decode layout: one query per row and row i is token i (no gather/scatter)
+
+
+def row_layout(meta: AttentionMetadata, num_tokens: int) -> RowLayout:
+    """Queries of each row and their positions: a row's sequence ends at ``seq_lens``, and its
+    new tokens are the last ``q_len`` positions."""
+    qw = meta.row_width
+    q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [B]
+    kv_len = meta.seq_lens[meta.row_seq]  # [R]
+    qi = jnp.arange(qw, dtype=jnp.int32)
+    q_valid = qi[None, :] < meta.row_q_len[:, None]
+    q_idx = jnp.where(q_valid, meta.row_q_start[:, None] + qi[None, :], 0)
+    seq_first_q = meta.query_start_loc[meta.row_seq]
+    q_pos = kv_len[:, None] - q_lens[meta.row_seq][:, None] + (q_idx - seq_first_q[:, None])
+    q_pos = jnp.where(q_valid, q_pos, -1)
+    identity = qw == 1 and q_idx.shape[0] == num_tokens
+    return RowLayout(q_idx, q_valid, q_pos, kv_len, identity)
+
+
+def gather_rows(x_TNH: jax.Array, rows: RowLayout) -> jax.Array:
+    """[T, N, H] -> [R, Q, N, H]."""
+    if rows.identity:
+        return x_TNH[:, None]
+    return x_TNH[rows.q_idx]
+
+
+def scatter_rows(o_RQNH: jax.Array, rows: RowLayout, num_tokens: int) -> jax.Array:
+    """[R, Q, N, H] -> [T, N, H]; invalid query slots dropped, tokens without a row are zero."""
+    r, qw, n, h = o_RQNH.shape
+    if rows.identity:
+        return jnp.where(rows.q_valid.reshape(r, 1, 1), o_RQNH.reshape(r, n, h), 0)
+    dest = jnp.where(rows.q_valid, rows.q_idx, num_tokens)  # out-of-range index: dropped
+    out = jnp.zeros((num_tokens, n, h), o_RQNH.dtype)
+    return out.at[dest.reshape(-1)].set(o_RQNH.reshape(r * qw, n, h), mode="drop")
 
 
 def ref_ragged_paged_attention(
@@ -77,6 +99,8 @@ def ref_ragged_paged_attention(
     meta: AttentionMetadata,
     *,
     sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
     kv_chunk: int = DEFAULT_KV_CHUNK,
 ) -> jax.Array:
     """Causal attention of each sequence's new queries over its cached KV (new tokens included).
@@ -86,11 +110,14 @@ def ref_ragged_paged_attention(
       k_pages_PSKH, v_pages_PSKH: [P, S, K, H] paged cache, already holding this step's K/V.
       meta: batch layout; see ``metadata.py``.
       sm_scale: softmax scale (usually H ** -0.5).
+      sliding_window: a query at position p sees keys in (p - sliding_window, p]; None: all.
+      soft_cap: logits become soft_cap * tanh(logits / soft_cap) (Gemma 2); None: off.
       kv_chunk: KV tokens processed per loop iteration (rounded up to whole pages).
     Returns:
       [T, N, H] in q's dtype; rows of padding tokens are zero.
     """
     validate_inputs(q_TNH, k_pages_PSKH, v_pages_PSKH, meta)
+    q_TNH, k_pages_PSKH, v_pages_PSKH = map(jnp.asarray, (q_TNH, k_pages_PSKH, v_pages_PSKH))
     t, n, h = q_TNH.shape
     _, page, kh, _ = k_pages_PSKH.shape
     g = n // kh
@@ -105,22 +132,11 @@ def ref_ragged_paged_attention(
     if w_pad != w:
         bt = jnp.pad(bt, ((0, 0), (0, w_pad - w)))
 
-    q_lens = meta.query_start_loc[1:] - meta.query_start_loc[:-1]  # [B]
-    row_kv_len = meta.seq_lens[meta.row_seq]  # [R]
+    rows = row_layout(meta, t)
+    q_pos, row_kv_len = rows.q_pos, rows.kv_len
     row_bt = bt[meta.row_seq]  # [R, Wp]
-    qi = jnp.arange(qw, dtype=jnp.int32)
-    row_q_valid = qi[None, :] < meta.row_q_len[:, None]  # [R, Q]
-    q_idx = jnp.where(row_q_valid, meta.row_q_start[:, None] + qi[None, :], 0)  # [R, Q]
-    # Absolute position of each query: the row's sequence ends at seq_len; its queries are the last q_len.
-    seq_first_q = meta.query_start_loc[meta.row_seq]  # [R]
-    q_pos = row_kv_len[:, None] - q_lens[meta.row_seq][:, None] + (q_idx - seq_first_q[:, None])  # [R, Q]
-    q_pos = jnp.where(row_q_valid, q_pos, -1)
-
-    r = q_idx.shape[0]
-    # Decode layout (one query per row, row i = token i): no gather or scatter of queries needed.
-    identity_rows = qw == 1 and r == t
-    q_rows = q_TNH if identity_rows else q_TNH[q_idx]
-    q_RQKGH = q_rows.reshape(r, qw, kh, g, h).astype(jnp.float32) * sm_scale
+    r = q_pos.shape[0]
+    q_RQKGH = gather_rows(q_TNH, rows).reshape(r, qw, kh, g, h).astype(jnp.float32) * sm_scale
 
     num_chunks = (jnp.max(row_kv_len, initial=0) + c - 1) // c
 
@@ -135,7 +151,11 @@ def ref_ragged_paged_attention(
         k_RCKH = jnp.where(kv_valid[:, :, None, None], k_RCKH, 0.0)
         v_RCKH = jnp.where(kv_valid[:, :, None, None], v_RCKH, 0.0)
         s = jnp.einsum("rqkgh,rckh->rkgqc", q_RQKGH, k_RCKH)
+        if soft_cap is not None:
+            s = soft_cap * jnp.tanh(s / soft_cap)
         mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_pos[:, :, None])  # [R, Q, C]
+        if sliding_window is not None:
+            mask &= kv_pos[None, None, :] > q_pos[:, :, None] - sliding_window
         s = jnp.where(mask[:, None, None], s, -jnp.inf)
         m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
         m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
@@ -153,11 +173,7 @@ def ref_ragged_paged_attention(
     _, l_f, acc = jax.lax.fori_loop(0, num_chunks, body, init)
     out = acc / jnp.where(l_f > 0, l_f, 1.0)[..., None]  # [R, K, G, Q, H]
     out_RQNH = out.transpose(0, 3, 1, 2, 4).reshape(r, qw, n, h).astype(q_TNH.dtype)
-    if identity_rows:
-        return jnp.where(row_q_valid.reshape(t, 1, 1), out_RQNH.reshape(t, n, h), 0)
-    dest = jnp.where(row_q_valid, q_idx, t)  # out-of-range index: dropped
-    o_TNH = jnp.zeros((t, n, h), q_TNH.dtype)
-    return o_TNH.at[dest.reshape(-1)].set(out_RQNH.reshape(r * qw, n, h), mode="drop")
+    return scatter_rows(out_RQNH, rows, t)
 
 
 def ref_attention_dense(
@@ -168,6 +184,8 @@ def ref_attention_dense(
     kv_pos_T: jax.Array,
     *,
     sm_scale: float,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> jax.Array:
     """Plain causal attention of one sequence (no paging): the oracle the paged tests use."""
     t, n, h = q_TNH.shape
@@ -175,7 +193,11 @@ def ref_attention_dense(
     g = n // kh
     q = q_TNH.reshape(t, kh, g, h).astype(jnp.float32) * sm_scale
     s = jnp.einsum("tkgh,ckh->kgtc", q, k_TKH.astype(jnp.float32))
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
     mask = kv_pos_T[None, :] <= q_pos_T[:, None]
+    if sliding_window is not None:
+        mask &= kv_pos_T[None, :] > q_pos_T[:, None] - sliding_window
     s = jnp.where(mask[None, None], s, -jnp.inf)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum("kgtc,ckh->tkgh", p, v_TKH.astype(jnp.float32))

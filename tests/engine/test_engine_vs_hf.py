@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.engine_helpers import make_engine
@@ -50,3 +51,16 @@ def test_engine_greedy_equals_hf_generate(arch, async_scheduling, hf_checkpoints
     for i, (_, _, new) in enumerate(plan):
         rid = f"r{i}"
         assert got[rid] == _hf_greedy(hf_model, prompts[rid], new), rid
+
+
+def test_engine_with_the_pallas_kernel_equals_the_reference(hf_checkpoints):
+    """The kernel in interpret mode inside the real engine: the same greedy tokens as the reference."""
+    directory, _ = hf_checkpoints("qwen2")
+    rng = np.random.RandomState(3)
+    prompts = [rng.randint(3, 300, size=n).tolist() for n in (3, 21, 40)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    ref = make_engine(directory, attention_backend="reference").generate(prompts, params)
+    eng = make_engine(directory, attention_backend="pallas")
+    model = nnx.merge(eng.runner.loaded.graphdef, eng.runner.loaded.state)
+    assert model.layers[0].self_attn.backend == "pallas_interpret"  # the kernel, interpreted on CPU
+    assert eng.generate(prompts, params) == ref

@@ -1,0 +1,1 @@
+"""Writing a step's new K/V into the paged cache: reference (XLA scatter) and Pallas kernel."""
