@@ -103,8 +103,12 @@ class ModelRunner:
         self.kv_caches: list[KVCache] = [(zeros(), zeros()) for _ in range(c.num_layers)]
         graphdef = loaded.graphdef
 
+        # The parameters travel as a flat list of arrays: flattening the NNX state (hundreds of
+        # Variables) on every call costs host time on the serving path.
+        self._params, state_def = jax.tree_util.tree_flatten(loaded.state)
+
         def step(
-            state: nnx.State,
+            params: list[jax.Array],
             kv_caches: list[KVCache],
             prev_tokens_M: jax.Array,
             tokens_T: jax.Array,
@@ -117,14 +121,14 @@ class ModelRunner:
         ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
             # Tokens sampled by the previous step that the host has not seen yet come from its output.
             tokens_T = jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
-            model = nnx.merge(graphdef, state)
+            model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_def, params))
             logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
             tokens, logprobs = sample(logits, sampling, extras)
             padded = jnp.zeros(prev_tokens_M.shape, jnp.int32).at[: tokens.shape[0]].set(tokens)
             return padded, logprobs, kv_caches
 
         rep = plan.replicated
-        state_sh = jax.tree.map(lambda a: a.sharding, loaded.state)
+        state_sh = [a.sharding for a in self._params]
         kv_sh = [(kv_sharding, kv_sharding)] * c.num_layers
         # Host inputs are replicated; parameters and KV pages keep their shardings.
         self._jitted = jax.jit(
@@ -209,7 +213,7 @@ class ModelRunner:
             if shape in self._compiled:
                 continue
             ts = time.perf_counter()
-            lowered = self._jitted.lower(self.loaded.state, self.kv_caches, *self._abstract_inputs(shape))
+            lowered = self._jitted.lower(self._params, self.kv_caches, *self._abstract_inputs(shape))
             self._compiled[shape] = lowered.compile()
             logger.debug("compiled %s in %.2fs", shape, time.perf_counter() - ts)
         self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
@@ -221,7 +225,7 @@ class ModelRunner:
 
     def _run(self, shape: StepShape, inputs: tuple) -> tuple[jax.Array, LogprobsOut]:
         tokens, logprobs, self.kv_caches = self._compiled[shape](
-            self.loaded.state, self.kv_caches, self._prev_tokens, *inputs
+            self._params, self.kv_caches, self._prev_tokens, *inputs
         )
         self._prev_tokens = tokens
         return tokens, logprobs

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
 
-DEFAULT_KV_CHUNK = 256
+DEFAULT_KV_CHUNK = 128
 
 
 def validate_inputs(

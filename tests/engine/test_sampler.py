@@ -103,3 +103,10 @@ def test_logprobs_are_raw_model_log_softmax():
     order = np.argsort(-ref, axis=-1)[:, :20]
     np.testing.assert_array_equal(np.asarray(lp.top_ids), order)
     np.testing.assert_allclose(np.asarray(lp.top_vals), np.take_along_axis(ref, order, -1), atol=1e-5)
+
+
+def test_first_argmax_matches_numpy_including_ties():
+    from jaxserve.engine.sampler import first_argmax
+
+    x = np.random.RandomState(4).randint(0, 5, size=(8, 300)).astype(np.float32)  # many ties
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), np.argmax(x, axis=-1))
