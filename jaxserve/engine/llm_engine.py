@@ -1,9 +1,10 @@
-"""The synchronous engine: ``add_request`` / ``step`` / ``abort`` over scheduler + runner.
+"""The engine: ``add_request`` / ``step`` / ``abort`` over scheduler + runner.
 
-Start-up: resolve the checkpoint, read its config, load tokenizer and weights, size the KV cache,
-compile every step shape. ``step()`` then schedules, runs one device step, appends sampled tokens,
-finishes requests (EOS, stop tokens, stop strings, length) and returns their text deltas.
-Not thread-safe: the async wrapper drives it from a single thread.
+Start-up: resolve the checkpoint, read its config, load tokenizer and weights (sharded by the
+tensor-parallel plan), size the KV cache, compile every step shape. Each ``step()`` schedules and
+dispatches one device step, then finishes the previous one (async scheduling): resolves its
+sampled tokens, finishes requests (EOS, stop tokens, stop strings, length) and returns their text
+deltas. Not thread-safe: the async wrapper drives it from a single thread.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import logging
 import random
 import time
+from pathlib import Path
 
 import jax
 
@@ -20,13 +22,14 @@ from jaxserve.config import ServeConfig
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.compilation import BucketPolicy
 from jaxserve.engine.kv_cache_size import num_kv_blocks
-from jaxserve.engine.model_runner import ModelRunner
+from jaxserve.engine.model_runner import ModelRunner, StepHandle
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput, TokenLogprob
-from jaxserve.engine.scheduler import Scheduler
+from jaxserve.engine.scheduler import ScheduledRequest, Scheduler
+from jaxserve.models import ModelConfig
 from jaxserve.models.attention import resolve_backend
-from jaxserve.sharding import make_plan
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
+from jaxserve.sharding import make_plan
 from jaxserve.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
 from jaxserve.weights.loader import load_model, read_model_config, resolve_dtype
 from jaxserve.weights.source import resolve_model_source
@@ -48,6 +51,15 @@ class EngineStats:
     num_compiled_shapes: int
     platform: str
     dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class InflightStep:
+    """A dispatched step whose sampled tokens have not been read yet."""
+
+    scheduled: list[ScheduledRequest]
+    handle: StepHandle
+    slots: list[int]  # output index each request's token fills (-1: a chunk that does not sample)
 
 
 @dataclasses.dataclass
@@ -119,7 +131,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.counters = EngineCounters()
         self.async_scheduling = config.async_scheduling
-        self._inflight: tuple | None = None  # (scheduled, StepHandle, output slots) of the running step
+        self._inflight: InflightStep | None = None
         self.stats = EngineStats(
             load_seconds=load_s,
             compile_seconds=compile_s,
@@ -132,7 +144,7 @@ class LLMEngine:
         )
 
     @staticmethod
-    def _resolve_max_model_len(config: ServeConfig, model_config) -> int:
+    def _resolve_max_model_len(config: ServeConfig, model_config: ModelConfig) -> int:
         limit = model_config.max_position_embeddings
         if model_config.sliding_window is not None:
             limit = min(limit, model_config.sliding_window)
@@ -220,13 +232,13 @@ class LLMEngine:
         """
         outputs: list[RequestOutput] = []
         if self._inflight is not None and (not self.async_scheduling or self._needs_sync()):
-            outputs += self._finish_step(*self._inflight)
+            outputs += self._finish_step(self._inflight)
             self._inflight = None
         sched = self.scheduler.schedule()
         handle = None
         if sched.scheduled:
             seeds = [self._seeds[s.request.request_id] for s in sched.scheduled]
-            prev_rows = self._inflight[1].rows if self._inflight is not None else {}
+            prev_rows = self._inflight.handle.rows if self._inflight is not None else {}
             handle = self.runner.dispatch(sched.scheduled, seeds, prev_rows)
             self.counters.steps += 1
             slots = []
@@ -236,12 +248,12 @@ class LLMEngine:
                 req.num_computed_tokens += s.num_tokens
                 slots.append(req.add_placeholder() if s.samples else -1)
         if self._inflight is not None:
-            outputs += self._finish_step(*self._inflight)
+            outputs += self._finish_step(self._inflight)
             self._inflight = None
         if handle is not None:
-            self._inflight = (sched.scheduled, handle, slots)
+            self._inflight = InflightStep(sched.scheduled, handle, slots)
             if not self.async_scheduling:
-                outputs += self._finish_step(*self._inflight)
+                outputs += self._finish_step(self._inflight)
                 self._inflight = None
         return outputs
 
@@ -252,9 +264,10 @@ class LLMEngine:
             for r in self.scheduler.running
         )
 
-    def _finish_step(self, scheduled: list, handle, slots: list[int]) -> list[RequestOutput]:
+    def _finish_step(self, step: InflightStep) -> list[RequestOutput]:
         """Wait for a dispatched step, resolve its placeholders, finish requests, build outputs."""
-        next_tokens, lp = self.runner.fetch(handle)
+        scheduled, slots = step.scheduled, step.slots
+        next_tokens, lp = self.runner.fetch(step.handle)
         bm = self.scheduler.block_manager
         outputs: list[RequestOutput] = []
         for i, (s, token, slot) in enumerate(zip(scheduled, next_tokens.tolist(), slots, strict=True)):
@@ -296,7 +309,7 @@ class LLMEngine:
         return [result[rid] for rid in ids]
 
 
-def _read_generation_config(directory) -> dict:
+def _read_generation_config(directory: Path | None) -> dict:
     if directory is None:
         return {}
     path = directory / "generation_config.json"

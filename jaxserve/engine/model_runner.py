@@ -280,9 +280,3 @@ class ModelRunner:
             lp = handle.logprobs
             host_lp = HostLogprobs(_local(lp.sampled)[:n], _local(lp.top_ids)[:n], _local(lp.top_vals)[:n])
         return tokens, host_lp
-
-    def execute(
-        self, scheduled: list[ScheduledRequest], seeds: list[int]
-    ) -> tuple[np.ndarray, HostLogprobs | None]:
-        """Dispatch and wait (no tokens in flight)."""
-        return self.fetch(self.dispatch(scheduled, seeds, {}))
