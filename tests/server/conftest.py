@@ -90,6 +90,22 @@ def counting_server(tmp_path_factory, counting_model) -> Iterator[ServerProcess]
 
 
 @pytest.fixture(scope="session")
+def tok(counting_model):
+    """The counting model's tokenizer (what the counting server uses)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(counting_model))
+
+
+@pytest.fixture(scope="session")
+def client(counting_server):
+    """The official SDK pointed at the counting server, with its API key."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{counting_server.base_url}/v1", api_key=API_KEY)
+
+
+@pytest.fixture(scope="session")
 def smollm2_server(tmp_path_factory, smollm2_gguf) -> Iterator[ServerProcess]:
     server = start_server(
         tmp_path_factory, "smollm2",

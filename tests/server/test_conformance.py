@@ -14,7 +14,6 @@ import time
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 from tests.helpers import TINY_VOCAB
 from tests.server.conftest import API_KEY
@@ -25,16 +24,6 @@ LOGZ = math.log(math.exp(PEAK) + TINY_VOCAB - 1)
 TOP_LOGPROB = PEAK - LOGZ
 OTHER_LOGPROB = -LOGZ
 MSG = [{"role": "user", "content": "hi"}]
-
-
-@pytest.fixture(scope="module")
-def tok(counting_model):
-    return AutoTokenizer.from_pretrained(str(counting_model))
-
-
-@pytest.fixture(scope="module")
-def client(counting_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{counting_server.base_url}/v1", api_key=API_KEY)
 
 
 def _count(last: int, n: int) -> list[int]:

@@ -12,22 +12,11 @@ import json
 import httpx
 import openai
 import pytest
-from transformers import AutoTokenizer
 
 from tests.helpers import TINY_VOCAB
 from tests.server.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture(scope="module")
-def tok(counting_model):
-    return AutoTokenizer.from_pretrained(str(counting_model))
-
-
-@pytest.fixture(scope="module")
-def client(counting_server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{counting_server.base_url}/v1", api_key=API_KEY)
 
 
 def _expected(tok, prompt_ids: list[int], n: int) -> tuple[list[int], str]:
