@@ -4,7 +4,8 @@ The model code is unchanged by sharding: parameters are placed with the ``NamedS
 rules below give their path, the KV cache is split by KV heads, and XLA (GSPMD) inserts the
 collectives. Only attention runs explicitly per shard (``shard_map`` in ``models/attention.py``).
 
-Layout (Megatron style): q/k/v and gate/up are split by output features (heads / MLP columns),
+Layout (Megatron style): the fused q/k/v projection (features laid out shard-major, so each
+device gets whole heads of all three) and gate/up are split by output features,
 o_proj and down_proj by input features (XLA adds one all-reduce after each), the LM head by
 vocabulary; the embedding table and the norms are replicated.
 """
@@ -27,8 +28,8 @@ MODEL_AXIS = "model"
 # (regex on the "/"-joined parameter path, PartitionSpec); first match wins.
 SHARDING_RULES: tuple[tuple[str, P], ...] = (
     (r"^embed_tokens/embedding$", P(None, None)),
-    (r"^layers/\d+/self_attn/(q|k|v)_proj/kernel$", P(None, MODEL_AXIS)),
-    (r"^layers/\d+/self_attn/(q|k|v)_proj/bias$", P(MODEL_AXIS)),
+    (r"^layers/\d+/self_attn/qkv_proj/kernel$", P(None, MODEL_AXIS)),
+    (r"^layers/\d+/self_attn/qkv_proj/bias$", P(MODEL_AXIS)),
     (r"^layers/\d+/self_attn/o_proj/kernel$", P(MODEL_AXIS, None)),
     (r"^layers/\d+/mlp/(gate|up)_proj/kernel$", P(None, MODEL_AXIS)),
     (r"^layers/\d+/mlp/(gate|up)_proj/bias$", P(MODEL_AXIS)),

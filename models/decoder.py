@@ -27,9 +27,10 @@ class SelfAttention(nnx.Module):
         self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, mesh: Mesh | None, rngs: nnx.Rngs
     ) -> None:
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = Linear(d, n * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, k * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, k * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        # q, k and v in one product; features shard-major: [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] for the
+        # tensor-parallel shards (the loader lays the checkpoint's three matrices out that way).
+        self.qkv_proj = Linear(d, (n + 2 * k) * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
+        self.tp = mesh.shape["model"] if mesh is not None else 1
         self.o_proj = Linear(n * h, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
@@ -41,10 +42,12 @@ class SelfAttention(nnx.Module):
     def __call__(
         self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata
     ) -> tuple[jax.Array, KVCache]:
-        t = x_TD.shape[0]
-        q = self.q_proj(x_TD).reshape(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x_TD).reshape(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x_TD).reshape(t, self.num_kv_heads, self.head_dim)
+        t, tp, h = x_TD.shape[0], self.tp, self.head_dim
+        nq, nk = self.num_heads // tp, self.num_kv_heads // tp  # heads per shard
+        qkv = self.qkv_proj(x_TD).reshape(t, tp, (nq + 2 * nk) * h)
+        q = qkv[:, :, : nq * h].reshape(t, self.num_heads, h)
+        k = qkv[:, :, nq * h : (nq + nk) * h].reshape(t, self.num_kv_heads, h)
+        v = qkv[:, :, (nq + nk) * h :].reshape(t, self.num_kv_heads, h)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)

@@ -48,7 +48,7 @@ def test_parameter_shardings_follow_the_rules(hf_checkpoints):
             per_device = arr.addressable_shards[0].data.nbytes
             assert per_device * 4 == arr.nbytes, key  # ~1/N of the matrix on each device
             seen += 1
-    assert seen == 2 * 7 + 1  # q k v o gate up down per layer, and the LM head
+    assert seen == 2 * 5 + 1  # qkv o gate up down per layer, and the LM head
     k_pages = eng.runner.kv_caches[0][0]
     assert k_pages.sharding.spec == jax.sharding.PartitionSpec(None, None, "model", None)
     assert k_pages.addressable_shards[0].data.shape[2] == 1  # one (replicated) KV head per device
@@ -91,6 +91,6 @@ def test_orbax_checkpoint_restores_into_any_tp(hf_checkpoints, tmp_path):
     want = make_engine(directory).generate(_prompts(), params)
     for tp in (1, 4):
         eng = make_engine(out, tensor_parallel_size=tp)
-        k_kernel = eng.runner.loaded.state["layers"][0]["self_attn"]["k_proj"]["kernel"][...]
-        assert k_kernel.sharding.spec == spec_for("layers/0/self_attn/k_proj/kernel")
+        qkv = eng.runner.loaded.state["layers"][0]["self_attn"]["qkv_proj"]["kernel"][...]
+        assert qkv.sharding.spec == spec_for("layers/0/self_attn/qkv_proj/kernel")
         assert eng.generate(_prompts(), params) == want

@@ -59,7 +59,8 @@ class BucketPolicy:
 
     @property
     def decode_sizes(self) -> list[int]:
-        return _powers_of_two(min(self.min_decode_batch, self.max_num_seqs), self.max_num_seqs)
+        # The floor holds even above max_num_seqs: padding rows are cheap, a slow path is not.
+        return _powers_of_two(self.min_decode_batch, max(self.min_decode_batch, self.max_num_seqs))
 
     @property
     def prefill_sizes(self) -> list[int]:

@@ -8,6 +8,7 @@ graph definition and the parameter state are returned separately: the jitted ste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Iterator
@@ -120,6 +121,47 @@ def _normalize(index: tuple, shape: tuple[int, ...]) -> list[slice]:
     return out
 
 
+QKV_PARTS = ("q_proj", "k_proj", "v_proj")
+
+
+def _check_fused(name: str, parts: dict, expect: tuple[int, ...], widths: tuple[int, int, int], head_dim: int,
+                 transpose: bool) -> None:
+    """The three checkpoint tensors must add up to the fused parameter (KV heads repeated)."""
+    n, k, _ = widths
+    q_shape = tuple(parts["q_proj"].shape)
+    lead = q_shape[1:] if transpose else ()
+    if (*lead, (n + 2 * k) * head_dim) != expect:
+        raise ValueError(f"{name}: q/k/v shapes {q_shape}, {tuple(parts['k_proj'].shape)} do not fit {expect}")
+
+
+def _read_fused(
+    parts: list, widths: tuple[int, int, int], tp: int, head_dim: int, transpose: bool, rep: int,
+    our_shape: tuple[int, ...], index: tuple,
+) -> np.ndarray:
+    """Our-layout slice of the fused q/k/v parameter (kernel [D, F] or bias [F]).
+
+    Output features are laid out shard-major, ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]`` (``_s`` = the
+    heads of tensor-parallel shard ``s``), so splitting the features over ``tp`` devices gives each
+    one its own q, k and v heads.
+    """
+    idx = _normalize(index, our_shape)
+    cols = idx[-1]
+    pieces = []
+    offset = 0
+    for s in range(tp):
+        for part, heads in zip(parts, widths, strict=True):
+            local = heads // tp * head_dim
+            lo, hi = max(cols.start, offset), min(cols.stop, offset + local)
+            if lo < hi:
+                part_cols = slice(s * local + lo - offset, s * local + hi - offset)
+                part_shape = (*our_shape[:-1], heads * head_dim)
+                is_kv = part is not parts[0]
+                pieces.append(_read_shard(part, (*idx[:-1], part_cols), part_shape, transpose=transpose,
+                                          rep=rep if is_kv else 1, head_dim=head_dim))
+            offset += local
+    return np.concatenate(pieces, axis=-1)
+
+
 def _read_shard(
     tensor, index: tuple, our_shape: tuple[int, ...], *, transpose: bool, rep: int, head_dim: int
 ) -> np.ndarray:
@@ -183,8 +225,31 @@ def load_model(
         total = count_tensors(files)
     np_dtype = np.dtype(dtype)
     loaded: dict[tuple, jax.Array] = {}
+    staged: dict[tuple, dict[str, Any]] = {}  # fused q/k/v parts waiting for their siblings
+
+    def place(path: tuple, expect: tuple[int, ...], read_block) -> None:
+        def read(index):
+            return np.ascontiguousarray(read_block(index).astype(np_dtype, copy=False))
+
+        loaded[path] = jax.make_array_from_callback(expect, plan.param("/".join(map(str, path))), read)
+
     for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         mapped = _our_path(name)
+        if mapped is not None and mapped[0][-2] in QKV_PARTS:
+            path, transpose = mapped
+            fused = (*path[:-2], "qkv_proj", path[-1])
+            if fused in wanted:
+                parts = staged.setdefault(fused, {})
+                parts[path[-2]] = tensor
+                if len(parts) == 3:
+                    expect = tuple(wanted[fused].shape)
+                    widths = (model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.num_kv_heads)
+                    _check_fused(name, parts, expect, widths, cfg.head_dim, transpose)
+                    place(fused, expect, functools.partial(
+                        _read_fused, [parts[k] for k in QKV_PARTS], widths, plan.tp, cfg.head_dim, transpose,
+                        plan.kv_replication, expect))
+                    del staged[fused]
+                continue
         if mapped is None or mapped[0] not in wanted or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             logger.debug("skipping checkpoint tensor %s", name)
             continue
@@ -193,22 +258,11 @@ def load_model(
             targets.append((("lm_head", "kernel"), True))  # the tied head, stored transposed
         for path, transpose in targets:
             expect = tuple(wanted[path].shape)
-            is_kv = len(path) >= 2 and path[-2] in ("k_proj", "v_proj")
-            rep = plan.kv_replication if is_kv else 1
             hf_shape = tuple(tensor.shape)
-            ckpt_shape = hf_shape[::-1] if transpose else hf_shape
-            if rep > 1:  # the output-feature axis grows by the replication factor
-                axis = len(expect) - 1
-                ckpt_shape = (*ckpt_shape[:axis], ckpt_shape[axis] * rep)
-            if ckpt_shape != expect:
+            if (hf_shape[::-1] if transpose else hf_shape) != expect:
                 raise ValueError(f"{name}: checkpoint shape {hf_shape} does not fit model shape {expect}")
-            sharding = plan.param("/".join(map(str, path)))
-
-            def read(index, tensor=tensor, transpose=transpose, rep=rep, expect=expect):
-                block = _read_shard(tensor, index, expect, transpose=transpose, rep=rep, head_dim=cfg.head_dim)
-                return np.ascontiguousarray(block.astype(np_dtype, copy=False))
-
-            loaded[path] = jax.make_array_from_callback(expect, sharding, read)
+            place(path, expect, functools.partial(
+                _read_shard, tensor, our_shape=expect, transpose=transpose, rep=1, head_dim=cfg.head_dim))
     missing = sorted(".".join(map(str, p)) for p in wanted if p not in loaded)
     if missing:
         raise ValueError(f"checkpoint is missing parameters: {', '.join(missing[:8])}"

@@ -7,9 +7,9 @@ Layout of a converted directory::
     tokenizer files            saved with ``save_pretrained`` (chat template included)
     generation_config.json     copied when the source had one
 
-Restoring reads, on every process, only the shards its devices hold. When tensor parallelism
-needs KV heads repeated (fewer KV heads than devices), k/v projections are restored whole and
-repeated on device once.
+Restoring reads, on every process, only the shards its devices hold. The fused q/k/v projection
+is stored in the one-device layout ``[q | k | v]``; under tensor parallelism it is restored whole
+and laid out shard-major on device once (KV heads repeated when there are fewer than devices).
 """
 
 from __future__ import annotations
@@ -90,38 +90,42 @@ def restore_orbax(
     stored_abstract = nnx.to_pure_dict(nnx.split(build(cfg))[1])  # checkpoint layout (KV heads unrepeated)
 
     def target(path, leaf):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        is_kv = "/k_proj/" in name or "/v_proj/" in name
-        sharding = plan.replicated if (is_kv and plan.kv_replication > 1) else plan.param(name)
+        name = _name(path)
+        sharding = plan.replicated if ("/qkv_proj/" in name and plan.tp > 1) else plan.param(name)
         return jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(dtype), sharding=sharding)
 
     target_tree = jax.tree_util.tree_map_with_path(target, stored_abstract)
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(directory / "state", target_tree)
-    if plan.kv_replication > 1:
-        restored = _repeat_kv_heads(restored, cfg, plan)
+    if plan.tp > 1:
+        restored = _shard_major_qkv(restored, cfg, plan)
     state = abstract_state
     nnx.replace_by_pure_dict(state, restored)
     return LoadedModel(model_cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0, plan)
 
 
-def _repeat_kv_heads(tree: dict, cfg: ModelConfig, plan: ShardingPlan) -> dict:
-    """Repeat every KV head ``plan.kv_replication`` times in k/v projections, then shard them."""
-    r, h = plan.kv_replication, cfg.head_dim
+def _name(path: tuple) -> str:
+    return "/".join(str(getattr(k, "key", k)) for k in path)
+
+
+def _shard_major_qkv(tree: dict, cfg: ModelConfig, plan: ShardingPlan) -> dict:
+    """``[q | k | v]`` (one device) -> ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``, KV heads repeated
+    ``plan.kv_replication`` times, placed with the rule's sharding."""
+    r, h, tp = plan.kv_replication, cfg.head_dim, plan.tp
+    n, k = cfg.num_heads, cfg.num_kv_heads
+
+    def relayout(a):
+        lead = a.shape[:-1]
+        q, kk, v = a[..., : n * h], a[..., n * h : (n + k) * h], a[..., (n + k) * h :]
+        if r > 1:
+            kk, v = (jnp.repeat(x.reshape(*lead, k, h), r, axis=-2).reshape(*lead, k * r * h) for x in (kk, v))
+        per_shard = [x.reshape(*lead, tp, -1) for x in (q, kk, v)]
+        return jnp.concatenate(per_shard, axis=-1).reshape(*lead, -1)
 
     def fix(path, x):
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if "/k_proj/" not in name and "/v_proj/" not in name:
+        name = _name(path)
+        if "/qkv_proj/" not in name:
             return x
-        sharding = plan.param(name)
-
-        def repeat(a):
-            lead = a.shape[:-1]
-            return jnp.repeat(a.reshape(*lead, -1, h), r, axis=-2).reshape(*lead, -1)
-
-        return jax.jit(repeat, out_shardings=sharding)(x)
+        return jax.jit(relayout, out_shardings=plan.param(name))(x)
 
     return jax.tree_util.tree_map_with_path(fix, tree)
-
-
-

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,10 +49,12 @@ class LazyTensor:
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, LazyTensor]]:
     """Yield (HF name, lazily sliced tensor) for every tensor in ``files``.
 
-    Each tensor is valid until the next one is requested (its file stays open meanwhile), so the
-    loader reads just the slices each device shard needs.
+    All files stay open until the iteration ends, so a tensor can still be sliced after later ones
+    were yielded (fused parameters gather their parts first); the loader reads just the slices each
+    device shard needs.
     """
-    for f in files:
-        with safe_open(str(f), framework="numpy") as fh:
+    with contextlib.ExitStack() as stack:
+        for f in files:
+            fh = stack.enter_context(safe_open(str(f), framework="numpy"))
             for name in fh.keys():
                 yield name, LazyTensor(fh, name)

@@ -28,6 +28,16 @@ def test_bucket_choice():
     assert StepShape(8, 8, 8, 1, extras=True) in b.all_shapes()
 
 
+def test_decode_floor_holds_with_one_sequence():
+    # bf16 on CPU: a one-row product is a slow path, so even --max-num-seqs 1 decodes two rows.
+    b = BucketPolicy(max_num_seqs=1, max_num_batched_tokens=64, min_decode_batch=2)
+    assert b.decode_sizes == [2]
+    assert b.shape_for(1, 1) == StepShape(2, 2, 2, 1)
+    assert b.shape_for(1, 1, extras=True) == StepShape(2, 2, 2, 1, extras=True)
+    assert b.shape_for(1, 40) == StepShape(64, 1, 5, 16)
+    assert BucketPolicy(max_num_seqs=8, max_num_batched_tokens=64, min_decode_batch=2).decode_sizes == [2, 4, 8]
+
+
 def test_serving_a_varied_workload_compiles_nothing(counting_model):
     eng = make_engine(counting_model)
     compiles: list[str] = []
