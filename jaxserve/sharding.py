@@ -7,7 +7,8 @@ collectives. Only attention runs explicitly per shard (``shard_map`` in ``models
 Layout (Megatron style): the fused q/k/v projection (features laid out shard-major, so each
 device gets whole heads of all three) and gate/up are split by output features,
 o_proj and down_proj by input features (XLA adds one all-reduce after each), the LM head by
-vocabulary; the embedding table and the norms are replicated.
+vocabulary; the embedding table and the norms are replicated. Kernels are [out, in] (the
+checkpoints' layout), so "output features" is axis 0.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ MODEL_AXIS = "model"
 # (regex on the "/"-joined parameter path, PartitionSpec); first match wins.
 SHARDING_RULES: tuple[tuple[str, P], ...] = (
     (r"^embed_tokens/embedding$", P(None, None)),
-    (r"^layers/\d+/self_attn/qkv_proj/kernel$", P(None, MODEL_AXIS)),
+    (r"^layers/\d+/self_attn/qkv_proj/kernel$", P(MODEL_AXIS, None)),
     (r"^layers/\d+/self_attn/qkv_proj/bias$", P(MODEL_AXIS)),
-    (r"^layers/\d+/self_attn/o_proj/kernel$", P(MODEL_AXIS, None)),
-    (r"^layers/\d+/mlp/(gate|up)_proj/kernel$", P(None, MODEL_AXIS)),
+    (r"^layers/\d+/self_attn/o_proj/kernel$", P(None, MODEL_AXIS)),
+    (r"^layers/\d+/mlp/(gate|up)_proj/kernel$", P(MODEL_AXIS, None)),
     (r"^layers/\d+/mlp/(gate|up)_proj/bias$", P(MODEL_AXIS)),
-    (r"^layers/\d+/mlp/down_proj/kernel$", P(MODEL_AXIS, None)),
+    (r"^layers/\d+/mlp/down_proj/kernel$", P(None, MODEL_AXIS)),
     (r"^layers/\d+/(self_attn/o_proj|mlp/down_proj)/bias$", P(None)),
     (r"(^|/)(input_layernorm|post_attention_layernorm|norm|q_norm|k_norm)/weight$", P(None)),
-    (r"^lm_head/kernel$", P(None, MODEL_AXIS)),
+    (r"^lm_head/kernel$", P(MODEL_AXIS, None)),
 )
 KV_CACHE_SPEC = P(None, None, MODEL_AXIS, None)  # [P, S, K, H]: split by KV heads
 

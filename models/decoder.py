@@ -102,9 +102,8 @@ class DecoderForCausalLM(nnx.Module):
             [DecoderLayer(cfg, dtype=dtype, backend=backend, mesh=mesh, rngs=rngs) for _ in range(cfg.num_layers)]
         )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        # Tied models get their own [D, V] copy of the embedding: a product with the transposed
-        # [V, D] table takes a slow layout-changing path on XLA:CPU for bf16, and a separate kernel
-        # shards vocab-parallel like an untied head.
+        # A separate parameter even when tied: under tensor parallelism the head is vocab-parallel
+        # while the embedding is replicated (on one device the loader gives both the same buffer).
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
 
     def __call__(

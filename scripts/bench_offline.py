@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> dict:
     c = engine.model_config
     itemsize = jnp.dtype(engine.runner.loaded.dtype).itemsize
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(engine.runner.loaded.state))
-    if not c.tie_word_embeddings:
-        param_bytes -= c.vocab_size * c.hidden_size * itemsize  # the embedding lookup reads only B rows
+    # The embedding lookup reads only B rows (the LM head, a separate leaf even when tied, is read whole).
+    param_bytes -= c.vocab_size * c.hidden_size * itemsize
     kv_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(engine.runner.loaded.compute_dtype).itemsize
     bandwidth = measure_memory_bandwidth()
     roof, gflops = [], []
@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
         "machine": platform.processor() or platform.machine(), "device": str(jax.devices()[0]),
         "jax": jax.__version__, "python": platform.python_version(), "model": args.model,
         "dtype": engine.stats.dtype, "async_scheduling": not args.sync,
-        "startup_s": startup, "load_s": engine.stats.load_seconds, "compile_s": engine.stats.compile_seconds,
+        "startup_s": startup, "load_s": engine.stats.load_seconds, "compile_s": engine.stats.compile_seconds, "warmup_s": engine.stats.warmup_seconds,
         "num_prompts": args.num_prompts, "output_len": args.output_len, "duration_s": duration,
         "output_tokens": out_tokens, "output_tok_s": out_tokens / duration, "steps": len(recs),
         "host_ms_per_step": 1000 * host_per_step,

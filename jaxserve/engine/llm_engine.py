@@ -45,6 +45,7 @@ class PromptTooLongError(SamplingParamError):
 class EngineStats:
     load_seconds: float
     compile_seconds: float
+    warmup_seconds: float
     num_kv_blocks: int
     block_size: int
     max_model_len: int
@@ -119,7 +120,11 @@ class LLMEngine:
             model_config.num_layers, load_s, blocks, config.block_size,
         )
         compile_s = self.runner.compile_all()
-        logger.info("compiled %d step shapes in %.1fs", len(self.runner.compiled_shapes), compile_s)
+        warmup_s = self.runner.warm_up()
+        logger.info(
+            "compiled %d step shapes in %.1fs, warmed them up in %.1fs",
+            len(self.runner.compiled_shapes), compile_s, warmup_s,
+        )
         self.scheduler = Scheduler(
             BlockManager(blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching),
             max_num_seqs=config.max_num_seqs,
@@ -135,6 +140,7 @@ class LLMEngine:
         self.stats = EngineStats(
             load_seconds=load_s,
             compile_seconds=compile_s,
+            warmup_seconds=warmup_s,
             num_kv_blocks=blocks,
             block_size=config.block_size,
             max_model_len=self.max_model_len,

@@ -78,8 +78,10 @@ def read_model_config(source: ModelSource) -> tuple[ModelConfig, str | None]:
     return model_config_from_hf(hf), (str(stored).replace("torch.", "") if stored else None)
 
 
-def _our_path(hf: str) -> tuple[tuple, bool] | None:
-    """(state path, transpose?) for an HF parameter name; None for names we do not use."""
+def _our_path(hf: str) -> tuple | None:
+    """Our state path for an HF parameter name; None for names we do not use.
+
+    Every parameter keeps the checkpoint's layout (linear kernels are [out, in])."""
     parts = hf.split(".")
     if parts[0] == "model":
         parts = parts[1:]
@@ -88,12 +90,11 @@ def _our_path(hf: str) -> tuple[tuple, bool] | None:
     kind = parts[-1]
     mod = parts[:-1]
     if mod == ["embed_tokens"]:
-        return ("embed_tokens", "embedding"), False
+        return ("embed_tokens", "embedding")
     path = tuple(int(p) if p.isdigit() else p for p in mod)
-    is_norm = mod[-1].endswith("norm")
     if kind == "bias":
-        return (*path, "bias"), False
-    return (*path, "weight" if is_norm else "kernel"), not is_norm
+        return (*path, "bias")
+    return (*path, "weight" if mod[-1].endswith("norm") else "kernel")
 
 
 def _path_key(path: tuple) -> tuple:
@@ -124,54 +125,51 @@ def _normalize(index: tuple, shape: tuple[int, ...]) -> list[slice]:
 QKV_PARTS = ("q_proj", "k_proj", "v_proj")
 
 
-def _check_fused(name: str, parts: dict, expect: tuple[int, ...], widths: tuple[int, int, int], head_dim: int,
-                 transpose: bool) -> None:
+def _check_fused(name: str, parts: dict, expect: tuple[int, ...], widths: tuple[int, int, int], head_dim: int) -> None:
     """The three checkpoint tensors must add up to the fused parameter (KV heads repeated)."""
     n, k, _ = widths
     q_shape = tuple(parts["q_proj"].shape)
-    lead = q_shape[1:] if transpose else ()
-    if (*lead, (n + 2 * k) * head_dim) != expect:
+    if ((n + 2 * k) * head_dim, *q_shape[1:]) != expect:
         raise ValueError(f"{name}: q/k/v shapes {q_shape}, {tuple(parts['k_proj'].shape)} do not fit {expect}")
 
 
 def _read_fused(
-    parts: list, widths: tuple[int, int, int], tp: int, head_dim: int, transpose: bool, rep: int,
+    parts: list, widths: tuple[int, int, int], tp: int, head_dim: int, rep: int,
     our_shape: tuple[int, ...], index: tuple,
 ) -> np.ndarray:
-    """Our-layout slice of the fused q/k/v parameter (kernel [D, F] or bias [F]).
+    """Slice ``index`` of the fused q/k/v parameter (kernel [F, D] or bias [F]).
 
     Output features are laid out shard-major, ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]`` (``_s`` = the
     heads of tensor-parallel shard ``s``), so splitting the features over ``tp`` devices gives each
     one its own q, k and v heads.
     """
     idx = _normalize(index, our_shape)
-    cols = idx[-1]
+    rows = idx[0]  # the output-feature axis
     pieces = []
     offset = 0
     for s in range(tp):
         for part, heads in zip(parts, widths, strict=True):
             local = heads // tp * head_dim
-            lo, hi = max(cols.start, offset), min(cols.stop, offset + local)
+            lo, hi = max(rows.start, offset), min(rows.stop, offset + local)
             if lo < hi:
-                part_cols = slice(s * local + lo - offset, s * local + hi - offset)
-                part_shape = (*our_shape[:-1], heads * head_dim)
+                part_rows = slice(s * local + lo - offset, s * local + hi - offset)
+                part_shape = (heads * head_dim, *our_shape[1:])
                 is_kv = part is not parts[0]
-                pieces.append(_read_shard(part, (*idx[:-1], part_cols), part_shape, transpose=transpose,
+                pieces.append(_read_shard(part, (part_rows, *idx[1:]), part_shape,
                                           rep=rep if is_kv else 1, head_dim=head_dim))
             offset += local
-    return np.concatenate(pieces, axis=-1)
+    return np.concatenate(pieces, axis=0)
 
 
 def _read_shard(
-    tensor, index: tuple, our_shape: tuple[int, ...], *, transpose: bool, rep: int, head_dim: int
+    tensor, index: tuple, our_shape: tuple[int, ...], *, rep: int, head_dim: int
 ) -> np.ndarray:
-    """Our-layout slice ``index`` of a checkpoint tensor stored in HF layout.
+    """Slice ``index`` of a checkpoint tensor (our layout is the checkpoint's).
 
-    ``transpose``: HF's [out, in] is our [in, out]. ``rep`` > 1: our output features are the
-    checkpoint's KV heads each repeated ``rep`` times, so our head j is checkpoint head j // rep.
+    ``rep`` > 1: our output features (axis 0) are the checkpoint's KV heads each repeated ``rep``
+    times, so our head j is checkpoint head j // rep.
     """
-    ours = _normalize(index, our_shape)
-    hf = ours[::-1] if transpose else list(ours)
+    hf = _normalize(index, our_shape)
     if rep > 1:
         rows = hf[0]  # the output-feature axis in HF layout (weights and biases alike)
         j = np.arange(rows.start, rows.stop)
@@ -180,7 +178,7 @@ def _read_shard(
         block = np.asarray(tensor[(slice(lo, hi), *hf[1:])])[src - lo]
     else:
         block = np.asarray(tensor[tuple(hf)])
-    return block.T if transpose else block
+    return block
 
 
 def load_model(
@@ -235,8 +233,8 @@ def load_model(
 
     for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         mapped = _our_path(name)
-        if mapped is not None and mapped[0][-2] in QKV_PARTS:
-            path, transpose = mapped
+        if mapped is not None and mapped[-2] in QKV_PARTS:
+            path = mapped
             fused = (*path[:-2], "qkv_proj", path[-1])
             if fused in wanted:
                 parts = staged.setdefault(fused, {})
@@ -244,25 +242,26 @@ def load_model(
                 if len(parts) == 3:
                     expect = tuple(wanted[fused].shape)
                     widths = (model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.num_kv_heads)
-                    _check_fused(name, parts, expect, widths, cfg.head_dim, transpose)
+                    _check_fused(name, parts, expect, widths, cfg.head_dim)
                     place(fused, expect, functools.partial(
-                        _read_fused, [parts[k] for k in QKV_PARTS], widths, plan.tp, cfg.head_dim, transpose,
+                        _read_fused, [parts[k] for k in QKV_PARTS], widths, plan.tp, cfg.head_dim,
                         plan.kv_replication, expect))
                     del staged[fused]
                 continue
-        if mapped is None or mapped[0] not in wanted or (cfg.tie_word_embeddings and name == "lm_head.weight"):
+        if mapped is None or mapped not in wanted or (cfg.tie_word_embeddings and name == "lm_head.weight"):
             logger.debug("skipping checkpoint tensor %s", name)
             continue
         targets = [mapped]
-        if cfg.tie_word_embeddings and mapped[0] == ("embed_tokens", "embedding"):
-            targets.append((("lm_head", "kernel"), True))  # the tied head, stored transposed
-        for path, transpose in targets:
+        if cfg.tie_word_embeddings and mapped == ("embed_tokens", "embedding"):
+            targets.append(("lm_head", "kernel"))  # the tied head (vocab-parallel under TP)
+        for path in targets:
             expect = tuple(wanted[path].shape)
-            hf_shape = tuple(tensor.shape)
-            if (hf_shape[::-1] if transpose else hf_shape) != expect:
-                raise ValueError(f"{name}: checkpoint shape {hf_shape} does not fit model shape {expect}")
-            place(path, expect, functools.partial(
-                _read_shard, tensor, our_shape=expect, transpose=transpose, rep=1, head_dim=cfg.head_dim))
+            if tuple(tensor.shape) != expect:
+                raise ValueError(f"{name}: checkpoint shape {tuple(tensor.shape)} does not fit model shape {expect}")
+            if path != mapped and plan.tp == 1:
+                loaded[path] = loaded[mapped]  # one device: the tied head shares the embedding's buffer
+                continue
+            place(path, expect, functools.partial(_read_shard, tensor, our_shape=expect, rep=1, head_dim=cfg.head_dim))
     missing = sorted(".".join(map(str, p)) for p in wanted if p not in loaded)
     if missing:
         raise ValueError(f"checkpoint is missing parameters: {', '.join(missing[:8])}"

@@ -28,7 +28,7 @@ from jaxserve.models import ModelConfig, model_class
 from jaxserve.models.config import RopeScaling
 from jaxserve.sharding import ShardingPlan, make_plan, sharded_config
 
-FORMAT = "jaxserve-orbax-1"
+FORMAT = "jaxserve-orbax-2"  # 2: linear kernels [out, in] (1 was [in, out])
 MARKER = "jaxserve_checkpoint.json"
 
 
@@ -39,7 +39,10 @@ def is_orbax_checkpoint(directory: Path) -> bool:
 def read_orbax_config(directory: Path) -> tuple[ModelConfig, str]:
     meta = json.loads((directory / MARKER).read_text())
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT})")
+        raise ValueError(
+            f"{directory}: checkpoint format {meta.get('format')!r} is not {FORMAT!r}; "
+            "convert it again with scripts/convert_checkpoint.py"
+        )
     raw = dict(meta["model_config"])
     raw["rope_scaling"] = RopeScaling(**raw["rope_scaling"])
     raw["eos_token_ids"] = tuple(raw["eos_token_ids"])
@@ -115,12 +118,13 @@ def _shard_major_qkv(tree: dict, cfg: ModelConfig, plan: ShardingPlan) -> dict:
     n, k = cfg.num_heads, cfg.num_kv_heads
 
     def relayout(a):
+        a = jnp.moveaxis(a, 0, -1)  # output features (axis 0 of [F, D] and [F]) last
         lead = a.shape[:-1]
         q, kk, v = a[..., : n * h], a[..., n * h : (n + k) * h], a[..., (n + k) * h :]
         if r > 1:
             kk, v = (jnp.repeat(x.reshape(*lead, k, h), r, axis=-2).reshape(*lead, k * r * h) for x in (kk, v))
         per_shard = [x.reshape(*lead, tp, -1) for x in (q, kk, v)]
-        return jnp.concatenate(per_shard, axis=-1).reshape(*lead, -1)
+        return jnp.moveaxis(jnp.concatenate(per_shard, axis=-1).reshape(*lead, -1), -1, 0)
 
     def fix(path, x):
         name = _name(path)
