@@ -169,16 +169,14 @@ def _read_shard(
     ``rep`` > 1: our output features (axis 0) are the checkpoint's KV heads each repeated ``rep``
     times, so our head j is checkpoint head j // rep.
     """
-    hf = _normalize(index, our_shape)
+    idx = _normalize(index, our_shape)
     if rep > 1:
-        rows = hf[0]  # the output-feature axis in HF layout (weights and biases alike)
+        rows = idx[0]  # the output-feature axis (weights and biases alike)
         j = np.arange(rows.start, rows.stop)
         src = (j // head_dim) // rep * head_dim + j % head_dim
         lo, hi = int(src.min()), int(src.max()) + 1
-        block = np.asarray(tensor[(slice(lo, hi), *hf[1:])])[src - lo]
-    else:
-        block = np.asarray(tensor[tuple(hf)])
-    return block
+        return np.asarray(tensor[(slice(lo, hi), *idx[1:])])[src - lo]
+    return np.asarray(tensor[tuple(idx)])
 
 
 def load_model(
@@ -234,11 +232,10 @@ def load_model(
     for name, tensor in tqdm(tensors, total=total, desc="Loading weights", unit="tensor", disable=not progress):
         mapped = _our_path(name)
         if mapped is not None and mapped[-2] in QKV_PARTS:
-            path = mapped
-            fused = (*path[:-2], "qkv_proj", path[-1])
+            fused = (*mapped[:-2], "qkv_proj", mapped[-1])
             if fused in wanted:
                 parts = staged.setdefault(fused, {})
-                parts[path[-2]] = tensor
+                parts[mapped[-2]] = tensor
                 if len(parts) == 3:
                     expect = tuple(wanted[fused].shape)
                     widths = (model_cfg.num_heads, model_cfg.num_kv_heads, model_cfg.num_kv_heads)
