@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import TensorParallelError, check_tensor_parallel, spec_for
 from jaxserve.weights.loader import read_model_config
+from jaxserve.weights.orbax_checkpoint import read_orbax_config
 from jaxserve.weights.source import resolve_model_source
 from tests.engine.engine_helpers import make_engine
 
@@ -94,3 +97,9 @@ def test_orbax_checkpoint_restores_into_any_tp(hf_checkpoints, tmp_path):
         qkv = eng.runner.loaded.state["layers"][0]["self_attn"]["qkv_proj"]["kernel"][...]
         assert qkv.sharding.spec == spec_for("layers/0/self_attn/qkv_proj/kernel")
         assert eng.generate(_prompts(), params) == want
+    # A checkpoint of the earlier [in, out] layout is refused, not misread.
+    marker = out / "jaxserve_checkpoint.json"
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "format": "jaxserve-orbax-1"}))
+    with pytest.raises(ValueError, match="convert it again"):
+        read_orbax_config(out)
