@@ -46,6 +46,12 @@ class ServeConfig:
         "bfloat16 where the CPU has native bf16 dot products, else float32 (CPU activations stay float32).",
         choices=("auto", "bfloat16", "float16", "float32"),
     )
+    load_format: str = _field(
+        "auto",
+        "auto = read the checkpoint's weights; dummy = random weights of the checkpoint's shapes (only its "
+        "config and tokenizer are read), for benchmarks, like vLLM's --load-format dummy.",
+        choices=("auto", "dummy"),
+    )
     max_model_len: int | None = _field(None, "Maximum prompt + output tokens (default: the model's context length).")
     seed: int = _field(0, "Seed for requests that do not set one.")
     # --- engine ----------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
         model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, async_scheduling=not args.sync,
         enable_prefix_caching=not args.no_prefix_caching, compilation_cache_dir=args.compilation_cache_dir or "",
-        kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size,
+        kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, load_format=args.load_format,
     )
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         gflops.append(2 * (param_bytes / itemsize) * r["num_seqs"] / d / 1e9)  # matmul FLOPs (one MAC per weight)
     return {
         "machine": platform.processor() or platform.machine(), "device": str(jax.devices()[0]),
-        "jax": jax.__version__, "python": platform.python_version(), "model": args.model,
+        "jax": jax.__version__, "python": platform.python_version(), "model": args.model, "load_format": args.load_format,
         "dtype": engine.stats.dtype, "async_scheduling": not args.sync,
         "startup_s": startup, "load_s": engine.stats.load_seconds, "compile_s": engine.stats.compile_seconds, "warmup_s": engine.stats.warmup_seconds,
         "num_prompts": args.num_prompts, "output_len": args.output_len, "duration_s": duration,
@@ -167,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                   help="dummy: random weights of the model's shapes (scripts/make_dummy_model.py writes such a directory)")
     p.add_argument("--sync", action="store_true", help="disable async scheduling")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--compilation-cache-dir", default=None)

@@ -103,7 +103,8 @@ class LLMEngine:
         # CPUs keep float32 activations even with 16-bit weights (XLA:CPU is slow at 16-bit elementwise).
         compute_dtype = jax.numpy.float32 if platform == "cpu" else dtype
         loaded = load_model(
-            source, model_config, dtype, backend=backend, compute_dtype=compute_dtype, plan=plan, progress=progress
+            source, model_config, dtype, backend=backend, compute_dtype=compute_dtype, plan=plan, progress=progress,
+            dummy=config.load_format == "dummy",
         )
         self.model_config = model_config
         blocks = num_kv_blocks(config, loaded, self.max_model_len, platform)

@@ -179,6 +179,41 @@ def _read_shard(
     return np.asarray(tensor[tuple(idx)])
 
 
+def _dummy_state(abstract_state: nnx.State, plan: ShardingPlan, tied: bool) -> nnx.State:
+    """Random parameters of the abstract state's shapes, each created directly in its shards.
+
+    Kernels and embeddings ~ N(0, 0.02²), norm weights 1, biases 0 (like vLLM's dummy load format,
+    for benchmarks: the step's cost does not depend on the values).
+    """
+    key = jax.random.key(0)
+
+    @functools.cache
+    def init_fn(kind: str, shape: tuple[int, ...], dtype: jnp.dtype, sharding) -> Any:
+        """One compiled initializer per (kind, shape, dtype, sharding): layers share them."""
+        if kind == "weight":
+            return jax.jit(lambda k: jnp.ones(shape, dtype), out_shardings=sharding)
+        if kind == "bias":
+            return jax.jit(lambda k: jnp.zeros(shape, dtype), out_shardings=sharding)
+        return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype), out_shardings=sharding)
+
+    def make(i: int, path: tuple, leaf) -> jax.Array:
+        name = "/".join(map(str, _path_key(path)))
+        kind = name.rsplit("/", 1)[-1]
+        return init_fn(kind, tuple(leaf.shape), leaf.dtype, plan.param(name))(jax.random.fold_in(key, i))
+
+    leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    made = {
+        _path_key(p): make(i, p, leaf) for i, (p, leaf) in enumerate(leaves)
+        if not (tied and _path_key(p) == ("lm_head", "kernel"))
+    }
+    if tied:  # as when loading: the embedding's values (its very buffer on one device)
+        emb = made[("embed_tokens", "embedding")]
+        made[("lm_head", "kernel")] = (
+            emb if plan.tp == 1 else jax.jit(lambda x: x, out_shardings=plan.param("lm_head/kernel"))(emb)
+        )
+    return jax.tree_util.tree_map_with_path(lambda p, _: made[_path_key(p)], abstract_state)
+
+
 def load_model(
     source: ModelSource,
     cfg: ModelConfig,
@@ -188,16 +223,18 @@ def load_model(
     compute_dtype: jnp.dtype | None = None,
     plan: ShardingPlan | None = None,
     progress: bool = True,
+    dummy: bool = False,
 ) -> LoadedModel:
     """Read every parameter of ``source`` into a fresh model of ``cfg``'s architecture.
 
     ``compute_dtype`` (default: ``dtype``) is the activation dtype. With a ``plan`` every
     parameter goes straight into its shards: each device's slice is read from the checkpoint on
     its own (safetensors are read slice by slice; GGUF tensors are dequantized whole, one at a time).
+    ``dummy``: no tensor is read; every parameter is random (see ``_dummy_state``).
     """
     t0 = time.perf_counter()
     compute_dtype = jnp.dtype(compute_dtype or dtype)
-    if source.kind == "orbax":
+    if source.kind == "orbax" and not dummy:
         return restore_orbax(source.path, cfg, dtype, backend=backend, compute_dtype=compute_dtype, plan=plan)
     plan = plan or make_plan(cfg, 1)
     model_cfg = sharded_config(cfg, plan)
@@ -208,6 +245,9 @@ def load_model(
                     rngs=nnx.Rngs(0))
     )
     graphdef, abstract_state = nnx.split(abstract)
+    if dummy:
+        state = _dummy_state(abstract_state, plan, cfg.tie_word_embeddings)
+        return LoadedModel(model_cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0, plan)
     wanted = {
         _path_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }

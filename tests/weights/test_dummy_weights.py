@@ -1,0 +1,60 @@
+"""--load-format dummy: random weights from a directory holding only config.json and a tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.sampling_params import SamplingParams
+from jaxserve.sharding import spec_for
+from tests.engine.engine_helpers import make_engine
+from tests.helpers import hf_config, write_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def config_only_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("qwen2-config-only")
+    cfg = hf_config("qwen2")  # tied embeddings, q/k/v biases
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.save_pretrained(str(directory))
+    write_tiny_tokenizer(directory)
+    return directory
+
+
+def test_auto_format_needs_the_weights(config_only_dir: Path) -> None:
+    with pytest.raises(Exception, match="safetensors|missing"):
+        make_engine(config_only_dir)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_dummy_weights_serve_with_the_rules_shardings(config_only_dir: Path, tp: int) -> None:
+    eng = make_engine(config_only_dir, load_format="dummy", tensor_parallel_size=tp)
+    state = eng.runner.loaded.state
+    norm = np.asarray(state["layers"][0]["input_layernorm"]["weight"][...])
+    bias = np.asarray(state["layers"][0]["self_attn"]["qkv_proj"]["bias"][...])
+    qkv = state["layers"][1]["self_attn"]["qkv_proj"]["kernel"][...]
+    assert (norm == 1).all() and (bias == 0).all()
+    assert 0.015 < float(np.std(np.asarray(qkv))) < 0.025
+    assert qkv.sharding.spec == spec_for("layers/1/self_attn/qkv_proj/kernel")
+    assert len(qkv.sharding.device_set) == tp
+    head, emb = state["lm_head"]["kernel"][...], state["embed_tokens"]["embedding"][...]
+    if tp == 1:  # tied: one buffer, as when a real checkpoint is loaded
+        assert head is emb
+    else:
+        assert head.sharding.spec == spec_for("lm_head/kernel")
+        np.testing.assert_array_equal(np.asarray(head), np.asarray(emb))  # tied values, vocab-parallel copy
+    out = eng.generate([[5, 6, 7], [9] * 20], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert [len(o) for o in out] == [6, 6]
+    assert all(0 <= t < eng.model_config.vocab_size for o in out for t in o)
+
+
+def test_dummy_weights_are_the_same_in_every_run(config_only_dir: Path) -> None:
+    a = make_engine(config_only_dir, load_format="dummy", max_num_seqs=2)
+    b = make_engine(config_only_dir, load_format="dummy", max_num_seqs=3)
+    ka = a.runner.loaded.state["layers"][0]["mlp"]["down_proj"]["kernel"][...]
+    kb = b.runner.loaded.state["layers"][0]["mlp"]["down_proj"]["kernel"][...]
+    np.testing.assert_array_equal(np.asarray(ka), np.asarray(kb))
+    assert jax.numpy.dtype(ka.dtype) == jax.numpy.float32
