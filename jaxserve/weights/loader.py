@@ -179,8 +179,8 @@ def _read_shard(
     return np.asarray(tensor[tuple(idx)])
 
 
-def _dummy_state(abstract_state: nnx.State, plan: ShardingPlan, tied: bool) -> nnx.State:
-    """Random parameters of the abstract state's shapes, each created directly in its shards.
+def _dummy_params(wanted: dict[tuple, Any], plan: ShardingPlan, tied: bool) -> dict[tuple, jax.Array]:
+    """Random parameters of ``wanted``'s shapes (by state path), each created directly in its shards.
 
     Kernels and embeddings ~ N(0, 0.02²), norm weights 1, biases 0 (like vLLM's dummy load format,
     for benchmarks: the step's cost does not depend on the values).
@@ -196,22 +196,16 @@ def _dummy_state(abstract_state: nnx.State, plan: ShardingPlan, tied: bool) -> n
             return jax.jit(lambda k: jnp.zeros(shape, dtype), out_shardings=sharding)
         return jax.jit(lambda k: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype), out_shardings=sharding)
 
-    def make(i: int, path: tuple, leaf) -> jax.Array:
-        name = "/".join(map(str, _path_key(path)))
-        kind = name.rsplit("/", 1)[-1]
-        return init_fn(kind, tuple(leaf.shape), leaf.dtype, plan.param(name))(jax.random.fold_in(key, i))
-
-    leaves = jax.tree_util.tree_flatten_with_path(abstract_state)[0]
-    made = {
-        _path_key(p): make(i, p, leaf) for i, (p, leaf) in enumerate(leaves)
-        if not (tied and _path_key(p) == ("lm_head", "kernel"))
-    }
+    head, emb = ("lm_head", "kernel"), ("embed_tokens", "embedding")
+    made = {}
+    for i, (path, leaf) in enumerate(wanted.items()):
+        if tied and path == head:
+            continue
+        name = "/".join(map(str, path))
+        made[path] = init_fn(path[-1], tuple(leaf.shape), leaf.dtype, plan.param(name))(jax.random.fold_in(key, i))
     if tied:  # as when loading: the embedding's values (its very buffer on one device)
-        emb = made[("embed_tokens", "embedding")]
-        made[("lm_head", "kernel")] = (
-            emb if plan.tp == 1 else jax.jit(lambda x: x, out_shardings=plan.param("lm_head/kernel"))(emb)
-        )
-    return jax.tree_util.tree_map_with_path(lambda p, _: made[_path_key(p)], abstract_state)
+        made[head] = made[emb] if plan.tp == 1 else jax.jit(lambda x: x, out_shardings=plan.param("lm_head/kernel"))(made[emb])
+    return made
 
 
 def load_model(
@@ -230,7 +224,7 @@ def load_model(
     ``compute_dtype`` (default: ``dtype``) is the activation dtype. With a ``plan`` every
     parameter goes straight into its shards: each device's slice is read from the checkpoint on
     its own (safetensors are read slice by slice; GGUF tensors are dequantized whole, one at a time).
-    ``dummy``: no tensor is read; every parameter is random (see ``_dummy_state``).
+    ``dummy``: no tensor is read; every parameter is random (see ``_dummy_params``).
     """
     t0 = time.perf_counter()
     compute_dtype = jnp.dtype(compute_dtype or dtype)
@@ -245,12 +239,13 @@ def load_model(
                     rngs=nnx.Rngs(0))
     )
     graphdef, abstract_state = nnx.split(abstract)
-    if dummy:
-        state = _dummy_state(abstract_state, plan, cfg.tie_word_embeddings)
-        return LoadedModel(model_cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0, plan)
     wanted = {
         _path_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }
+    if dummy:
+        made = _dummy_params(wanted, plan, cfg.tie_word_embeddings)
+        state = jax.tree_util.tree_map_with_path(lambda p, _: made[_path_key(p)], abstract_state)
+        return LoadedModel(model_cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0, plan)
     if source.kind == "gguf":
         ckpt = open_gguf(source.path)
         tensors: Iterator[tuple[str, Any]] = ckpt.iter_tensors(cfg)
