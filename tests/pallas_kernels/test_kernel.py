@@ -1,4 +1,4 @@
-"""The Pallas ragged paged attention kernel (interpret mode on CPU) against the dense oracle,
+"""The Pallas ragged paged attention kernel (interpret mode on CPU, compiled on a CUDA GPU) against the dense oracle,
 across dtypes, head layouts, head dims, page sizes and ragged batch mixes."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import pytest
 
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import build_host_metadata
 from jaxserve.pallas_kernels.ragged_paged_attention.ops import padded_heads_per_query, ragged_paged_attention
-from tests.pallas_kernels.helpers import MIXES, check_against_dense
+from tests.pallas_kernels.helpers import INTERPRET, MIXES, check_against_dense
 
-kernel = functools.partial(ragged_paged_attention, interpret=True)
+kernel = functools.partial(ragged_paged_attention, interpret=INTERPRET)
 
 HEADS = {"mha_4_4": (4, 4), "gqa_28_4": (28, 4), "gqa_14_2": (14, 2), "gqa_32_8": (32, 8)}
 

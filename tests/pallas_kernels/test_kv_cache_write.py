@@ -1,4 +1,4 @@
-"""The Pallas KV-cache write (interpret mode) against the XLA scatter reference."""
+"""The Pallas KV-cache write (interpret mode on CPU, compiled on a CUDA GPU) against the XLA scatter reference."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 
 from jaxserve.pallas_kernels.kv_cache_write.ops import write_kv as kernel_write_kv
 from jaxserve.pallas_kernels.kv_cache_write.reference import write_kv as ref_write_kv
+from tests.pallas_kernels.helpers import INTERPRET
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -21,7 +22,7 @@ def test_kernel_matches_reference(dtype, num_tokens):
     want = ref_write_kv(jnp.asarray(pages, dtype), jnp.asarray(pages * 2, dtype), jnp.asarray(k_new),
                         jnp.asarray(v_new), jnp.asarray(slots))
     got = kernel_write_kv(jnp.asarray(pages, dtype), jnp.asarray(pages * 2, dtype), jnp.asarray(k_new),
-                          jnp.asarray(v_new), jnp.asarray(slots), interpret=True)
+                          jnp.asarray(v_new), jnp.asarray(slots), interpret=INTERPRET)
     for g, w in zip(got, want, strict=True):  # page 0 is the null block: scratch, contents unspecified
         np.testing.assert_array_equal(np.asarray(g[1:].astype(jnp.float32)), np.asarray(w[1:].astype(jnp.float32)))
     flat = np.asarray(got[0].astype(jnp.float32)).reshape(48, 2, 16)
@@ -32,4 +33,4 @@ def test_invalid_shapes():
     pages = jnp.zeros((4, 8, 2, 16))
     with pytest.raises(ValueError, match="new k/v must be"):
         kernel_write_kv(pages, pages, jnp.zeros((3, 2, 8)), jnp.zeros((3, 2, 8)), jnp.zeros(3, jnp.int32),
-                        interpret=True)
+                        interpret=INTERPRET)
