@@ -176,10 +176,46 @@ def run(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def sweep(args: argparse.Namespace) -> list[dict]:
+    """Our kernel's knobs (keys per loop step, warps, pipeline stages) on the targets' decode case
+    and the prefill chunk: one row per setting, to pick the defaults from."""
+    rng = np.random.RandomState(0)
+    bw = copy_bandwidth(args.copy_bytes, args.iters, args.trials)
+    rows = []
+    n, k, h = HEADS["qwen2.5-7b"]
+    q, kp, vp, meta, _ = decode_case(64, 4096, (n, k, h), args.page, rng)
+    must_read = 2 * 64 * 4096 * k * h * 2 + 2 * q.size * 2
+    chunk, prefix = 2048, 2048
+    pq = jax.random.normal(jax.random.key(1), (chunk, n, h), jnp.bfloat16)
+    pages = -(-(chunk + prefix) // args.page)
+    pkp = jax.random.normal(jax.random.key(2), (pages + 1, args.page, k, h), jnp.bfloat16)
+    pmeta = build_host_metadata([chunk], [chunk + prefix], [list(range(1, pages + 1))], args.page, num_tokens=chunk,
+                                num_seqs=1, table_width=pages, num_rows=chunk // 16, row_width=16).as_metadata()
+    flops = 4 * chunk * (prefix + (chunk + 1) / 2) * n * h
+    for blk in (64, 128, 256):
+        for warps in (4, 8):
+            for stages in (1, 2, 3):
+                fn = functools.partial(ragged_paged_attention, sm_scale=h**-0.5, kv_block_tokens=blk,
+                                       num_warps=warps, num_stages=stages)
+                row = {"op": "sweep", "kv_block_tokens": blk, "num_warps": warps, "num_stages": stages}
+                with recorded(row, "decode"):
+                    t = device_time(lambda qq, a, c, m: fn(qq, a, c, m), q, kp, vp, meta, iters=args.iters,
+                                    trials=args.trials)
+                    row.update(decode_ms=1e3 * t, decode_pct_copy=100 * must_read / t / bw)
+                with recorded(row, "prefill"):
+                    t = device_time(lambda qq, a, c, m: fn(qq, a, c, m), pq, pkp, pkp, pmeta,
+                                    iters=max(1, args.iters // 4), trials=args.trials)
+                    row.update(prefill_ms=1e3 * t, prefill_TFLOPs=flops / t / 1e12)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (any device)")
     p.add_argument("--quick", action="store_true", help="only the targets' shapes (the GPU check)")
+    p.add_argument("--sweep", action="store_true", help="our kernel's block/warps/stages settings (GPU)")
     p.add_argument("--page", type=int, default=16)
     p.add_argument("--kv-block-tokens", type=int, default=128)
     p.add_argument("--iters", type=int, default=20)
@@ -190,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.smoke:
         args.iters, args.trials, args.copy_bytes = 2, 1, 1 << 20
-    rows = run(args)
+    rows = sweep(args) if args.sweep else run(args)
     if args.save_result:
         with open(args.save_result, "w") as f:
             json.dump(rows, f, indent=1)

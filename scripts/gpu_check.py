@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
+XDIST = ["-n", "8"] if importlib.util.find_spec("xdist") else []
 
 
 @dataclasses.dataclass
@@ -46,8 +48,9 @@ def gpu_steps() -> list[Step]:
                "--max-model-len", "1024"]
     return [
         Step("env", [PY, "scripts/gpu_env_probe.py"], 30, cuda),
-        Step("kernels", [PY, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", "tests/pallas_kernels"], 110,
-             {**cuda, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}),
+        # Each case compiles its own kernels (~5 s on the H200): 8 pytest-xdist workers share the GPU.
+        Step("kernels", [PY, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *XDIST, "tests/pallas_kernels"],
+             120, {**cuda, "JAX_DEFAULT_MATMUL_PRECISION": "highest", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}),
         Step("engine", [PY, "scripts/gpu_engine_check.py"], 90, cuda),
         Step("bench_kernels", [PY, "scripts/bench_kernels.py", "--quick"], 90, cuda),
         Step("offline_7b", [PY, "scripts/bench_offline.py", "--model", "{tmp}/qwen2.5-7b", *offline], 110, cuda),
@@ -56,6 +59,7 @@ def gpu_steps() -> list[Step]:
                        "--server-args", "--load-format dummy --dtype bfloat16 --max-model-len 1024 "
                        "--max-num-seqs 8 --max-num-batched-tokens 64 --gpu-memory-utilization 0.5"], 90, cuda),
         Step("offline_0.5b", [PY, "scripts/bench_offline.py", "--model", "{tmp}/qwen2.5-0.5b", *offline], 80, cuda),
+        Step("kernel_sweep", [PY, "scripts/bench_kernels.py", "--sweep"], 90, cuda),
     ]
 
 

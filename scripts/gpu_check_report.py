@@ -71,6 +71,18 @@ def _kernel_table(results: dict) -> list[str]:
     return out
 
 
+def _sweep_table(results: dict) -> list[str]:
+    rows = [r for r in _records(results, "kernel_sweep") if r.get("op") == "sweep"]
+    if not rows:
+        return []
+    out = ["| kv_block_tokens | warps | stages | decode ms (7B B=64 ctx 4096) | % of copy | prefill ms | prefill TFLOP/s |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['kv_block_tokens']} | {r['num_warps']} | {r['num_stages']} | {_f(r.get('decode_ms'), 3)} | "
+                   f"{_f(r.get('decode_pct_copy'), 1)} | {_f(r.get('prefill_ms'), 3)} | {_f(r.get('prefill_TFLOPs'), 1)} |")
+    return out
+
+
 def _offline_rows(results: dict) -> dict[tuple[str, int], dict]:
     found = {}
     for step, r in results["steps"].items():
@@ -142,6 +154,7 @@ def render_markdown(results: dict) -> str:
              f"(budget {results['budget_s']} s).", ""]
     lines += _status_table(results) + [""]
     for title, part in (("Engine correctness", _engine_check(results)), ("Kernels", _kernel_table(results)),
+                        ("Kernel settings sweep", _sweep_table(results)),
                         ("Engine throughput (prompt 512, output 128, bf16, dummy weights)", _engine_table(results)),
                         ("End to end", _serve(results))):
         if part:
