@@ -20,6 +20,9 @@ def setup_runtime(config: ServeConfig) -> None:
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    from jaxserve.engine.kv_cache_size import reserve_device_memory
+
+    reserve_device_memory(config.gpu_memory_utilization)  # before jax starts a GPU backend
     import jax
 
     if config.compilation_cache_dir:

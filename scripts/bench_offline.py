@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-result", default=None)
     args = p.parse_args(argv)
     result = run(args)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result))  # one line: the GPU check reads JSON lines
     if args.save_result:
         Path(args.save_result).parent.mkdir(parents=True, exist_ok=True)
         Path(args.save_result).write_text(json.dumps(result, indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,26 @@ from jaxserve.weights.loader import LoadedModel
 logger = logging.getLogger(__name__)
 
 GIB = 1 << 30
+XLA_POOL_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+XLA_DEFAULT_POOL = 0.75  # jax's default share of an accelerator's memory for its allocator
+
+
+def reserve_device_memory(fraction: float) -> None:
+    """Size XLA's accelerator pool to ``fraction`` of the card (vLLM's ``--gpu-memory-utilization``).
+
+    Must run before jax initialises a GPU backend; a value the user set in the environment wins.
+    """
+    os.environ.setdefault(XLA_POOL_ENV, str(fraction))
+
+
+def device_budget_bytes(config: ServeConfig, bytes_limit: int) -> int:
+    """Bytes this process may use on one device: ``gpu_memory_utilization`` of the card, within XLA's pool.
+
+    ``bytes_limit`` is the pool (its fraction of the card is ``XLA_PYTHON_CLIENT_MEM_FRACTION``,
+    0.75 when unset), so the card's size is ``bytes_limit / fraction``.
+    """
+    pool = float(os.environ.get(XLA_POOL_ENV) or XLA_DEFAULT_POOL)
+    return min(bytes_limit, int(config.gpu_memory_utilization * bytes_limit / pool))
 
 
 def activation_reserve_bytes(config: ServeConfig, loaded: LoadedModel) -> int:
@@ -43,11 +64,12 @@ def num_kv_blocks(config: ServeConfig, loaded: LoadedModel, max_model_len: int, 
         if limit is None:
             raise RuntimeError(f"cannot read the {platform} device's memory size; set --num-kv-blocks")
         in_use = stats.get("bytes_in_use", 0)
-        budget = int(config.gpu_memory_utilization * limit) - in_use - activation_reserve_bytes(config, loaded)
+        budget = device_budget_bytes(config, limit) - in_use - activation_reserve_bytes(config, loaded)
         blocks = budget * loaded.plan.tp // block_bytes  # each device holds 1/tp of every block
         logger.info(
-            "device memory %.1f GiB, in use %.1f GiB, KV budget %.1f GiB",
-            limit / GIB, in_use / GIB, max(budget, 0) / GIB,
+            "device pool %.1f GiB, allowed %.1f GiB (--gpu-memory-utilization %.2f), in use %.1f GiB, KV budget %.1f GiB",
+            limit / GIB, device_budget_bytes(config, limit) / GIB, config.gpu_memory_utilization, in_use / GIB,
+            max(budget, 0) / GIB,
         )
     needed = -(-max_model_len // config.block_size) + 1
     if blocks < needed:
