@@ -39,7 +39,6 @@ SHARDING_RULES: tuple[tuple[str, P], ...] = (
     (r"(^|/)(input_layernorm|post_attention_layernorm|norm|q_norm|k_norm)/weight$", P(None)),
     (r"^lm_head/kernel$", P(MODEL_AXIS, None)),
 )
-KV_CACHE_SPEC = P(None, None, MODEL_AXIS, None)  # [P, S, K, H]: split by KV heads
 
 
 class TensorParallelError(ValueError):
@@ -67,10 +66,6 @@ class ShardingPlan:
 
     def param(self, path: str) -> NamedSharding:
         return NamedSharding(self.mesh, spec_for(path))
-
-    @property
-    def kv_cache(self) -> NamedSharding:
-        return NamedSharding(self.mesh, KV_CACHE_SPEC)
 
     @property
     def replicated(self) -> NamedSharding:

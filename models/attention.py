@@ -1,86 +1,102 @@
-"""The one attention entry point the models call: KV write + ragged paged attention.
+"""The one attention entry point the models call, and the per-sequence metadata it takes.
 
-``backend`` is resolved once at start-up (``resolve_backend``) and stored on the model as a
-static string; the Pallas kernels plug in here next to the pure-jnp reference. Under tensor
-parallelism the write and the attention run per shard (``shard_map`` over the ``model`` axis):
-each shard holds whole query heads and the KV heads they read, so no communication is needed.
+What the model sees is per sequence: each new token's cache slot, query offsets, KV lengths and
+block tables (``AttentionMetadata``), plus one static fact about the step, ``decode_only`` (every
+sequence has at most one new token). How queries are tiled for a kernel is the backend's business
+(``models/attention_backends.py``): the engine's compile key holds no tile width.
+
+Under tensor parallelism the KV write and the attention run per shard (``shard_map`` over the
+``model`` axis): each shard holds whole query heads and the KV heads they read.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
 
-from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
-from jaxserve.pallas_kernels.kv_cache_write.reference import write_kv
-from jaxserve.pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
-from jaxserve.pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
+from jaxserve.models.attention_backends import KVCache, get_backend
+from jaxserve.pallas_kernels.ragged_paged_attention.metadata import pack_sequences
 
-BACKENDS = ("auto", "pallas", "reference")
 MODEL_AXIS = "model"
 
 
-def resolve_backend(requested: str, platform: str) -> str:
-    """Map the config's ``attention_backend`` to an implementation for ``platform``.
+@dataclasses.dataclass
+class AttentionMetadata:
+    """One step's ragged batch over the paged cache (a pytree; ``decode_only`` is static).
 
-    ``auto``: the Pallas (Triton) kernel on CUDA GPUs, the pure-jnp reference elsewhere. TPUs are
-    a clean slot for jax's bundled TPU ragged paged attention (not wired yet: reference).
-    ``pallas`` off-GPU runs the kernel in interpret mode (tests).
+    Shapes: T tokens, B sequences, W pages per sequence. Padded sequences have no queries and
+    ``seq_lens == 0``; padded tokens write into page 0, which the block manager never hands out.
     """
-    if requested not in BACKENDS:
-        raise ValueError(f"attention_backend must be one of {', '.join(BACKENDS)}, got {requested!r}")
-    if requested == "reference":
-        return "reference"
-    if platform in ("gpu", "cuda"):
-        return "pallas"
-    return "pallas_interpret" if requested == "pallas" else "reference"
+
+    slot_mapping: jax.Array  # i32[T]   cache slot (page * page_size + offset) of each new token
+    query_start_loc: jax.Array  # i32[B+1] cumulative query offsets into the flat tokens
+    seq_lens: jax.Array  # i32[B]   KV length of each sequence after this step
+    block_tables: jax.Array  # i32[B, W] page ids of each sequence (unused entries: 0)
+    decode_only: bool  # every sequence has at most one query (decode buckets: T == B)
 
 
-def _local_attention(
-    q_TNH: jax.Array,
-    k_TKH: jax.Array,
-    v_TKH: jax.Array,
-    k_pages: jax.Array,
-    v_pages: jax.Array,
-    meta: AttentionMetadata,
-    *,
-    sm_scale: float,
-    backend: str,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    k_pages, v_pages = write_kv(k_pages, v_pages, k_TKH, v_TKH, meta.slot_mapping)
-    if backend == "reference":
-        o = ref_ragged_paged_attention(q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale)
-    elif backend in ("pallas", "pallas_interpret"):
-        o = ragged_paged_attention(
-            q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale, interpret=backend == "pallas_interpret"
-        )
-    else:
-        raise ValueError(f"unknown attention backend {backend!r}")
-    return o, k_pages, v_pages
+jax.tree_util.register_dataclass(
+    AttentionMetadata,
+    data_fields=["slot_mapping", "query_start_loc", "seq_lens", "block_tables"],
+    meta_fields=["decode_only"],
+)
+
+
+def build_host_metadata(
+    q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], page_size: int, *,
+    num_tokens: int, num_seqs: int, table_width: int, decode_only: bool | None = None,
+) -> AttentionMetadata:
+    """Host (numpy) metadata for sequences whose ``q_lens[b]`` new tokens end at ``seq_lens[b]``.
+
+    ``decode_only`` defaults to whether every sequence has at most one query.
+    """
+    if decode_only is None:
+        decode_only = all(q <= 1 for q in q_lens)
+    elif decode_only and any(q > 1 for q in q_lens):
+        raise ValueError("decode_only metadata cannot hold a sequence with more than one query")
+    arrays = pack_sequences(q_lens, seq_lens, block_tables, page_size, num_tokens=num_tokens, num_seqs=num_seqs,
+                            table_width=table_width)
+    return AttentionMetadata(*arrays, decode_only=decode_only)
+
+
+def abstract_metadata(num_tokens: int, num_seqs: int, table_width: int, decode_only: bool) -> AttentionMetadata:
+    """The shapes of a step's metadata, for ahead-of-time lowering."""
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    return AttentionMetadata(i32(num_tokens), i32(num_seqs + 1), i32(num_seqs), i32(num_seqs, table_width),
+                             decode_only)
+
+
+def zero_metadata(meta: AttentionMetadata) -> AttentionMetadata:
+    """Host zeros with ``meta``'s shapes (padding steps, multi-host followers)."""
+    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), meta)
 
 
 def paged_attention(
     q_TNH: jax.Array,
     k_TKH: jax.Array,
     v_TKH: jax.Array,
-    kv_cache: tuple[jax.Array, jax.Array],
+    kv_cache: KVCache,
     meta: AttentionMetadata,
     *,
     sm_scale: float,
     backend: str,
     mesh: Mesh | None = None,
-) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+) -> tuple[jax.Array, KVCache]:
     """Write this step's K/V into the paged cache, then attend. Returns (o_TNH, new cache)."""
+    impl = get_backend(backend)
 
-    def local(q, k, v, kp, vp, m):
-        return _local_attention(q, k, v, kp, vp, m, sm_scale=sm_scale, backend=backend)
+    def local(q, k, v, cache, m):
+        return impl.forward(q, k, v, cache, m, sm_scale=sm_scale)
 
     if mesh is not None and mesh.shape[MODEL_AXIS] > 1:
-        heads, pages = P(None, MODEL_AXIS, None), P(None, None, MODEL_AXIS, None)
+        heads = jax.sharding.PartitionSpec(None, MODEL_AXIS, None)
+        cache_specs = impl.cache_specs(MODEL_AXIS)
         local = jax.shard_map(
-            local, mesh=mesh, in_specs=(heads, heads, heads, pages, pages, P()),
-            out_specs=(heads, pages, pages), check_vma=False,
+            local, mesh=mesh, in_specs=(heads, heads, heads, cache_specs, jax.sharding.PartitionSpec()),
+            out_specs=(heads, cache_specs), check_vma=False,
         )
-    o, k_pages, v_pages = local(q_TNH, k_TKH, v_TKH, kv_cache[0], kv_cache[1], meta)
-    return o, (k_pages, v_pages)
+    return local(q_TNH, k_TKH, v_TKH, kv_cache, meta)

@@ -12,12 +12,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxserve.models.attention import paged_attention
+from jaxserve.models.attention import AttentionMetadata, paged_attention
+from jaxserve.models.attention_backends import KVCache
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope, rope_inv_freq
-from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
-
-KVCache = tuple[jax.Array, jax.Array]  # (k_pages [P, S, K, H], v_pages [P, S, K, H])
 
 
 class SelfAttention(nnx.Module):
@@ -116,7 +114,8 @@ class DecoderForCausalLM(nnx.Module):
     ) -> tuple[jax.Array, list[KVCache]]:
         """Run every token of the batch; return float32 logits [B, V] at ``logits_indices_B``.
 
-        ``kv_caches`` holds one (k_pages, v_pages) pair per layer; the updated list is returned.
+        ``kv_caches`` holds one cache per layer, laid out by the attention backend; the updated list
+        is returned.
         """
         x = self.embed_tokens(tokens_T).astype(self.compute_dtype)
         new_caches = []

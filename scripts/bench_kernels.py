@@ -77,7 +77,7 @@ def decode_case(batch: int, context: int, heads: tuple[int, int, int], page: int
     perm = rng.permutation(np.arange(1, num_pages))
     tables = perm.reshape(batch, pages_per_seq).tolist()
     meta = build_host_metadata([1] * batch, [context] * batch, tables, page, num_tokens=batch, num_seqs=batch,
-                               table_width=pages_per_seq, num_rows=batch, row_width=1).as_metadata()
+                               table_width=pages_per_seq, num_rows=batch, row_width=1)
     key = jax.random.key(0)
     kq, kk, kv = jax.random.split(key, 3)
     q = jax.random.normal(kq, (batch, n, h), jnp.bfloat16)
@@ -150,7 +150,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     vp = jax.random.normal(jax.random.key(3), (pages + 1, args.page, k, h), jnp.bfloat16)
     rw = 16
     meta = build_host_metadata([chunk], [total], [list(range(1, pages + 1))], args.page, num_tokens=chunk,
-                               num_seqs=1, table_width=pages, num_rows=chunk // rw, row_width=rw).as_metadata()
+                               num_seqs=1, table_width=pages, num_rows=chunk // rw, row_width=rw)
     ours = functools.partial(ragged_paged_attention, sm_scale=h**-0.5, interpret=interpret,
                              kv_block_tokens=args.kv_block_tokens)
     flops = 4 * chunk * (prefix + (chunk + 1) / 2) * n * h  # causal over the new chunk
@@ -190,7 +190,7 @@ def sweep(args: argparse.Namespace) -> list[dict]:
     pages = -(-(chunk + prefix) // args.page)
     pkp = jax.random.normal(jax.random.key(2), (pages + 1, args.page, k, h), jnp.bfloat16)
     pmeta = build_host_metadata([chunk], [chunk + prefix], [list(range(1, pages + 1))], args.page, num_tokens=chunk,
-                                num_seqs=1, table_width=pages, num_rows=chunk // 16, row_width=16).as_metadata()
+                                num_seqs=1, table_width=pages, num_rows=chunk // 16, row_width=16)
     flops = 4 * chunk * (prefix + (chunk + 1) / 2) * n * h
     for blk in (64, 128, 256):
         for warps in (4, 8):

@@ -46,8 +46,8 @@ def run_backend(model_dir: Path, backend: str) -> dict:
     from jaxserve.sampling_params import SamplingParams
 
     cfg = ServeConfig(
-        model=str(model_dir), attention_backend=backend, dtype="float32", max_num_seqs=8,
-        max_num_batched_tokens=64, block_size=16, max_model_len=256, num_kv_blocks=64,
+        model=str(model_dir), attention_backend=backend, dtype="float32", max_num_seqs=4,
+        max_num_batched_tokens=32, block_size=16, max_model_len=256, num_kv_blocks=64,
         compilation_cache_dir="", tokenizer_cache_dir="",
     )
     t0 = time.perf_counter()

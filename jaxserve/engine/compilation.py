@@ -1,10 +1,11 @@
 """Static step shapes ("buckets"): every step is padded to one of them, all compiled at start-up.
 
 Two families keep the count small:
-- decode-only steps (every sequence advances one token): ``B`` sequences, ``T = R = B``, ``Q = 1``;
-- mixed steps (prefill chunks, possibly with decodes): ``T`` tokens, ``B = min(T, max_num_seqs)``
-  sequences, query rows of ``Q = prefill_row_width`` tokens, ``R = min(T, T // Q + B)`` rows.
-Bucket sizes are powers of two, capped at the configured maxima.
+- decode-only steps (every sequence advances one token): ``B`` sequences, ``T = B``;
+- mixed steps (prefill chunks, possibly with decodes): ``T`` tokens, ``B = min(T, max_num_seqs)``.
+Bucket sizes are powers of two, capped at the configured maxima. How an attention backend tiles a
+step's queries is its own business (``models/attention_backends.py``): no tile width is part of a
+step's shape.
 
 Steps with a request that needs logit bias or penalties carry per-row token histories
 (``extras``); to keep compiles few, such steps use the largest bucket of their family.
@@ -21,13 +22,8 @@ class StepShape:
 
     num_tokens: int  # T
     num_seqs: int  # B (also the number of logits rows)
-    num_rows: int  # R
-    row_width: int  # Q
+    decode_only: bool  # every sequence has at most one new token
     extras: bool = False  # carries logits-processor inputs (bias, penalty histories)
-
-    @property
-    def is_decode(self) -> bool:
-        return self.row_width == 1
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -46,7 +42,6 @@ class BucketPolicy:
 
     max_num_seqs: int
     max_num_batched_tokens: int
-    prefill_row_width: int = 16
     min_prefill_tokens: int = 16
     min_decode_batch: int = 1
 
@@ -68,13 +63,11 @@ class BucketPolicy:
 
     def decode_shape(self, num_seqs: int) -> StepShape:
         b = next(s for s in self.decode_sizes if s >= num_seqs)
-        return StepShape(b, b, b, 1)
+        return StepShape(b, b, True)
 
     def mixed_shape(self, num_tokens: int) -> StepShape:
         t = next(s for s in self.prefill_sizes if s >= num_tokens)
-        b = min(t, self.max_num_seqs)
-        q = self.prefill_row_width
-        return StepShape(t, b, min(t, t // q + b), q)
+        return StepShape(t, min(t, self.max_num_seqs), False)
 
     def shape_for(self, num_seqs: int, num_tokens: int, extras: bool = False) -> StepShape:
         if num_seqs > self.max_num_seqs or num_tokens > self.max_num_batched_tokens:

@@ -26,7 +26,7 @@ from jaxserve.engine.model_runner import ModelRunner, StepHandle
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput, TokenLogprob
 from jaxserve.engine.scheduler import ScheduledRequest, Scheduler
 from jaxserve.models import ModelConfig
-from jaxserve.models.attention import resolve_backend
+from jaxserve.models.attention_backends import resolve_backend
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
 from jaxserve.sharding import make_plan
@@ -112,7 +112,8 @@ class LLMEngine:
         min_decode = 2 if platform == "cpu" and jax.numpy.dtype(dtype) != jax.numpy.float32 else 1
         buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens, min_decode_batch=min_decode)
         self.runner = ModelRunner(
-            loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets
+            loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets,
+            backend=backend,
         )
         load_s = time.perf_counter() - t0
         logger.info(

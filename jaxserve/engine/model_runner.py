@@ -33,12 +33,9 @@ from jaxserve.engine.logits_processors import (
 )
 from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling_tensors, sample
 from jaxserve.engine.scheduler import ScheduledRequest
-from jaxserve.models.decoder import KVCache
+from jaxserve.models.attention import AttentionMetadata, abstract_metadata, build_host_metadata
+from jaxserve.models.attention_backends import KVCache, get_backend
 from jaxserve.request import PLACEHOLDER
-from jaxserve.pallas_kernels.ragged_paged_attention.metadata import (
-    AttentionMetadata,
-    build_host_metadata,
-)
 from jaxserve.weights.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -87,7 +84,10 @@ class ModelRunner:
         block_size: int,
         max_model_len: int,
         buckets: BucketPolicy,
+        backend: str,
     ) -> None:
+        """``loaded`` may hold abstract parameters (``abstract_loaded_model``): then nothing is
+        allocated and the runner can only ``lower`` its steps."""
         self.loaded = loaded
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -95,14 +95,21 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.buckets = buckets
         c = loaded.config
-        page_shape = (num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        # The cache holds activations: float32 on CPU even with bf16 weights (XLA:CPU would convert
-        # a whole bf16 cache to scatter into it), the model dtype on accelerators.
-        kv_dtype = loaded.compute_dtype
         plan = loaded.plan
-        kv_sharding = plan.kv_cache
-        zeros = jax.jit(lambda: jnp.zeros(page_shape, kv_dtype), out_shardings=kv_sharding)
-        self.kv_caches: list[KVCache] = [(zeros(), zeros()) for _ in range(c.num_layers)]
+        attention = get_backend(backend)
+        # The cache holds activations: float32 on CPU even with bf16 weights (XLA:CPU would convert
+        # a whole bf16 cache to scatter into it), the model dtype on accelerators. Its layout is
+        # the attention backend's; each leaf is split over the tensor-parallel devices by KV heads.
+        shapes = attention.cache_shapes(num_blocks, block_size, c.num_kv_heads, c.head_dim, loaded.compute_dtype)
+        kv_sh = jax.tree.map(lambda spec: jax.sharding.NamedSharding(plan.mesh, spec), attention.cache_specs("model"))
+        self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded.state))
+
+        def allocate(shape: jax.ShapeDtypeStruct, sharding) -> jax.Array | jax.ShapeDtypeStruct:
+            if self.abstract:  # lowering only (no device of the target platform here)
+                return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+            return jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
+
+        self.kv_caches: list[KVCache] = [jax.tree.map(allocate, shapes, kv_sh) for _ in range(c.num_layers)]
         graphdef = loaded.graphdef
 
         # The parameters travel as a flat list of arrays: flattening the NNX state (hundreds of
@@ -131,16 +138,17 @@ class ModelRunner:
 
         rep = plan.replicated
         state_sh = [a.sharding for a in self._params]
-        kv_sh = [(kv_sharding, kv_sharding)] * c.num_layers
+        kv_shs = [kv_sh] * c.num_layers
         # Host inputs are replicated; parameters and KV pages keep their shardings.
-        self._jitted = jax.jit(
+        self.step_fn = jax.jit(
             step,
             donate_argnums=(1,),
-            in_shardings=(state_sh, kv_sh, rep, rep, rep, rep, rep, rep, rep, rep),
-            out_shardings=(rep, rep, kv_sh),
+            in_shardings=(state_sh, kv_shs, rep, rep, rep, rep, rep, rep, rep, rep),
+            out_shardings=(rep, rep, kv_shs),
         )
         self.max_rows = max(s.num_seqs for s in buckets.all_shapes())
-        self._prev_tokens = jax.device_put(jnp.zeros((self.max_rows,), jnp.int32), rep)
+        prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=rep)
+        self._prev_tokens = prev if self.abstract else jax.device_put(jnp.zeros(prev.shape, jnp.int32), rep)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -170,9 +178,8 @@ class ModelRunner:
             num_tokens=shape.num_tokens,
             num_seqs=shape.num_seqs,
             table_width=self.table_width,
-            num_rows=shape.num_rows,
-            row_width=shape.row_width,
-        ).as_metadata()
+            decode_only=shape.decode_only,
+        )
         sampling = build_sampling_tensors(
             [s.request.params for s in scheduled],
             seeds,
@@ -188,16 +195,7 @@ class ModelRunner:
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
         f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)  # noqa: E731
         b = shape.num_seqs
-        meta = AttentionMetadata(
-            slot_mapping=i32(shape.num_tokens),
-            query_start_loc=i32(b + 1),
-            seq_lens=i32(b),
-            block_tables=i32(b, self.table_width),
-            row_seq=i32(shape.num_rows),
-            row_q_start=i32(shape.num_rows),
-            row_q_len=i32(shape.num_rows),
-            row_width=shape.row_width,
-        )
+        meta = abstract_metadata(shape.num_tokens, b, self.table_width, shape.decode_only)
         sampling = SamplingTensors(
             f32(b), f32(b), i32(b), f32(b), jax.ShapeDtypeStruct((b,), jnp.uint32), i32(b),
             jax.ShapeDtypeStruct((b,), jnp.bool_),
@@ -208,6 +206,16 @@ class ModelRunner:
         t = shape.num_tokens
         return i32(self.max_rows), i32(t), i32(t), i32(t), meta, i32(b), sampling, extras
 
+    def lower(self, shape: StepShape) -> jax.stages.Lowered:
+        """The step of ``shape`` lowered for this process's devices."""
+        return self.step_fn.lower(*self.abstract_args(shape))
+
+    def abstract_args(self, shape: StepShape) -> tuple:
+        """The step's arguments as shapes with shardings (also for exporting to another platform)."""
+        sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
+        return (jax.tree.map(sds, self._params), jax.tree.map(sds, self.kv_caches), sds(self._prev_tokens),
+                *self._abstract_inputs(shape)[1:])
+
     def compile_all(self, shapes: list[StepShape] | None = None) -> float:
         """Compile every bucket (or ``shapes``); returns the seconds it took.
 
@@ -216,7 +224,7 @@ class ModelRunner:
         """
         t0 = time.perf_counter()
         todo = [s for s in (shapes or self.buckets.all_shapes()) if s not in self._compiled]
-        lowered = [self._jitted.lower(self._params, self.kv_caches, *self._abstract_inputs(s)) for s in todo]
+        lowered = [self.lower(s) for s in todo]
         workers = max(1, min(len(todo), os.cpu_count() or 1))
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for shape, compiled in zip(todo, pool.map(lambda low: low.compile(), lowered), strict=True):

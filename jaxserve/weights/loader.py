@@ -208,6 +208,35 @@ def _dummy_params(wanted: dict[tuple, Any], plan: ShardingPlan, tied: bool) -> d
     return made
 
 
+def abstract_model(
+    cfg: ModelConfig, dtype: jnp.dtype, backend: str, compute_dtype: jnp.dtype, plan: ShardingPlan
+) -> tuple[ModelConfig, nnx.GraphDef, nnx.State]:
+    """The model of ``cfg`` laid out for ``plan``, without parameters: (config on the mesh, graph, shapes)."""
+    model_cfg = sharded_config(cfg, plan)
+    cls = model_class(cfg.architecture)
+    mesh = plan.mesh if plan.tp > 1 else None
+    abstract = nnx.eval_shape(
+        lambda: cls(model_cfg, dtype=dtype, backend=backend, compute_dtype=compute_dtype, mesh=mesh,
+                    rngs=nnx.Rngs(0))
+    )
+    graphdef, abstract_state = nnx.split(abstract)
+    return model_cfg, graphdef, abstract_state
+
+
+def abstract_loaded_model(
+    cfg: ModelConfig, dtype: jnp.dtype, *, backend: str, compute_dtype: jnp.dtype, plan: ShardingPlan
+) -> LoadedModel:
+    """A ``LoadedModel`` whose parameters are shapes with their shardings (ahead-of-time lowering,
+    e.g. for a platform this process has no device of; ``plan`` may hold an abstract mesh)."""
+    model_cfg, graphdef, abstract_state = abstract_model(cfg, dtype, backend, compute_dtype, plan)
+
+    def placed(path, leaf):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=plan.param("/".join(map(str, _path_key(path)))))
+
+    state = jax.tree_util.tree_map_with_path(placed, abstract_state)
+    return LoadedModel(model_cfg, graphdef, state, jnp.dtype(dtype), jnp.dtype(compute_dtype), 0.0, plan)
+
+
 def load_model(
     source: ModelSource,
     cfg: ModelConfig,
@@ -231,14 +260,7 @@ def load_model(
     if source.kind == "orbax" and not dummy:
         return restore_orbax(source.path, cfg, dtype, backend=backend, compute_dtype=compute_dtype, plan=plan)
     plan = plan or make_plan(cfg, 1)
-    model_cfg = sharded_config(cfg, plan)
-    cls = model_class(cfg.architecture)
-    mesh = plan.mesh if plan.tp > 1 else None
-    abstract = nnx.eval_shape(
-        lambda: cls(model_cfg, dtype=dtype, backend=backend, compute_dtype=compute_dtype, mesh=mesh,
-                    rngs=nnx.Rngs(0))
-    )
-    graphdef, abstract_state = nnx.split(abstract)
+    model_cfg, graphdef, abstract_state = abstract_model(cfg, dtype, backend, compute_dtype, plan)
     wanted = {
         _path_key(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
     }

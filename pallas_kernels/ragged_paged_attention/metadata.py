@@ -1,17 +1,18 @@
-"""Attention metadata for a flat ragged batch over a paged KV cache.
+"""Kernel-side metadata for a flat ragged batch over a paged KV cache: per-sequence arrays plus the
+query-row tiling this package's kernel and reference share.
 
 One step's tokens are concatenated: sequence ``b`` owns the flat query tokens
 ``query_start_loc[b] : query_start_loc[b + 1]``, which are the *last* ``q_len`` tokens of its
 ``seq_lens[b]`` KV positions (so query ``i`` of ``b`` sits at position
-``seq_lens[b] - q_len + i`` and attends causally to positions ``<= `` that). Its KV lives in
+``seq_lens[b] - q_len + i`` and attends causally to positions ``<=`` that). Its KV lives in
 the pages ``block_tables[b, :ceil(seq_lens[b] / page_size)]``.
 
-The *row* view tiles every sequence's queries into rows of at most ``Q = row_width`` tokens
-(a static field: part of the pytree structure, so part of the compile key).
-Decode-only batches use ``Q = 1`` (one row per sequence); mixed batches use a larger ``Q``.
-Kernels that tile queries the same way consume rows; others use the per-sequence arrays.
+The *row* view tiles every sequence's queries into rows of at most ``Q = row_width`` tokens (a
+static field: part of the pytree structure). ``sequence_rows`` derives the rows from the
+per-sequence arrays on device, so callers pass only per-sequence data; ``build_host_metadata``
+does the same for tests and benchmarks.
 
-Padding conventions (so every array has a bucketed, static shape):
+Padding conventions (so every array has a static shape):
 - padded sequences have ``q_len == 0`` and ``seq_lens == 0``;
 - padded tokens write their K/V into page 0, which the block manager never hands out;
 - padded rows have ``row_q_len == 0``.
@@ -22,12 +23,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
 @dataclasses.dataclass
-class AttentionMetadata:
-    """Device arrays describing one step's ragged batch (a pytree; every field is data).
+class RaggedMetadata:
+    """Device arrays describing one step's ragged batch (a pytree; every field but ``row_width`` is data).
 
     Shapes: T tokens, B sequences, W pages per sequence (block-table width), R rows.
     """
@@ -39,34 +41,47 @@ class AttentionMetadata:
     row_seq: jax.Array  # i32[R]   sequence index of each query row
     row_q_start: jax.Array  # i32[R]   flat index of the row's first query token
     row_q_len: jax.Array  # i32[R]   number of valid queries in the row (0 = padding row)
-    row_width: int  # Q: static queries per row (part of the pytree structure, so of the jit key)
+    row_width: int  # Q: static queries per row
 
 
 jax.tree_util.register_dataclass(
-    AttentionMetadata,
-    data_fields=[f.name for f in dataclasses.fields(AttentionMetadata) if f.name != "row_width"],
+    RaggedMetadata,
+    data_fields=[f.name for f in dataclasses.fields(RaggedMetadata) if f.name != "row_width"],
     meta_fields=["row_width"],
 )
 
 
-@dataclasses.dataclass(frozen=True)
-class HostAttentionMetadata:
-    """The same arrays as numpy, built by the model runner before transfer."""
+def sequence_rows(query_start_loc: jax.Array, num_rows: int, row_width: int) -> tuple[jax.Array, ...]:
+    """(row_seq, row_q_start, row_q_len), each i32[num_rows]: sequence b's queries in consecutive
+    rows of ``row_width``, sequences in order; rows past the last are padding (all zero).
 
-    slot_mapping: np.ndarray
-    query_start_loc: np.ndarray
-    seq_lens: np.ndarray
-    block_tables: np.ndarray
-    row_seq: np.ndarray
-    row_q_start: np.ndarray
-    row_q_len: np.ndarray
-    row_width: int
+    ``num_rows`` must hold every row (``sum(ceil(q_len / row_width))``); rows beyond it are dropped.
+    """
+    qsl = jnp.asarray(query_start_loc, jnp.int32)
+    b = qsl.shape[0] - 1
+    q_lens = qsl[1:] - qsl[:-1]
+    n_rows = (q_lens + row_width - 1) // row_width
+    ends = jnp.cumsum(n_rows)
+    r = jnp.arange(num_rows, dtype=jnp.int32)
+    valid = r < ends[-1]
+    seq = jnp.where(valid, jnp.minimum(jnp.searchsorted(ends, r, side="right"), b - 1), 0).astype(jnp.int32)
+    j = r - (ends[seq] - n_rows[seq])
+    q_start = jnp.where(valid, qsl[seq] + j * row_width, 0)
+    q_len = jnp.where(valid, jnp.minimum(row_width, q_lens[seq] - j * row_width), 0)
+    return seq, q_start.astype(jnp.int32), q_len.astype(jnp.int32)
 
-    def as_metadata(self) -> AttentionMetadata:
-        return AttentionMetadata(**dataclasses.asdict(self))
+
+def with_rows(
+    slot_mapping: jax.Array, query_start_loc: jax.Array, seq_lens: jax.Array, block_tables: jax.Array,
+    *, num_rows: int, row_width: int,
+) -> RaggedMetadata:
+    """Per-sequence arrays plus their row tiling (computed on device)."""
+    row_seq, row_q_start, row_q_len = sequence_rows(query_start_loc, num_rows, row_width)
+    return RaggedMetadata(slot_mapping, query_start_loc, seq_lens, block_tables, row_seq, row_q_start, row_q_len,
+                          row_width)
 
 
-def build_host_metadata(
+def pack_sequences(
     q_lens: list[int],
     seq_lens: list[int],
     block_tables: list[list[int]],
@@ -75,10 +90,8 @@ def build_host_metadata(
     num_tokens: int,
     num_seqs: int,
     table_width: int,
-    num_rows: int,
-    row_width: int,
-) -> HostAttentionMetadata:
-    """Pack per-sequence lengths and page lists into padded metadata arrays.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(slot_mapping i32[T], query_start_loc i32[B+1], seq_lens i32[B], block_tables i32[B, W]) on the host.
 
     ``q_lens[b]`` new tokens of sequence ``b`` are its last positions ``seq_lens[b] - q_lens[b]
     .. seq_lens[b] - 1``. Raises ValueError when the batch does not fit the given static sizes.
@@ -95,11 +108,7 @@ def build_host_metadata(
     qsl = np.zeros(num_seqs + 1, np.int32)
     sl = np.zeros(num_seqs, np.int32)
     bt = np.zeros((num_seqs, table_width), np.int32)
-    row_seq = np.zeros(num_rows, np.int32)
-    row_q_start = np.zeros(num_rows, np.int32)
-    row_q_len = np.zeros(num_rows, np.int32)
     t = 0
-    r = 0
     for b in range(n):
         q, s, pages = int(q_lens[b]), int(seq_lens[b]), block_tables[b]
         if q > s:
@@ -114,22 +123,28 @@ def build_host_metadata(
             pos = np.arange(s - q, s)
             page_ids = np.asarray(pages, np.int64)[pos // page_size]
             slot_mapping[t : t + q] = page_ids * page_size + pos % page_size
-        for start in range(0, q, row_width):
-            if r >= num_rows:
-                raise ValueError(f"batch needs more than num_rows={num_rows} rows")
-            row_seq[r] = b
-            row_q_start[r] = t + start
-            row_q_len[r] = min(row_width, q - start)
-            r += 1
         t += q
     qsl[n + 1 :] = qsl[n]
-    return HostAttentionMetadata(
-        slot_mapping=slot_mapping,
-        query_start_loc=qsl,
-        seq_lens=sl,
-        block_tables=bt,
-        row_seq=row_seq,
-        row_q_start=row_q_start,
-        row_q_len=row_q_len,
-        row_width=row_width,
-    )
+    return slot_mapping, qsl, sl, bt
+
+
+def build_host_metadata(
+    q_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    page_size: int,
+    *,
+    num_tokens: int,
+    num_seqs: int,
+    table_width: int,
+    num_rows: int,
+    row_width: int,
+) -> RaggedMetadata:
+    """``pack_sequences`` plus the rows (tests and benchmarks); raises when the rows do not fit."""
+    needed = sum(-(-int(q) // row_width) for q in q_lens)
+    if needed > num_rows:
+        raise ValueError(f"batch needs {needed} rows, more than num_rows={num_rows}")
+    slots, qsl, sl, bt = pack_sequences(q_lens, seq_lens, block_tables, page_size, num_tokens=num_tokens,
+                                        num_seqs=num_seqs, table_width=table_width)
+    meta = with_rows(slots, qsl, sl, bt, num_rows=num_rows, row_width=row_width)
+    return jax.tree.map(np.asarray, meta)

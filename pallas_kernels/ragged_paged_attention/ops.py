@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.pallas_kernels.ragged_paged_attention import kernel as _kernel
-from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
+from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata
 from jaxserve.pallas_kernels.ragged_paged_attention.reference import (
     gather_rows,
     row_layout,
@@ -52,7 +52,7 @@ def ragged_paged_attention(
     q_TNH: jax.Array,
     k_pages_PSKH: jax.Array,
     v_pages_PSKH: jax.Array,
-    meta: AttentionMetadata,
+    meta: RaggedMetadata,
     *,
     sm_scale: float,
     sliding_window: int | None = None,
@@ -67,7 +67,7 @@ def ragged_paged_attention(
     Args:
       q_TNH: [T, N, H] bf16/f32 queries (HBM).
       k_pages_PSKH, v_pages_PSKH: [P, S, K, H] paged cache holding this step's K/V (HBM).
-      meta: ``AttentionMetadata`` (query offsets, KV lengths, block tables, query rows).
+      meta: ``RaggedMetadata`` (query offsets, KV lengths, block tables, query rows).
       sm_scale: softmax scale; sliding_window, soft_cap: optional (Mistral, Gemma).
       kv_block_tokens: keys per inner-loop step (rounded to whole pages).
       num_warps, num_stages: Triton launch settings (default: ``default_launch(row_width)``).

@@ -16,13 +16,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jaxserve.pallas_kernels.ragged_paged_attention.metadata import AttentionMetadata
+from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata
 
 DEFAULT_KV_CHUNK = 128
 
 
 def validate_inputs(
-    q_TNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax.Array, meta: AttentionMetadata
+    q_TNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax.Array, meta: RaggedMetadata
 ) -> None:
     """Shape/dtype checks shared by the reference and the kernels (trace-time, static shapes)."""
     if q_TNH.ndim != 3:
@@ -59,7 +59,7 @@ class RowLayout:
     identity: bool  # decode layout: one query per row and row i is token i (no gather/scatter)
 
 
-def row_layout(meta: AttentionMetadata, num_tokens: int) -> RowLayout:
+def row_layout(meta: RaggedMetadata, num_tokens: int) -> RowLayout:
     """Queries of each row and their positions: a row's sequence ends at ``seq_lens``, and its
     new tokens are the last ``q_len`` positions."""
     qw = meta.row_width
@@ -96,7 +96,7 @@ def ref_ragged_paged_attention(
     q_TNH: jax.Array,
     k_pages_PSKH: jax.Array,
     v_pages_PSKH: jax.Array,
-    meta: AttentionMetadata,
+    meta: RaggedMetadata,
     *,
     sm_scale: float,
     sliding_window: int | None = None,

@@ -14,27 +14,27 @@ from tests.engine.engine_helpers import make_engine
 
 
 def test_bucket_choice():
-    b = BucketPolicy(max_num_seqs=8, max_num_batched_tokens=64, prefill_row_width=16)
+    b = BucketPolicy(max_num_seqs=8, max_num_batched_tokens=64)
     assert b.decode_sizes == [1, 2, 4, 8] and b.prefill_sizes == [16, 32, 64]
-    assert b.shape_for(1, 1) == StepShape(1, 1, 1, 1)
-    assert b.shape_for(5, 5) == StepShape(8, 8, 8, 1)
-    assert b.shape_for(3, 20) == StepShape(32, 8, 10, 16)
-    assert b.shape_for(1, 64) == StepShape(64, 8, 12, 16)
+    assert b.shape_for(1, 1) == StepShape(1, 1, True)
+    assert b.shape_for(5, 5) == StepShape(8, 8, True)
+    assert b.shape_for(3, 20) == StepShape(32, 8, False)
+    assert b.shape_for(1, 64) == StepShape(64, 8, False)
     with pytest.raises(ValueError):
         b.shape_for(9, 9)
     # Steps with logits-processor inputs use the largest bucket of their family.
-    assert b.shape_for(2, 2, extras=True) == StepShape(8, 8, 8, 1, extras=True)
-    assert b.shape_for(2, 20, extras=True) == StepShape(64, 8, 12, 16, extras=True)
-    assert StepShape(8, 8, 8, 1, extras=True) in b.all_shapes()
+    assert b.shape_for(2, 2, extras=True) == StepShape(8, 8, True, extras=True)
+    assert b.shape_for(2, 20, extras=True) == StepShape(64, 8, False, extras=True)
+    assert StepShape(8, 8, True, extras=True) in b.all_shapes()
 
 
 def test_decode_floor_holds_with_one_sequence():
     # bf16 on CPU: a one-row product is a slow path, so even --max-num-seqs 1 decodes two rows.
     b = BucketPolicy(max_num_seqs=1, max_num_batched_tokens=64, min_decode_batch=2)
     assert b.decode_sizes == [2]
-    assert b.shape_for(1, 1) == StepShape(2, 2, 2, 1)
-    assert b.shape_for(1, 1, extras=True) == StepShape(2, 2, 2, 1, extras=True)
-    assert b.shape_for(1, 40) == StepShape(64, 1, 5, 16)
+    assert b.shape_for(1, 1) == StepShape(2, 2, True)
+    assert b.shape_for(1, 1, extras=True) == StepShape(2, 2, True, extras=True)
+    assert b.shape_for(1, 40) == StepShape(64, 1, False)
     assert BucketPolicy(max_num_seqs=8, max_num_batched_tokens=64, min_decode_batch=2).decode_sizes == [2, 4, 8]
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxserve.pallas_kernels.ragged_paged_attention.metadata import build_host_metadata
+from jaxserve.models.attention import build_host_metadata
 from jaxserve.weights.loader import load_model, read_model_config
 from jaxserve.weights.source import resolve_model_source
 
@@ -51,11 +51,9 @@ def _empty_cache(cfg, num_pages: int = 12):
     return [(jnp.zeros(shape), jnp.zeros(shape)) for _ in range(cfg.num_layers)]
 
 
-def _run(model, cfg, caches, tokens, positions, q_lens, seq_lens, tables, logits_at, *, num_tokens, row_width):
-    meta = build_host_metadata(
-        q_lens, seq_lens, tables, PAGE, num_tokens=num_tokens, num_seqs=4, table_width=len(PAGES),
-        num_rows=num_tokens, row_width=row_width,
-    ).as_metadata()
+def _run(model, cfg, caches, tokens, positions, q_lens, seq_lens, tables, logits_at, *, num_tokens):
+    meta = build_host_metadata(q_lens, seq_lens, tables, PAGE, num_tokens=num_tokens, num_seqs=4,
+                               table_width=len(PAGES))
     tok = np.zeros(num_tokens, np.int32)
     pos = np.zeros(num_tokens, np.int32)
     tok[: len(tokens)] = tokens
@@ -75,12 +73,12 @@ def test_prefill_logits_match_hf(arch, hf_checkpoints):
     # Two copies of the prompt in one batch (different pages) must each match HF at every position.
     got_a, _ = _run(model, cfg, _empty_cache(cfg, 24), np.concatenate([ids, ids]),
                     np.concatenate([np.arange(45)] * 2), [45, 45], [45, 45],
-                    [PAGES[:6], [12, 13, 14, 15, 16, 17]], [44, 89], num_tokens=96, row_width=16)
+                    [PAGES[:6], [12, 13, 14, 15, 16, 17]], [44, 89], num_tokens=96)
     scale = np.abs(ref).max()
     assert np.abs(got_a[0] - ref[44]).max() <= REL_TOL * scale
     assert np.abs(got_a[1] - ref[44]).max() <= REL_TOL * scale
     all_pos, _ = _run(model, cfg, _empty_cache(cfg), ids, np.arange(45), [45], [45], [PAGES[:6]],
-                      [0, 17, 31, 44], num_tokens=48, row_width=8)
+                      [0, 17, 31, 44], num_tokens=48)
     assert np.abs(all_pos - ref[[0, 17, 31, 44]]).max() <= REL_TOL * scale
 
 
@@ -94,11 +92,11 @@ def test_decode_through_paged_cache_matches_hf(arch, hf_checkpoints):
     caches = _empty_cache(cfg)
     prefix = 13  # prefill a prefix, then decode one token at a time through the cache
     out, caches = _run(model, cfg, caches, ids[:prefix], np.arange(prefix), [prefix], [prefix], [PAGES],
-                       [prefix - 1], num_tokens=16, row_width=16)
+                       [prefix - 1], num_tokens=16)
     assert np.abs(out[0] - ref[prefix - 1]).max() <= REL_TOL * scale
     for t in range(prefix, len(ids)):
         out, caches = _run(model, cfg, caches, ids[t : t + 1], [t], [1], [t + 1], [PAGES], [0],
-                           num_tokens=4, row_width=1)
+                           num_tokens=4)
         assert np.abs(out[0] - ref[t]).max() <= REL_TOL * scale, f"position {t}"
 
 

@@ -61,7 +61,7 @@ def check_against_dense(
     meta = build_host_metadata(
         q_lens, kv_lens, tables, page, num_tokens=num_tokens, num_seqs=len(q_lens) + empty_slots,
         table_width=max(len(t) for t in tables) + 1, num_rows=rows, row_width=row_width,
-    ).as_metadata()
+    )
     extra = {k: v for k, v in (("sliding_window", sliding_window), ("soft_cap", soft_cap)) if v is not None}
     got = impl(jnp.asarray(q, dtype), jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype), meta,
                sm_scale=head_dim**-0.5, **extra)

@@ -49,7 +49,7 @@ def test_padded_heads_per_query_keeps_dots_tall_and_pow2():
 
 def test_invalid_inputs_raise_clear_errors():
     meta = build_host_metadata([2], [2], [[1]], 8, num_tokens=4, num_seqs=1, table_width=1,
-                               num_rows=1, row_width=2).as_metadata()
+                               num_rows=1, row_width=2)
     k = jnp.zeros((2, 8, 2, 16))
     with pytest.raises(ValueError, match="multiple of KV heads"):
         kernel(jnp.zeros((4, 3, 16)), k, k, meta, sm_scale=1.0)

@@ -45,7 +45,7 @@ def test_sliding_window_and_soft_cap():
 
 def test_invalid_inputs_raise_clear_errors():
     meta = build_host_metadata([2], [2], [[1]], 8, num_tokens=4, num_seqs=1, table_width=1,
-                               num_rows=1, row_width=2).as_metadata()
+                               num_rows=1, row_width=2)
     k = jnp.zeros((2, 8, 2, 16))
     with pytest.raises(ValueError, match="multiple of KV heads"):
         validate_inputs(jnp.zeros((4, 3, 16)), k, k, meta)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jaxserve.pallas_kernels.ragged_paged_attention.metadata import build_host_metadata
+from jaxserve.models.attention import build_host_metadata
 from jaxserve.weights.gguf_reader import hf_name, unpermute_qk
 from jaxserve.weights.loader import load_model, read_model_config
 from jaxserve.weights.source import resolve_model_source
@@ -23,7 +23,7 @@ def _prefill_logits(path, ids: np.ndarray) -> np.ndarray:
     t = len(ids)
     pages = -(-t // 16)
     meta = build_host_metadata([t], [t], [list(range(1, pages + 1))], 16, num_tokens=t, num_seqs=1,
-                               table_width=pages, num_rows=-(-t // 16), row_width=16).as_metadata()
+                               table_width=pages)
     caches = [(jnp.zeros((pages + 1, 16, cfg.num_kv_heads, cfg.head_dim)),) * 2 for _ in range(cfg.num_layers)]
 
     @jax.jit

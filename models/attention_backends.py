@@ -1,0 +1,157 @@
+"""Attention backends. Each owns its KV-cache layout, its KV write and how it tiles queries; the
+model hands every backend the same per-sequence ``AttentionMetadata`` (``models/attention.py``).
+
+- ``reference``: pure jnp (the semantics; the CPU serving path), split K/V pages ``[P, S, K, H]``.
+- ``pallas`` / ``pallas_interpret``: the Pallas Triton kernel (CUDA GPUs; interpreted on CPU for
+  tests), the same split pages, queries tiled in rows of ``PREFILL_ROW_WIDTH`` for prefill steps.
+- ``tpu``: jax's bundled TPU ragged paged attention (``jax.experimental.pallas.ops.tpu``) over its
+  combined layout ``[P, S, 2K, H]`` (K and V interleaved on the head axis). No TPU has run it: it
+  is verified by lowering for TPU v5e/v6e, and its layout and metadata against the bundled
+  kernel's own jnp reference on CPU (``tests/models/test_attention_backends.py``).
+- ``tpu_split``: the ``tpu`` layout read back into split pages and attended by the reference (CPU
+  tests of the engine with the TPU cache layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec
+
+from jaxserve.pallas_kernels.kv_cache_write.reference import write_kv
+from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata, with_rows
+from jaxserve.pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
+from jaxserve.pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
+
+if TYPE_CHECKING:
+    from jaxserve.models.attention import AttentionMetadata
+
+KVCache = Any  # one layer's cache: a backend-defined pytree of arrays
+PREFILL_ROW_WIDTH = 16  # queries per row in prefill steps (Triton's tl.dot wants >= 16 rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPagesBackend:
+    """K and V in separate pages ``[P, S, K, H]``; attention over query rows (the reference or the kernel)."""
+
+    name: str
+    kernel: str  # "reference" | "pallas"
+    interpret: bool = False
+
+    def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+        page = jax.ShapeDtypeStruct((num_pages, page_size, num_kv_heads, head_dim), dtype)
+        return (page, page)
+
+    def cache_specs(self, axis: str) -> KVCache:
+        spec = PartitionSpec(None, None, axis, None)
+        return (spec, spec)
+
+    def rows(self, meta: AttentionMetadata, num_tokens: int) -> RaggedMetadata:
+        """Decode steps: one row per token (no gather); prefill steps: rows of ``PREFILL_ROW_WIDTH``."""
+        if meta.decode_only:
+            num_rows, width = num_tokens, 1
+        else:
+            width = PREFILL_ROW_WIDTH
+            num_rows = min(num_tokens, num_tokens // width + meta.seq_lens.shape[0])
+        return with_rows(meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                         num_rows=num_rows, row_width=width)
+
+    def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
+        k_pages, v_pages = write_kv(cache[0], cache[1], k_TKH, v_TKH, meta.slot_mapping)
+        rows = self.rows(meta, q_TNH.shape[0])
+        if self.kernel == "reference":
+            o = ref_ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale)
+        else:
+            o = ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale, interpret=self.interpret)
+        return o, (k_pages, v_pages)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuBackend:
+    """jax's bundled TPU ragged paged attention over combined pages ``[P, S, 2K, H]`` (K at even heads)."""
+
+    name: str
+    split_reference: bool = False  # attend with the jnp reference instead (CPU tests of this layout)
+
+    def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+        if head_dim % 128 and not self.split_reference:
+            raise ValueError(f"jax's bundled TPU ragged paged attention needs a head_dim that is a multiple of 128; "
+                             f"this model's is {head_dim}: use --attention-backend reference")
+        return jax.ShapeDtypeStruct((num_pages, page_size, 2 * num_kv_heads, head_dim), dtype)
+
+    def cache_specs(self, axis: str) -> KVCache:
+        return PartitionSpec(None, None, axis, None)  # a shard's K/V pairs stay together
+
+    @staticmethod
+    def write(kv_pages_PSCH: jax.Array, k_TKH: jax.Array, v_TKH: jax.Array, slot_mapping_T: jax.Array) -> jax.Array:
+        """Scatter the new tokens' K/V, interleaved, into their slots (the split write's null-block rule)."""
+        p, s, c, h = kv_pages_PSCH.shape
+        kv_TCH = jnp.stack([k_TKH, v_TKH], axis=2).reshape(-1, c, h).astype(kv_pages_PSCH.dtype)
+        if slot_mapping_T.shape[0] == 1:  # keep a one-row write a scatter (see kv_cache_write/reference.py)
+            slot_mapping_T = jnp.concatenate([slot_mapping_T, jnp.zeros((1,), slot_mapping_T.dtype)])
+            kv_TCH = jnp.concatenate([kv_TCH, jnp.zeros_like(kv_TCH)])
+        flat = kv_pages_PSCH.reshape(p * s, c, h).at[slot_mapping_T].set(kv_TCH, mode="promise_in_bounds")
+        return flat.reshape(p, s, c, h)
+
+    def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
+        kv_pages = self.write(cache, k_TKH, v_TKH, meta.slot_mapping)
+        if self.split_reference:
+            rows = SPLIT_REFERENCE.rows(meta, q_TNH.shape[0])
+            o = ref_ragged_paged_attention(q_TNH, kv_pages[:, :, 0::2], kv_pages[:, :, 1::2], rows, sm_scale=sm_scale)
+            return o, kv_pages
+        from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention as tpu_rpa
+
+        num_seqs = jnp.sum(meta.seq_lens > 0, dtype=jnp.int32)[None]  # padded sequences come last
+        kv_per_block, q_per_block = self.block_sizes(q_TNH.shape[0], meta.block_tables.shape[1])
+        o = tpu_rpa(q_TNH, kv_pages, meta.seq_lens, meta.block_tables, meta.query_start_loc, num_seqs,
+                    sm_scale=sm_scale, num_kv_pages_per_block=kv_per_block, num_queries_per_block=q_per_block)
+        return o, kv_pages
+
+    @staticmethod
+    def block_sizes(num_tokens: int, pages_per_seq: int) -> tuple[int | None, int | None]:
+        """On a TPU: None (the bundled kernel's tuned table, keyed by the chip). Lowering from
+        another host: the bundled kernel's untuned defaults (its table reads ``jax.devices()``)."""
+        if jax.devices()[0].platform == "tpu":
+            return None, None
+        return min(pages_per_seq, 128), min(num_tokens, 32)
+
+
+SPLIT_REFERENCE = SplitPagesBackend("reference", "reference")
+BACKENDS = {
+    b.name: b
+    for b in (
+        SPLIT_REFERENCE,
+        SplitPagesBackend("pallas", "pallas"),
+        SplitPagesBackend("pallas_interpret", "pallas", interpret=True),
+        TpuBackend("tpu"),
+        TpuBackend("tpu_split", split_reference=True),
+    )
+}
+CONFIG_CHOICES = ("auto", "pallas", "reference")
+
+
+def get_backend(name: str) -> SplitPagesBackend | TpuBackend:
+    try:
+        return BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown attention backend {name!r}; known: {', '.join(BACKENDS)}") from None
+
+
+def resolve_backend(requested: str, platform: str) -> str:
+    """Map the config's ``attention_backend`` to an implementation for ``platform``.
+
+    ``auto``: the Pallas (Triton) kernel on CUDA GPUs, jax's bundled TPU kernel on TPUs, the jnp
+    reference elsewhere. ``pallas``: the platform's kernel (interpreted off GPU/TPU, for tests).
+    """
+    if requested not in CONFIG_CHOICES:
+        raise ValueError(f"attention_backend must be one of {', '.join(CONFIG_CHOICES)}, got {requested!r}")
+    if requested == "reference":
+        return "reference"
+    if platform in ("gpu", "cuda"):
+        return "pallas"
+    if platform == "tpu":
+        return "tpu"
+    return "pallas_interpret" if requested == "pallas" else "reference"
