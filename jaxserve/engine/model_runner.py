@@ -219,13 +219,15 @@ class ModelRunner:
     def compile_all(self, shapes: list[StepShape] | None = None) -> float:
         """Compile every bucket (or ``shapes``); returns the seconds it took.
 
-        Tracing and lowering hold the GIL and run one shape at a time; XLA's compiles run in a
-        thread pool (they release the GIL), one per core.
+        Tracing and lowering hold the GIL and run one shape at a time; on an accelerator host XLA's
+        compiles run in a thread pool (they release the GIL), one per core.
         """
         t0 = time.perf_counter()
         todo = [s for s in (shapes or self.buckets.all_shapes()) if s not in self._compiled]
         lowered = [self.lower(s) for s in todo]
-        workers = max(1, min(len(todo), os.cpu_count() or 1))
+        # Accelerator hosts have cores to spare; a 2-core CPU server or a multi-process launch does not.
+        parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
+        workers = max(1, min(len(todo), os.cpu_count() or 1)) if parallel else 1
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for shape, compiled in zip(todo, pool.map(lambda low: low.compile(), lowered), strict=True):
                 self._compiled[shape] = compiled
