@@ -2,9 +2,9 @@
 
 The server sees only ``info`` (tokenizer and limits, fixed once ready), ``metrics()`` (a snapshot
 the engine thread publishes after every loop turn) and ``submit`` (admission: validate every
-choice and apply the queue rule, then queue them). Typed commands (``AddRequest``,
-``AbortRequest``, ``Shutdown``) reach the thread through a queue drained before every step. The
-engine thread never waits on a client: outputs are handed to the event loop with
+choice and apply the queue rule, then queue them). Typed commands (``AddRequest``, ``Shutdown``)
+reach the thread through a queue drained before every step; so do ended submissions, whose
+unfinished choices it aborts. The engine thread never waits on a client: outputs are handed to the event loop with
 ``call_soon_threadsafe`` into one unbounded queue per submission, so a slow reader only grows its
 own queue.
 """
@@ -12,6 +12,7 @@ own queue.
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import enum
 import logging
@@ -54,16 +55,11 @@ class AddRequest:
 
 
 @dataclasses.dataclass(frozen=True)
-class AbortRequest:
-    request_id: str
-
-
-@dataclasses.dataclass(frozen=True)
 class Shutdown:
     pass
 
 
-Command = AddRequest | AbortRequest | Shutdown
+Command = AddRequest | Shutdown
 
 
 class Submission:
@@ -108,6 +104,9 @@ class AsyncEngine:
         self._unpublished_adds = 0  # adds submitted that the last metrics snapshot does not count
         self._commands: queue.Queue[Command] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        # Ended submissions (ids, unfinished choices). A deque, not the command queue: a submission
+        # can end inside garbage collection on any thread, where taking a lock could deadlock.
+        self._ended: collections.deque[tuple[list[str], set[int]]] = collections.deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -165,12 +164,8 @@ class AsyncEngine:
         return Submission(self, ids, q)
 
     def _release(self, ids: list[str], unfinished: set[int]) -> None:
-        """A submission ended: stop delivering to it and abort its unfinished choices."""
-        with self._lock:
-            for rid in ids:
-                self._streams.pop(rid, None)
-        for i in sorted(unfinished):
-            self._commands.put(AbortRequest(ids[i]))
+        """A submission ended (any thread): the engine thread aborts its unfinished choices."""
+        self._ended.append((ids, set(unfinished)))
 
     # ------------------------------------------------------------------ engine thread
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
@@ -223,6 +218,7 @@ class AsyncEngine:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
+            self._abort_ended(engine)
             outputs = engine.step() if engine.has_unfinished() else []
             with self._lock:  # the snapshot now counts these adds among the waiting
                 self._metrics = engine.metrics()
@@ -230,11 +226,17 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out.request_id, out)
 
-    def _handle(self, engine: LLMEngine, cmd: AddRequest | AbortRequest) -> int:
-        """Apply one command; returns 1 for an add (queued or skipped), else 0."""
-        if isinstance(cmd, AbortRequest):
-            engine.abort(cmd.request_id)
-            return 0
+    def _abort_ended(self, engine: LLMEngine) -> None:
+        while self._ended:
+            ids, unfinished = self._ended.popleft()
+            with self._lock:
+                for rid in ids:
+                    self._streams.pop(rid, None)
+            for i in sorted(unfinished):
+                engine.abort(ids[i])
+
+    def _handle(self, engine: LLMEngine, cmd: AddRequest) -> int:
+        """Queue an admitted request (skipped if its submission already ended); returns 1."""
         with self._lock:
             alive = cmd.request_id in self._streams
         if not alive:  # the client left before the request reached the engine
