@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from jaxserve.weights.source import ModelSource
@@ -55,41 +56,45 @@ def eos_token_ids(tok: Tokenizer, model_eos: tuple[int, ...], generation_config:
 
 
 class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas.
+    """Turns a growing list of token ids into text deltas with ``tokenizers``' ``DecodeStream``.
 
-    Decodes a small window of recent tokens and emits only the new suffix once it does not end
-    in U+FFFD (an incomplete UTF-8 sequence), so a multi-byte character is never split.
+    The stream decodes one small window per token (the hand-written version it replaced decoded
+    two; ``scripts/bench_detokenize.py``) and holds text back while it would end in an incomplete
+    UTF-8 sequence, so a multi-byte character is never split.
     """
+
+    CONTEXT = 6  # prompt tokens decoded first so that leading spaces of the output come out right
 
     def __init__(self, tok: Tokenizer, prompt_ids: list[int], *, skip_special_tokens: bool = True) -> None:
         self.tok = tok
+        self.backend = tok.backend_tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.ids: list[int] = list(prompt_ids[-6:])  # context so leading spaces decode correctly
-        self.prefix_offset = max(len(self.ids) - 5, 0)
-        self.read_offset = len(self.ids)
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        context = prompt_ids[-self.CONTEXT :]
+        seen = sum(len(self.stream.step(self.backend, t) or "") for t in context)
+        # Text of a prompt that ends inside a character is the prompt's, not the output's.
+        self.skip = max(0, len(tok.decode(context, skip_special_tokens=skip_special_tokens)) - seen)
+        self.held: list[int] = []  # tokens whose text the stream still holds back
         self.text = ""
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tok.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
     def add(self, token_ids: list[int]) -> str:
         """Append tokens; return the newly complete text (possibly empty)."""
-        self.ids.extend(token_ids)
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            delta = full[len(prefix) :]
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            self.text += delta
-            return delta
-        return ""
+        delta = ""
+        for t in token_ids:
+            piece = self.stream.step(self.backend, t)
+            if piece is None:
+                self.held.append(t)
+            else:
+                delta += piece
+                self.held.clear()
+        if self.skip and delta:
+            delta, self.skip = delta[self.skip :], max(0, self.skip - len(delta))
+        self.text += delta
+        return delta
 
     def flush(self) -> str:
-        """At the end of a sequence: whatever is left, even an incomplete character."""
-        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
-        full = self._decode(self.ids[self.prefix_offset :])
-        delta = full[len(prefix) :] if len(full) > len(prefix) else ""
-        self.prefix_offset = self.read_offset = len(self.ids)
+        """At the end of a sequence: whatever is held back, even an incomplete character."""
+        delta = self.tok.decode(self.held, skip_special_tokens=self.skip_special_tokens) if self.held else ""
+        self.held.clear()
         self.text += delta
         return delta

@@ -15,14 +15,6 @@ MODEL_REGISTRY: dict[str, type[DecoderForCausalLM]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
 }
 
-# GGUF ``general.architecture`` -> HF architecture name.
-GGUF_ARCHITECTURES: dict[str, str] = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-    "qwen3": "Qwen3ForCausalLM",
-}
-
 
 def model_class(architecture: str) -> type[DecoderForCausalLM]:
     """The model class for an HF ``architectures`` entry, or a ValueError naming the supported ones."""
@@ -35,7 +27,6 @@ def model_class(architecture: str) -> type[DecoderForCausalLM]:
 
 
 __all__ = [
-    "GGUF_ARCHITECTURES",
     "MODEL_REGISTRY",
     "DecoderForCausalLM",
     "ModelConfig",

@@ -16,6 +16,7 @@ from jaxserve.models.attention import AttentionMetadata, paged_attention
 from jaxserve.models.attention_backends import KVCache
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope, rope_inv_freq
+from jaxserve.models.qkv_layout import QKVLayout
 
 
 class SelfAttention(nnx.Module):
@@ -25,10 +26,9 @@ class SelfAttention(nnx.Module):
         self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, mesh: Mesh | None, rngs: nnx.Rngs
     ) -> None:
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        # q, k and v in one product; features shard-major: [q_0 k_0 v_0 | q_1 k_1 v_1 | ...] for the
-        # tensor-parallel shards (the loader lays the checkpoint's three matrices out that way).
-        self.qkv_proj = Linear(d, (n + 2 * k) * h, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.tp = mesh.shape["model"] if mesh is not None else 1
+        # q, k and v in one product, features laid out shard-major (models/qkv_layout.py).
+        self.layout = QKVLayout(n, k, h, tp=mesh.shape["model"] if mesh is not None else 1)
+        self.qkv_proj = Linear(d, self.layout.num_features, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(n * h, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
         self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
@@ -40,12 +40,8 @@ class SelfAttention(nnx.Module):
     def __call__(
         self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata
     ) -> tuple[jax.Array, KVCache]:
-        t, tp, h = x_TD.shape[0], self.tp, self.head_dim
-        nq, nk = self.num_heads // tp, self.num_kv_heads // tp  # heads per shard
-        qkv = self.qkv_proj(x_TD).reshape(t, tp, (nq + 2 * nk) * h)
-        q = qkv[:, :, : nq * h].reshape(t, self.num_heads, h)
-        k = qkv[:, :, nq * h : (nq + nk) * h].reshape(t, self.num_kv_heads, h)
-        v = qkv[:, :, (nq + nk) * h :].reshape(t, self.num_kv_heads, h)
+        t = x_TD.shape[0]
+        q, k, v = self.layout.split(self.qkv_proj(x_TD))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)

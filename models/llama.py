@@ -8,9 +8,6 @@ from jaxserve.models.decoder import DecoderForCausalLM
 class LlamaForCausalLM(DecoderForCausalLM):
     """Llama: no biases, untied or tied embeddings (SmolLM2 ties them)."""
 
-    # llama.cpp's converter permutes q/k rows of Llama-architecture models for its RoPE layout.
-    gguf_permute_qk = True
-
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Mistral: the Llama block; a sliding window is only accepted when it covers max_model_len."""

@@ -7,5 +7,3 @@ from jaxserve.models.decoder import DecoderForCausalLM
 
 class Qwen2ForCausalLM(DecoderForCausalLM):
     """Qwen2: q/k/v bias (set by ``model_config_from_hf`` for model_type qwen2)."""
-
-    gguf_permute_qk = False  # llama.cpp stores Qwen weights in HF order (NeoX RoPE)

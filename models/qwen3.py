@@ -7,5 +7,3 @@ from jaxserve.models.decoder import DecoderForCausalLM
 
 class Qwen3ForCausalLM(DecoderForCausalLM):
     """Qwen3: q/k RMSNorm (``qk_norm``), no q/k/v bias."""
-
-    gguf_permute_qk = False

@@ -7,22 +7,16 @@ import functools
 import math
 from typing import Any
 
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
 from jaxserve.engine.output_processor import TokenLogprob
 from jaxserve.tokenizer import Tokenizer
 
 
 @functools.lru_cache(maxsize=1)
 def _byte_decoder() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, reversed: printable stand-in character -> byte."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+    """GPT-2's byte-level alphabet (transformers' own table), reversed: stand-in character -> byte."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class TokenText:
@@ -89,13 +83,3 @@ def completion_logprobs(tt: TokenText, lps: list[TokenLogprob], text_start: int)
         offsets.append(pos)
         pos += len(text)
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
-
-
-def merge_completion_logprobs(parts: list[dict[str, Any]]) -> dict[str, Any] | None:
-    if not parts:
-        return None
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for p in parts:
-        for k in out:
-            out[k].extend(p[k])
-    return out

@@ -6,6 +6,7 @@ naming it; nothing is dropped silently.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
@@ -60,7 +61,7 @@ def requested_logprobs(req: SamplingFields) -> int | None:
 
 
 def sampling_params(
-    req: SamplingFields, *, max_tokens: int | None, defaults: dict[str, Any], index: int = 0
+    req: SamplingFields, *, max_tokens: int | None, defaults: Mapping[str, Any], index: int = 0
 ) -> SamplingParams:
     """SamplingParams for choice ``index`` (seeded requests get seed + index so choices differ)."""
     stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])

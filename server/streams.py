@@ -1,82 +1,144 @@
-"""Running the engine requests behind one HTTP request: choices merged, disconnects abort.
+"""The skeleton chat and completions share: submit, then stream SSE chunks or collect one response.
 
-One HTTP request becomes ``len(prompts) * n`` engine requests (choice ``i`` is prompt
-``i // n``); their outputs are merged as they arrive. Leaving the merged iterator early (client
-gone, error) cancels every engine request, which frees its KV blocks at once.
+One HTTP request becomes ``len(prompts) * n`` engine requests (choice ``i`` is prompt ``i // n``),
+submitted together: every choice is validated and the queue rule applied before any stream
+starts. Outputs arrive interleaved. Leaving early (client gone, error) aborts every unfinished
+choice, which frees its KV blocks at once. An endpoint supplies only its shapes (``Endpoint``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 from fastapi import Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel
 
-from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
-from jaxserve.engine.output_processor import RequestOutput
+from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, Submission
+from jaxserve.engine.output_processor import RequestOutput, TokenLogprob
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
-from jaxserve.server.errors import OpenAIError
+from jaxserve.server.errors import OpenAIError, error_body
+from jaxserve.server.protocol import StreamOptions, UsageInfo
+from jaxserve.server.sse import DONE, sse
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def check_inputs(engine: AsyncEngine, prompts: list[list[int]], params: list[SamplingParams]) -> None:
-    """Validate every choice before anything is queued or streamed (raises OpenAIError)."""
+@dataclasses.dataclass
+class Collected:
+    """One choice of a non-streaming response, accumulated from its outputs."""
+
+    text: str = ""
+    logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.text += out.new_text
+        self.logprobs.extend(out.logprobs or [])
+        if out.finished:
+            self.finish_reason, self.stop_reason = out.finish_reason, out.stop_reason
+
+
+class Endpoint(Protocol):
+    """What an endpoint supplies: its chunk and response shapes."""
+
+    def opening(self) -> list[BaseModel]:
+        """Stream choices sent (one chunk each) before any output (chat: the role deltas)."""
+
+    def stream_choice(self, i: int, out: RequestOutput) -> BaseModel | None:
+        """The stream choice for one output of choice ``i`` (None: nothing to send)."""
+
+    def chunk(self, choices: list[BaseModel], usage: UsageInfo | None) -> BaseModel: ...
+
+    def response(self, choices: list[Collected], usage: UsageInfo) -> BaseModel: ...
+
+
+@dataclasses.dataclass
+class Job:
+    """One HTTP request's engine work."""
+
+    request_id: str
+    prompts: list[list[int]]  # one per choice
+    params: list[SamplingParams]  # one per choice
+    num_prompt_tokens: int  # each distinct prompt counted once (usage)
+    stream: bool
+    stream_options: StreamOptions | None
+
+    def usage(self, completion_tokens: list[int]) -> UsageInfo:
+        n, c = self.num_prompt_tokens, sum(completion_tokens)
+        return UsageInfo(prompt_tokens=n, completion_tokens=c, total_tokens=n + c)
+
+
+def submit(engine: AsyncEngine, job: Job) -> Submission:
+    """Queue every choice of ``job``, or raise an OpenAIError before anything is queued."""
     try:
-        llm = engine.check()
-        for prompt, p in zip(prompts, params, strict=True):
-            llm.check_request(prompt, p)
-        if engine.max_queue_size is not None and engine.num_waiting() + len(prompts) > engine.max_queue_size:
-            raise QueueFullError(f"the server is busy: {engine.num_waiting()} requests are already waiting")
-    except QueueFullError as e:
-        raise OpenAIError(503, str(e)) from None
-    except EngineDeadError as e:
-        raise OpenAIError(503, str(e)) from None
-    except SamplingParamError as e:
-        raise OpenAIError(400, str(e), param=e.param) from None
+        return engine.submit(job.request_id, job.prompts, job.params)
+    except Exception as e:
+        raise _as_openai_error(e) from None
 
 
-async def merged_outputs(
-    engine: AsyncEngine, base_id: str, prompts: list[list[int]], params: list[SamplingParams]
-) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Yield (choice index, output) for all choices, interleaved as the engine produces them."""
-    q: asyncio.Queue = asyncio.Queue()
-    done = object()
+async def respond(raw: Request, sub: Submission, job: Job, endpoint: Endpoint) -> JSONResponse | StreamingResponse:
+    """Stream ``sub``'s outputs as SSE chunks, or collect them into one response."""
+    if job.stream:
+        return StreamingResponse(_sse(sub, job, endpoint), media_type="text/event-stream")
+    result = await unless_disconnected(raw, lambda: _collect(sub, job, endpoint))
+    if result is None:
+        return JSONResponse(error_body(499, "client disconnected", type="ClientDisconnected"), status_code=499)
+    return JSONResponse(result.model_dump())
 
-    async def pump(i: int) -> None:
-        try:
-            async for out in engine.generate(f"{base_id}-{i}", prompts[i], params[i]):
-                q.put_nowait((i, out))
-            q.put_nowait((i, done))
-        except BaseException as e:  # noqa: BLE001 - forwarded to the consumer
-            q.put_nowait((i, e))
-            if isinstance(e, asyncio.CancelledError):
-                raise
 
-    tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
-    remaining = len(tasks)
+async def _collect(sub: Submission, job: Job, endpoint: Endpoint) -> BaseModel:
+    choices = [Collected() for _ in job.prompts]
+    tokens = [0] * len(job.prompts)
     try:
-        while remaining:
-            i, item = await q.get()
-            if item is done:
-                remaining -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise _as_openai_error(item)
-            yield i, item
+        async for i, out in sub.outputs():
+            tokens[i] = out.num_output_tokens
+            choices[i].add(out)
+    except Exception as e:
+        raise _as_openai_error(e) from None
+    return endpoint.response(choices, job.usage(tokens))
+
+
+async def _sse(sub: Submission, job: Job, endpoint: Endpoint) -> AsyncIterator[str]:
+    opts = job.stream_options
+    include_usage = bool(opts and opts.include_usage)
+    continuous = include_usage and bool(opts and opts.continuous_usage_stats)
+    tokens = [0] * len(job.prompts)
+
+    def chunk(choices: list[BaseModel]) -> str:
+        return sse(endpoint.chunk(choices, job.usage(tokens) if continuous else None))
+
+    try:
+        for choice in endpoint.opening():
+            yield chunk([choice])
+        async for i, out in sub.outputs():
+            tokens[i] = out.num_output_tokens
+            choice = endpoint.stream_choice(i, out)
+            if choice is not None:
+                yield chunk([choice])
+        if include_usage:
+            yield sse(endpoint.chunk([], job.usage(tokens)))
+    except Exception as e:  # noqa: BLE001 - reported inside the stream: the HTTP status is already sent
+        err = _as_openai_error(e)
+        if not isinstance(err, OpenAIError):
+            logger.exception("error while streaming %s", job.request_id)
+            err = OpenAIError(500, f"internal error: {type(e).__name__}")
+        yield sse(error_body(err.status, err.message, param=err.param, type=err.type))
     finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        sub.close()
+    yield DONE
 
 
 def _as_openai_error(e: BaseException) -> BaseException:
     if isinstance(e, SamplingParamError):
         return OpenAIError(400, str(e), param=e.param)
-    if isinstance(e, QueueFullError):
-        return OpenAIError(503, str(e))
-    if isinstance(e, EngineDeadError):
+    if isinstance(e, QueueFullError | EngineDeadError):
         return OpenAIError(503, str(e))
     return e
 

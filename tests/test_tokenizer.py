@@ -32,3 +32,14 @@ def test_special_tokens_skipped_or_kept(tok):
     skip = IncrementalDetokenizer(tok, [], skip_special_tokens=True)
     assert "".join(keep.add([t]) for t in ids) + keep.flush() == "hi<|im_end|>"
     assert "".join(skip.add([t]) for t in ids) + skip.flush() == "hi"
+
+
+@pytest.mark.parametrize("text", ["日本語のテキスト 🙂 and café", "naïve 🙂🙂 Él"])
+def test_output_after_any_prompt_cut(tok, text):
+    """Prompt = the first k tokens, output = the rest (k may cut a character): the deltas are the
+    full text minus the prompt's text, as the prompt's characters (even a cut one) are not output."""
+    ids = tok.encode(text)
+    for k in range(1, len(ids)):
+        detok = IncrementalDetokenizer(tok, ids[:k])
+        out = "".join(detok.add([t]) for t in ids[k:]) + detok.flush()
+        assert out == tok.decode(ids)[len(tok.decode(ids[:k])):], k

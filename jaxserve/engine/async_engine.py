@@ -1,26 +1,43 @@
-"""Runs the LLMEngine in its own thread and feeds each request's outputs to an asyncio queue.
+"""Runs the LLMEngine in its own thread: the narrow client the server talks to.
 
-The engine thread never waits on a client: outputs are handed to the event loop with
-``call_soon_threadsafe`` into unbounded per-request queues, so a slow reader only grows its own
-queue. Requests and aborts reach the thread through a command queue, drained before every step.
+The server sees only ``info`` (tokenizer and limits, fixed once ready), ``metrics()`` (a snapshot
+the engine thread publishes after every loop turn) and ``submit`` (admission: validate every
+choice and apply the queue rule, then queue them). Typed commands (``AddRequest``, ``Shutdown``)
+reach the thread through a queue drained before every step; so do ended submissions, whose
+unfinished choices it aborts. The engine thread never waits on a client: outputs are handed to the event loop with
+``call_soon_threadsafe`` into one unbounded queue per submission, so a slow reader only grows its
+own queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import enum
 import logging
 import queue
 import threading
 import traceback
+import weakref
 from collections.abc import AsyncIterator, Callable
-from typing import Any
 
+from jaxserve.engine.interface import (
+    AdmittedRequest,
+    EngineDeadError,
+    EngineInfo,
+    EngineMetrics,
+    QueueFullError,
+    admit,
+    check_queue,
+)
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.output_processor import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineState", "QueueFullError", "Submission"]
 
 
 class EngineState(enum.Enum):
@@ -31,28 +48,65 @@ class EngineState(enum.Enum):
     STOPPED = "stopped"
 
 
-class EngineDeadError(RuntimeError):
-    """The engine cannot serve (failed start-up or crashed loop)."""
+@dataclasses.dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    request: AdmittedRequest
 
 
-class QueueFullError(RuntimeError):
-    """More requests are waiting than ``max_queue_size`` allows."""
+@dataclasses.dataclass(frozen=True)
+class Shutdown:
+    pass
 
 
-_DONE = object()
+Command = AddRequest | Shutdown
+
+
+class Submission:
+    """The engine requests behind one client request (choice ``i`` is ``{request_id}-{i}``).
+
+    Iterate ``outputs()`` for ``(choice, RequestOutput)`` as the engine produces them. Leaving it
+    early, ``close()``, or dropping the object aborts every unfinished choice (frees its blocks).
+    """
+
+    def __init__(self, engine: AsyncEngine, ids: list[str], q: asyncio.Queue) -> None:
+        self.ids = ids
+        self._queue = q
+        self._open = set(range(len(ids)))  # shared with the finalizer: choices not finished yet
+        self._finalizer = weakref.finalize(self, engine._release, ids, self._open)
+
+    async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        try:
+            while self._open:
+                i, item = await self._queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    self._open.discard(i)
+                yield i, item
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        self._finalizer()
 
 
 class AsyncEngine:
-    """Thread-hosted engine with an asyncio API: ``generate`` yields RequestOutputs."""
+    """Thread-hosted engine with an asyncio API (``submit`` -> ``Submission``)."""
 
     def __init__(self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None) -> None:
         self._factory = factory
-        self.engine: LLMEngine | None = None
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.max_queue_size = max_queue_size
-        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._info: EngineInfo | None = None
+        self._metrics: EngineMetrics | None = None
+        self._unpublished_adds = 0  # adds submitted that the last metrics snapshot does not count
+        self._commands: queue.Queue[Command] = queue.Queue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        # Ended submissions (ids, unfinished choices). A deque, not the command queue: a submission
+        # can end inside garbage collection on any thread, where taking a lock could deadlock.
+        self._ended: collections.deque[tuple[list[str], set[int]]] = collections.deque()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
@@ -69,7 +123,7 @@ class AsyncEngine:
             raise EngineDeadError(self.error or f"engine is {self.state.value}")
 
     def shutdown(self) -> None:
-        self._commands.put(("stop", None))
+        self._commands.put(Shutdown())
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -77,118 +131,121 @@ class AsyncEngine:
     def is_ready(self) -> bool:
         return self.state is EngineState.READY
 
-    # ------------------------------------------------------------------ request API (event loop)
-    def check(self) -> LLMEngine:
-        if self.state is not EngineState.READY or self.engine is None:
+    # ------------------------------------------------------------------ client API (event loop)
+    @property
+    def info(self) -> EngineInfo:
+        """Tokenizer and limits; EngineDeadError unless the engine serves."""
+        if self.state is not EngineState.READY or self._info is None:
             raise EngineDeadError(self.error or f"the engine is {self.state.value}")
-        return self.engine
+        return self._info
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[RequestOutput]:
-        """Queue a request and yield its outputs until it finishes.
+    def metrics(self) -> EngineMetrics | None:
+        """The latest snapshot (None before the engine started)."""
+        return self._metrics
 
-        Closing the iterator early (client gone) aborts the request and frees its blocks.
+    def submit(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> Submission:
+        """Admit and queue one engine request per choice, or raise before anything is queued.
+
+        Raises SamplingParamError (a bad choice), QueueFullError or EngineDeadError.
         """
-        engine = self.check()
-        engine.check_request(prompt_token_ids, params)  # raises before anything is queued
-        if self.max_queue_size is not None and self.num_waiting() >= self.max_queue_size:
-            raise QueueFullError(f"the server is busy: {self.max_queue_size} requests are already waiting")
+        info = self.info
+        admitted = [admit(p, sp, info) for p, sp in zip(prompts, params, strict=True)]
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        ids = [f"{request_id}-{i}" for i in range(len(admitted))]
         with self._lock:
-            self._streams[request_id] = (loop, q)
-        self._commands.put(("add", (request_id, prompt_token_ids, params)))
-        finished = False
-        try:
-            while True:
-                item = await q.get()
-                if item is _DONE:
-                    finished = True
-                    return
-                if isinstance(item, BaseException):
-                    finished = True
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            waiting = (self._metrics.num_waiting if self._metrics else 0) + self._unpublished_adds
+            check_queue(waiting, len(admitted), self.max_queue_size)
+            self._unpublished_adds += len(admitted)
+            for i, rid in enumerate(ids):
+                self._streams[rid] = (loop, q, i)
+        for rid, req in zip(ids, admitted, strict=True):
+            self._commands.put(AddRequest(rid, req))
+        return Submission(self, ids, q)
 
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-
-    def num_waiting(self) -> int:
-        e = self.engine
-        return 0 if e is None else len(e.scheduler.waiting) + self._commands.qsize()
+    def _release(self, ids: list[str], unfinished: set[int]) -> None:
+        """A submission ended (any thread): the engine thread aborts its unfinished choices."""
+        self._ended.append((ids, set(unfinished)))
 
     # ------------------------------------------------------------------ engine thread
-    def _deliver(self, request_id: str, item: Any) -> None:
+    def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
         with self._lock:
             target = self._streams.get(request_id)
         if target is not None:
-            loop, q = target
+            loop, q, index = target
             try:
-                loop.call_soon_threadsafe(q.put_nowait, item)
+                loop.call_soon_threadsafe(q.put_nowait, (index, item))
             except RuntimeError:  # loop closed
                 pass
 
     def _run(self) -> None:
         try:
-            self.engine = self._factory()
+            engine = self._factory()
         except BaseException as e:  # noqa: BLE001 - report any start-up failure
             self.error = f"engine start-up failed: {e}"
             logger.error("%s\n%s", self.error, traceback.format_exc())
             self.state = EngineState.FAILED
             self._ready.set()
             return
+        self._info, self._metrics = engine.info, engine.metrics()
         self.state = EngineState.READY
         self._ready.set()
-        engine = self.engine
         try:
-            while True:
-                block = not engine.has_unfinished()
-                try:
-                    cmd, arg = self._commands.get(block=block, timeout=None if block else 0)
-                except queue.Empty:
-                    cmd = None
-                while cmd is not None:
-                    if cmd == "stop":
-                        self.state = EngineState.STOPPED
-                        self._fail_all(EngineDeadError("the engine is shutting down"))
-                        engine.close()
-                        return
-                    self._handle(engine, cmd, arg)
-                    try:
-                        cmd, arg = self._commands.get_nowait()
-                    except queue.Empty:
-                        cmd = None
-                if engine.has_unfinished():
-                    for out in engine.step():
-                        self._deliver(out.request_id, out)
+            self._loop(engine)
         except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
             self.error = f"engine loop crashed: {e}"
             logger.error("%s\n%s", self.error, traceback.format_exc())
             self.state = EngineState.DEAD
             self._fail_all(EngineDeadError(self.error))
 
-    def _handle(self, engine: LLMEngine, cmd: str, arg: Any) -> None:
-        if cmd == "add":
-            request_id, prompt, params = arg
-            with self._lock:
-                alive = request_id in self._streams
-            if not alive:  # the client left before the request reached the engine
-                return
+    def _loop(self, engine: LLMEngine) -> None:
+        """Drain commands (waiting for one when idle), step, publish metrics; until Shutdown."""
+        while True:
+            block = not engine.has_unfinished()
+            adds = 0
             try:
-                engine.add_request(request_id, prompt, params)
-            except Exception as e:  # noqa: BLE001 - a bad request must not stop the loop
-                self._deliver(request_id, e)
-        elif cmd == "abort":
-            engine.abort(arg)
+                cmd: Command | None = self._commands.get(block=block, timeout=None if block else 0)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                if isinstance(cmd, Shutdown):
+                    self.state = EngineState.STOPPED
+                    self._fail_all(EngineDeadError("the engine is shutting down"))
+                    engine.close()
+                    return
+                adds += self._handle(engine, cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            self._abort_ended(engine)
+            outputs = engine.step() if engine.has_unfinished() else []
+            with self._lock:  # the snapshot now counts these adds among the waiting
+                self._metrics = engine.metrics()
+                self._unpublished_adds -= adds
+            for out in outputs:
+                self._deliver(out.request_id, out)
+
+    def _abort_ended(self, engine: LLMEngine) -> None:
+        while self._ended:
+            ids, unfinished = self._ended.popleft()
+            with self._lock:
+                for rid in ids:
+                    self._streams.pop(rid, None)
+            for i in sorted(unfinished):
+                engine.abort(ids[i])
+
+    def _handle(self, engine: LLMEngine, cmd: AddRequest) -> int:
+        """Queue an admitted request (skipped if its submission already ended); returns 1."""
+        with self._lock:
+            alive = cmd.request_id in self._streams
+        if not alive:  # the client left before the request reached the engine
+            return 1
+        try:
+            engine.enqueue(cmd.request_id, cmd.request)
+        except Exception as e:  # noqa: BLE001 - a request the engine refuses must not stop the loop
+            self._deliver(cmd.request_id, e)
+        return 1
 
     def _fail_all(self, err: Exception) -> None:
         with self._lock:

@@ -15,12 +15,14 @@ import logging
 import random
 import time
 from pathlib import Path
+from types import MappingProxyType
 
 import jax
 
 from jaxserve.config import ServeConfig
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.compilation import BucketPolicy
+from jaxserve.engine.interface import AdmittedRequest, EngineInfo, EngineMetrics, admit
 from jaxserve.engine.kv_cache_size import num_kv_blocks
 from jaxserve.engine.model_runner import ModelRunner, StepHandle
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput, TokenLogprob
@@ -28,17 +30,13 @@ from jaxserve.engine.scheduler import ScheduledRequest, Scheduler
 from jaxserve.models import ModelConfig
 from jaxserve.models.attention_backends import resolve_backend
 from jaxserve.request import Request, RequestStatus
-from jaxserve.sampling_params import SamplingParamError, SamplingParams
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import make_plan
 from jaxserve.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
 from jaxserve.weights.loader import load_model, read_model_config, resolve_dtype
 from jaxserve.weights.source import resolve_model_source
 
 logger = logging.getLogger(__name__)
-
-
-class PromptTooLongError(SamplingParamError):
-    """Prompt + max_tokens exceed max_model_len (the message states both numbers)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,47 +164,42 @@ class LLMEngine:
         return config.max_model_len
 
     # ----------------------------------------------------------------------------------------
-    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> int:
-        """Validate a request without queueing it; returns its resolved max_tokens.
+    @property
+    def info(self) -> EngineInfo:
+        """The constants a client needs: tokenizer, limits, sampling defaults."""
+        bm = self.scheduler.block_manager
+        return EngineInfo(
+            self.tokenizer, self.max_model_len, self.model_config.vocab_size,
+            bm.num_usable_blocks * bm.block_size, MappingProxyType(dict(self.default_sampling)),
+        )
 
-        Raises SamplingParamError (``param`` names the offending field). Reads only constants,
-        so any thread may call it.
-        """
-        n = len(prompt_token_ids)
-        if n == 0:
-            raise SamplingParamError("prompt", "the prompt is empty")
-        vocab = self.model_config.vocab_size
-        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise SamplingParamError("prompt", f"token id {bad} is out of range [0, {vocab})")
-        bad = next((t for t in params.stop_token_ids if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise SamplingParamError("stop_token_ids", f"token id {bad} is out of range [0, {vocab})")
-        bad = next((t for t, _ in params.logit_bias if not 0 <= t < vocab), None)
-        if bad is not None:
-            raise SamplingParamError("logit_bias", f"token id {bad} is out of range [0, {vocab})")
-        room = self.max_model_len - n
-        if params.max_tokens is None:
-            if room < 1:
-                raise PromptTooLongError(
-                    "messages", f"This model's maximum context length is {self.max_model_len} tokens, "
-                    f"but the prompt has {n} tokens, which leaves no room for output."
-                )
-            return room
-        if params.max_tokens > room:
-            raise PromptTooLongError(
-                "max_tokens", f"This model's maximum context length is {self.max_model_len} tokens. "
-                f"However, you requested {n + params.max_tokens} tokens ({n} in the prompt, "
-                f"{params.max_tokens} for the completion). Please reduce the prompt or max_tokens."
-            )
-        return params.max_tokens
+    def metrics(self) -> EngineMetrics:
+        """A snapshot of gauges and counters (call it on the thread that steps the engine)."""
+        s, bm, c = self.scheduler, self.scheduler.block_manager, self.counters
+        return EngineMetrics(
+            num_running=len(s.running), num_waiting=len(s.waiting),
+            kv_used_blocks=bm.num_used_blocks, kv_total_blocks=bm.num_usable_blocks,
+            num_preemptions=s.num_preemptions, prompt_tokens=c.prompt_tokens,
+            generation_tokens=c.generation_tokens, requests_finished=c.requests_finished,
+            requests_aborted=c.requests_aborted, steps=c.steps,
+            prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits,
+        )
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> AdmittedRequest:
+        """Validate a request without queueing it (``interface.admit``; SamplingParamError names the field)."""
+        return admit(prompt_token_ids, params, self.info)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """Queue a request. Raises SamplingParamError (with ``param``) for requests that cannot run."""
+        """Validate and queue a request. Raises SamplingParamError (with ``param``) for requests that cannot run."""
+        return self.enqueue(request_id, self.check_request(prompt_token_ids, params))
+
+    def enqueue(self, request_id: str, admitted: AdmittedRequest) -> Request:
+        """Queue an already admitted request (the async client validated it before queueing)."""
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
-        max_tokens = self.check_request(prompt_token_ids, params)
-        req = Request(request_id, prompt_token_ids, params, max_tokens=max_tokens, eos_token_ids=self.eos_token_ids)
+        params = admitted.params
+        req = Request(request_id, admitted.prompt_token_ids, params, max_tokens=admitted.max_tokens,
+                      eos_token_ids=self.eos_token_ids)
         self.scheduler.add(req)
         self.requests[request_id] = req
         self._seeds[request_id] = params.seed if params.seed is not None else self._rng.getrandbits(32)

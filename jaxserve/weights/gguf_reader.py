@@ -16,8 +16,18 @@ from typing import Any
 import gguf
 import numpy as np
 
-from jaxserve.models import GGUF_ARCHITECTURES, model_class
 from jaxserve.models.config import ModelConfig, RopeScaling
+
+# GGUF ``general.architecture`` -> HF architecture name.
+GGUF_ARCHITECTURES: dict[str, str] = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+# llama.cpp's converter permutes the q/k rows of these architectures for its RoPE layout (adjacent
+# pairs); it stores Qwen weights in HF order (NeoX RoPE).
+PERMUTED_QK_ARCHITECTURES = frozenset({"llama", "mistral"})
 
 _LAYER_NAMES = {
     "attn_norm": "input_layernorm",
@@ -128,7 +138,7 @@ class GGUFCheckpoint:
 
     def iter_tensors(self, cfg: ModelConfig) -> Iterator[tuple[str, np.ndarray]]:
         """Yield (HF name, float32 array in HF layout [out, in]) for every used tensor."""
-        permute = model_class(cfg.architecture).gguf_permute_qk
+        permute = self.arch in PERMUTED_QK_ARCHITECTURES
         for t in self.reader.tensors:
             name = hf_name(t.name)
             if name is None:

@@ -9,7 +9,7 @@ Layout of a converted directory::
 
 Restoring reads, on every process, only the shards its devices hold. The fused q/k/v projection
 is stored in the one-device layout ``[q | k | v]``; under tensor parallelism it is restored whole
-and laid out shard-major on device once (KV heads repeated when there are fewer than devices).
+and re-laid on device once (``models/qkv_layout.py``; KV heads repeated when fewer than devices).
 """
 
 from __future__ import annotations
@@ -21,12 +21,18 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-from jaxserve.models import ModelConfig, model_class
+from jaxserve.models import ModelConfig
 from jaxserve.models.config import RopeScaling
-from jaxserve.sharding import ShardingPlan, make_plan, sharded_config
+from jaxserve.weights.abstract_model import (
+    AbstractModel,
+    LoadedModel,
+    is_fused_qkv,
+    path_name,
+    relayout_qkv,
+    state_path,
+)
 
 FORMAT = "jaxserve-orbax-2"  # 2: linear kernels [out, in] (1 was [in, out])
 MARKER = "jaxserve_checkpoint.json"
@@ -64,72 +70,27 @@ def save_orbax(directory: Path, cfg: ModelConfig, state: nnx.State, dtype: str, 
     (directory / MARKER).write_text(json.dumps(meta, indent=1))
 
 
-def restore_orbax(
-    directory: Path,
-    cfg: ModelConfig,
-    dtype: jnp.dtype,
-    *,
-    backend: str,
-    compute_dtype: jnp.dtype,
-    plan: ShardingPlan | None,
-):
-    """Restore into ``plan``'s shardings; returns a LoadedModel."""
+def restore_orbax(directory: Path, abstract: AbstractModel) -> LoadedModel:
+    """Restore into the shardings of ``abstract``'s plan (each process reads its own shards)."""
     import orbax.checkpoint as ocp
 
-    from jaxserve.weights.loader import LoadedModel
-
     t0 = time.perf_counter()
-    plan = plan or make_plan(cfg, 1)
-    model_cfg = sharded_config(cfg, plan)
-    cls = model_class(cfg.architecture)
-    mesh = plan.mesh if plan.tp > 1 else None
+    plan, layout = abstract.plan, abstract.qkv_layout
+    relaid = plan.tp > 1  # the fused q/k/v is stored one-device [q | k | v] and re-laid once on device
 
-    def build(c: ModelConfig):
-        return nnx.eval_shape(
-            lambda: cls(c, dtype=dtype, backend=backend, compute_dtype=compute_dtype, mesh=mesh, rngs=nnx.Rngs(0))
-        )
+    def target(path: tuple, leaf: jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+        p = state_path(path)
+        shape = tuple(leaf.shape)
+        if is_fused_qkv(p):
+            shape = (sum(layout.checkpoint_widths), *shape[1:])
+        sharding = plan.replicated if relaid and is_fused_qkv(p) else plan.param(path_name(p))
+        return jax.ShapeDtypeStruct(shape, abstract.dtype, sharding=sharding)
 
-    graphdef, abstract_state = nnx.split(build(model_cfg))
-    stored_abstract = nnx.to_pure_dict(nnx.split(build(cfg))[1])  # checkpoint layout (KV heads unrepeated)
-
-    def target(path, leaf):
-        name = _name(path)
-        sharding = plan.replicated if ("/qkv_proj/" in name and plan.tp > 1) else plan.param(name)
-        return jax.ShapeDtypeStruct(leaf.shape, jnp.dtype(dtype), sharding=sharding)
-
-    target_tree = jax.tree_util.tree_map_with_path(target, stored_abstract)
+    target_tree = jax.tree_util.tree_map_with_path(target, nnx.to_pure_dict(abstract.state))
     with ocp.StandardCheckpointer() as ckptr:
         restored = ckptr.restore(directory / "state", target_tree)
-    if plan.tp > 1:
-        restored = _shard_major_qkv(restored, cfg, plan)
-    state = abstract_state
-    nnx.replace_by_pure_dict(state, restored)
-    return LoadedModel(model_cfg, graphdef, state, dtype, compute_dtype, time.perf_counter() - t0, plan)
-
-
-def _name(path: tuple) -> str:
-    return "/".join(str(getattr(k, "key", k)) for k in path)
-
-
-def _shard_major_qkv(tree: dict, cfg: ModelConfig, plan: ShardingPlan) -> dict:
-    """``[q | k | v]`` (one device) -> ``[q_0 k_0 v_0 | q_1 k_1 v_1 | ...]``, KV heads repeated
-    ``plan.kv_replication`` times, placed with the rule's sharding."""
-    r, h, tp = plan.kv_replication, cfg.head_dim, plan.tp
-    n, k = cfg.num_heads, cfg.num_kv_heads
-
-    def relayout(a):
-        a = jnp.moveaxis(a, 0, -1)  # output features (axis 0 of [F, D] and [F]) last
-        lead = a.shape[:-1]
-        q, kk, v = a[..., : n * h], a[..., n * h : (n + k) * h], a[..., (n + k) * h :]
-        if r > 1:
-            kk, v = (jnp.repeat(x.reshape(*lead, k, h), r, axis=-2).reshape(*lead, k * r * h) for x in (kk, v))
-        per_shard = [x.reshape(*lead, tp, -1) for x in (q, kk, v)]
-        return jnp.moveaxis(jnp.concatenate(per_shard, axis=-1).reshape(*lead, -1), -1, 0)
-
-    def fix(path, x):
-        name = _name(path)
-        if "/qkv_proj/" not in name:
-            return x
-        return jax.jit(relayout, out_shardings=plan.param(name))(x)
-
-    return jax.tree_util.tree_map_with_path(fix, tree)
+    values = {state_path(p): x for p, x in jax.tree_util.tree_flatten_with_path(restored)[0]}
+    if relaid:
+        for p in [p for p in values if is_fused_qkv(p)]:
+            values[p] = relayout_qkv(values[p], layout, plan.param(path_name(p)))
+    return abstract.finish(values.__getitem__, time.perf_counter() - t0)

@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from jaxserve.config import ServeConfig
 from jaxserve.engine.async_engine import AsyncEngine, EngineState
+from jaxserve.engine.interface import EngineInfo, EngineMetrics
 from jaxserve.engine.output_processor import RequestOutput
 from jaxserve.server.app import build_app
 
@@ -32,32 +33,33 @@ class FakeTokenizer:
 
 
 class FakeLLM:
-    """Duck-typed LLMEngine: one token per step; optionally crashes on the first step."""
+    """Duck-typed LLMEngine: one token per step; optionally crashes on the first step.
+
+    With ``hold``, steps wait for it to be set, and until then every request counts as waiting.
+    """
 
     def __init__(self, crash: bool = False, hold: threading.Event | None = None) -> None:
-        self.tokenizer = FakeTokenizer()
-        self.default_sampling = {}
-        self.max_model_len = 64
+        self.info = EngineInfo(FakeTokenizer(), max_model_len=64, vocab_size=50, kv_capacity_tokens=1024,
+                               default_sampling={})
         self.crash = crash
         self.hold = hold
         self.pending: dict[str, int] = {}
 
-        class _S:  # scheduler stand-in for queue accounting
-            waiting: list = []
+    def metrics(self) -> EngineMetrics:
+        waiting = len(self.pending) if self.hold is not None and not self.hold.is_set() else 0
+        return EngineMetrics(len(self.pending) - waiting, waiting, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0)
 
-        self.scheduler = _S()
-
-    def check_request(self, prompt, params):
-        return params.max_tokens or 4
-
-    def add_request(self, rid, prompt, params):
-        self.pending[rid] = params.max_tokens or 4
+    def enqueue(self, rid, admitted):
+        self.pending[rid] = admitted.max_tokens
 
     def abort(self, rid):
         return self.pending.pop(rid, None) is not None
 
     def has_unfinished(self):
         return bool(self.pending)
+
+    def close(self):
+        pass
 
     def step(self):
         if self.crash:
@@ -151,14 +153,28 @@ def test_error_after_stream_started_is_an_event_then_done():
     assert '"error"' in events[-2] and events[-1] == "data: [DONE]"
 
 
-def test_queue_full_gives_503():
+def test_queue_rule_counts_every_choice():
+    """The one rule: a request's n choices may wait only if waiting + n <= max_queue_size."""
     hold = threading.Event()
-    engine = AsyncEngine(lambda: FakeLLM(hold=hold), max_queue_size=0)
+    llm = FakeLLM(hold=hold)
+    engine = AsyncEngine(lambda: llm, max_queue_size=2)
     engine.start()
     engine.wait_ready(5)
-    r = _client(engine).post("/v1/completions", json={"prompt": "x"})
-    assert r.status_code == 503 and "busy" in r.json()["error"]["message"]
+    client = _client(engine)
+    r = client.post("/v1/completions", json={"prompt": "x", "n": 3, "max_tokens": 1})
+    assert r.status_code == 503 and "0 requests are already waiting (limit 2)" in r.json()["error"]["message"]
+    first: dict = {}
+    worker = threading.Thread(target=lambda: first.update(
+        r=client.post("/v1/completions", json={"prompt": "x", "n": 2, "max_tokens": 1})))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while len(llm.pending) < 2 and time.monotonic() < deadline:  # both choices reached the engine
+        time.sleep(0.01)
+    r = client.post("/v1/completions", json={"prompt": "x", "max_tokens": 1})
+    assert r.status_code == 503 and "2 requests are already waiting (limit 2)" in r.json()["error"]["message"]
     hold.set()
+    worker.join(10)
+    assert first["r"].status_code == 200 and [c["text"] for c in first["r"].json()["choices"]] == ["d", "d"]
+    r = client.post("/v1/completions", json={"prompt": "x", "n": 2, "max_tokens": 1})
+    assert r.status_code == 200  # the queue drained
     engine.shutdown()
-
-

@@ -58,3 +58,20 @@ def test_dummy_weights_are_the_same_in_every_run(config_only_dir: Path) -> None:
     kb = b.runner.loaded.state["layers"][0]["mlp"]["down_proj"]["kernel"][...]
     np.testing.assert_array_equal(np.asarray(ka), np.asarray(kb))
     assert jax.numpy.dtype(ka.dtype) == jax.numpy.float32
+
+
+def test_dummy_weights_are_one_model_for_every_tp(config_only_dir: Path) -> None:
+    """Drawn per checkpoint tensor and then laid out: TP 1 and TP 2 serve the same weights."""
+    from jaxserve.models.qkv_layout import QKVLayout
+
+    engines = {tp: make_engine(config_only_dir, load_format="dummy", tensor_parallel_size=tp) for tp in (1, 2)}
+    cfg = engines[1].model_config
+    qkv = {tp: np.asarray(e.runner.loaded.state["layers"][1]["self_attn"]["qkv_proj"]["kernel"][...])
+           for tp, e in engines.items()}
+    # TP 2's rows are TP 1's ([q | k | v] on one device) gathered into the shard-major layout.
+    rows = QKVLayout(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp=2).fused_rows()
+    np.testing.assert_array_equal(qkv[2], qkv[1][rows])
+    assert not np.array_equal(qkv[2], qkv[1])
+    prompts = [[5, 6, 7], [9] * 20]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    assert engines[2].generate(prompts, params) == engines[1].generate(prompts, params)

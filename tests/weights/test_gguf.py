@@ -27,10 +27,10 @@ def _prefill_logits(path, ids: np.ndarray) -> np.ndarray:
     caches = [(jnp.zeros((pages + 1, 16, cfg.num_kv_heads, cfg.head_dim)),) * 2 for _ in range(cfg.num_layers)]
 
     @jax.jit
-    def forward(state, caches):
+    def forward(state, caches, meta):  # metadata as an argument: traced, as in the engine's step
         return nnx.merge(loaded.graphdef, state)(ids, jnp.arange(t), caches, meta, jnp.arange(t))[0]
 
-    return np.asarray(forward(loaded.state, caches))
+    return np.asarray(forward(loaded.state, caches, meta))
 
 
 def test_unpermute_inverts_llama_cpp_permute():
