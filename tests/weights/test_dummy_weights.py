@@ -72,6 +72,9 @@ def test_dummy_weights_are_one_model_for_every_tp(config_only_dir: Path) -> None
     rows = QKVLayout(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp=2).fused_rows()
     np.testing.assert_array_equal(qkv[2], qkv[1][rows])
     assert not np.array_equal(qkv[2], qkv[1])
-    prompts = [[5, 6, 7], [9] * 20]
+    prompts = [[5, 6, 7], [9] * 20, list(range(40, 75))]
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    assert engines[2].generate(prompts, params) == engines[1].generate(prompts, params)
+    want = engines[1].generate(prompts, params)
+    assert engines[2].generate(prompts, params) == want
+    del engines  # TP 4 repeats each of the 2 KV heads twice: still the same model
+    assert make_engine(config_only_dir, load_format="dummy", tensor_parallel_size=4).generate(prompts, params) == want
