@@ -13,13 +13,14 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import write_counting_checkpoint  # noqa: E402
+from tests.helpers import write_lookback_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def counting_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("counting")
-    write_counting_checkpoint(d)
+def lookback_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The hand-computable model of ``tests.helpers.write_lookback_checkpoint``."""
+    d = tmp_path_factory.mktemp("lookback")
+    write_lookback_checkpoint(d)
     return d
 
 

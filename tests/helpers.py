@@ -91,28 +91,107 @@ def write_hf_checkpoint(arch: str, directory: Path, *, seed: int = 0, **override
     return model
 
 
-def write_counting_checkpoint(directory: Path, vocab: int = TINY_VOCAB) -> None:
-    """A 1-layer Llama whose greedy next token is always ``(token + 1) % vocab`` (no torch needed).
+LOOKBACK_PERIOD = 16  # the lookback model reads a previous token's residue mod this
+_LOOKBACK_HEAD_DIM = 32
+_LOOKBACK_THETA = 10.0  # RoPE base: with 16 frequency pairs this makes "one position back" a sharp peak
+_LOOKBACK_AMPLITUDE = 12.0  # q/k size: the previous position's score beats any other by > 45 logits
 
-    Embeddings are one-hot (hidden = vocab), every attention/MLP projection is zero, so the
-    residual stream is the one-hot input; the LM head maps one-hot ``i`` to logit peak ``i + 1``.
-    Outputs can be worked out by hand, which makes scheduler/engine tests exact.
+
+def lookback_levels(last: int, prev: int, vocab: int = TINY_VOCAB) -> np.ndarray:
+    """The lookback model's logits in units of the final norm's scale (0, 1, 2 or 3 per token).
+
+    ``last`` is the token at the current position, ``prev`` the one before it (``last`` itself at
+    position 0). The 16 tokens after ``last`` (mod vocab) get 2; every token whose residue mod 16 is
+    ``prev``'s + 1 gets 1 more: exactly one of the 16 has that residue, so it wins with 3.
+    """
+    levels = np.zeros(vocab, np.float64)
+    levels[(last + np.arange(1, LOOKBACK_PERIOD + 1)) % vocab] = 2
+    levels[np.arange(vocab) % LOOKBACK_PERIOD == (prev + 1) % LOOKBACK_PERIOD] += 1
+    return levels
+
+
+def lookback_next(last: int, prev: int, vocab: int = TINY_VOCAB) -> int:
+    """Greedy next token: the first token after ``last`` whose residue mod 16 is ``prev``'s + 1."""
+    return (last + ((prev + 1 - last) % LOOKBACK_PERIOD or LOOKBACK_PERIOD)) % vocab
+
+
+def lookback_continue(
+    tokens: list[int], n: int, *, eos: int | None = None, min_tokens: int = 0, vocab: int = TINY_VOCAB
+) -> list[int]:
+    """The lookback model's greedy continuation of ``tokens``: ``n`` tokens, or up to and including ``eos``.
+
+    Below ``min_tokens`` outputs ``eos`` is masked, as the engine does: the first of the best
+    remaining tokens wins.
+    """
+    seq = list(tokens)
+    for _ in range(n):
+        last, prev = seq[-1], seq[-2] if len(seq) > 1 else seq[-1]
+        if eos is not None and len(seq) - len(tokens) < min_tokens:
+            levels = lookback_levels(last, prev, vocab)
+            levels[eos] = -np.inf
+            seq.append(int(np.argmax(levels)))
+        else:
+            seq.append(lookback_next(last, prev, vocab))
+        if seq[-1] == eos and len(seq) - len(tokens) >= min_tokens:
+            break
+    return seq[len(tokens):]
+
+
+def lookback_logit_scale(vocab: int = TINY_VOCAB) -> float:
+    """The final RMSNorm's factor: its input holds three ones (token, constant, attention output)."""
+    hidden = _lookback_hidden(vocab)
+    return 1.0 / np.sqrt(3.0 / hidden + 1e-6)
+
+
+def _lookback_hidden(vocab: int) -> int:
+    return -(-(vocab + 1 + LOOKBACK_PERIOD) // 8) * 8  # divisible by any tensor-parallel size up to 8
+
+
+def write_lookback_checkpoint(directory: Path, vocab: int = TINY_VOCAB) -> None:
+    """A 1-layer Llama whose greedy next token depends on the token one position back *in the KV cache*.
+
+    Hidden state: one-hot token (dims ``[0, vocab)``), a constant 1 (dim ``vocab``) and 16 dims for
+    the attention output. Query head 0 attends to the previous position only: q and k are
+    constant (read from the constant dim) and chosen so that RoPE's rotation peaks at a distance of
+    one. Its values are the one-hot residue ``token % 16``, written into the residual stream. The LM
+    head adds 2 for each of the 16 tokens after the current one and 1 for tokens whose residue is
+    the previous token's + 1 (``lookback_levels``). Other heads, the MLP and KV head 1 are zero.
+    Any error in slot mapping, block tables, positions or recomputation changes the previous token
+    a decode step reads, and so its output (``lookback_continue`` is the reference).
     """
     from safetensors.numpy import save_file
 
-    d = vocab
-    eye = np.eye(vocab, dtype=np.float32)
-    head = np.roll(eye, 1, axis=0)  # row j (output token j) picks input j - 1
+    d, h, period = _lookback_hidden(vocab), _LOOKBACK_HEAD_DIM, LOOKBACK_PERIOD
+    const, attn = vocab, vocab + 1  # the constant dim and the first attention-output dim
+    embed = np.zeros((vocab, d), np.float32)
+    embed[np.arange(vocab), np.arange(vocab)] = 1.0
+    embed[:, const] = 1.0
+    norm_in = np.full(d, np.sqrt(2.0 / d), np.float32)  # undoes RMSNorm's scaling of two ones
+    half = h // 2
+    inv_freq = _LOOKBACK_THETA ** (-np.arange(0, h, 2) / h)
+    q = np.zeros((4 * h, d), np.float32)  # q · R(m - n) k peaks at m - n = 1 (rotate-half RoPE)
+    q[:half, const] = _LOOKBACK_AMPLITUDE * np.cos(inv_freq)
+    q[half:h, const] = -_LOOKBACK_AMPLITUDE * np.sin(inv_freq)
+    k = np.zeros((2 * h, d), np.float32)
+    k[:half, const] = _LOOKBACK_AMPLITUDE
+    v = np.zeros((2 * h, d), np.float32)
+    v[np.arange(vocab) % period, np.arange(vocab)] = 1.0
+    o = np.zeros((d, 4 * h), np.float32)
+    o[attn + np.arange(period), np.arange(period)] = 1.0
+    head = np.zeros((vocab, d), np.float32)
+    for j in range(vocab):
+        head[j, (j - np.arange(1, period + 1)) % vocab] = 2.0
+        head[j, attn + (j - 1) % period] = 1.0
     t = {
-        "model.embed_tokens.weight": eye,
+        "model.embed_tokens.weight": embed,
         "model.norm.weight": np.ones(d, np.float32),
         "lm_head.weight": head,
-        "model.layers.0.input_layernorm.weight": np.ones(d, np.float32),
+        "model.layers.0.input_layernorm.weight": norm_in,
         "model.layers.0.post_attention_layernorm.weight": np.ones(d, np.float32),
-        "model.layers.0.self_attn.q_proj.weight": np.zeros((64, d), np.float32),
-        "model.layers.0.self_attn.k_proj.weight": np.zeros((32, d), np.float32),
-        "model.layers.0.self_attn.v_proj.weight": np.zeros((32, d), np.float32),
-        "model.layers.0.self_attn.o_proj.weight": np.zeros((d, 64), np.float32),
+        "model.layers.0.self_attn.q_proj.weight": q,
+        "model.layers.0.self_attn.k_proj.weight": k,
+        "model.layers.0.self_attn.v_proj.weight": v,
+        "model.layers.0.self_attn.o_proj.weight": o,
         "model.layers.0.mlp.gate_proj.weight": np.zeros((8, d), np.float32),
         "model.layers.0.mlp.up_proj.weight": np.zeros((8, d), np.float32),
         "model.layers.0.mlp.down_proj.weight": np.zeros((d, 8), np.float32),
@@ -122,8 +201,8 @@ def write_counting_checkpoint(directory: Path, vocab: int = TINY_VOCAB) -> None:
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
         "hidden_size": d, "intermediate_size": 8, "num_hidden_layers": 1, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
-        "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu",
+        "num_key_value_heads": 2, "head_dim": h, "max_position_embeddings": 1024, "rms_norm_eps": 1e-6,
+        "rope_theta": _LOOKBACK_THETA, "tie_word_embeddings": False, "hidden_act": "silu",
         "bos_token_id": 1, "eos_token_id": 2, "torch_dtype": "float32",
     }
     (directory / "config.json").write_text(json.dumps(config))

@@ -10,15 +10,15 @@ import pytest
 from jaxserve.config import ConfigError, ServeConfig, build_arg_parser, load_config
 
 
-def test_yaml_then_cli_override(tmp_path, counting_model):
+def test_yaml_then_cli_override(tmp_path, lookback_model):
     cfg_file = tmp_path / "c.yaml"
-    cfg_file.write_text(f"model: {counting_model}\nmax-num-seqs: 8\nmax_model_len: 128\nport: 9001\n"
+    cfg_file.write_text(f"model: {lookback_model}\nmax-num-seqs: 8\nmax_model_len: 128\nport: 9001\n"
                         "allowed-origins: ['http://a.example']\n")
     cfg = load_config(["--config", str(cfg_file), "--max-num-seqs", "16", "--served-model-name", "x", "y"])
     assert (cfg.max_num_seqs, cfg.max_model_len, cfg.port) == (16, 128, 9001)
     assert cfg.served_model_name == ["x", "y"] and cfg.model_name == "x"
     assert cfg.allowed_origins == ["http://a.example"]
-    cfg = load_config(["--model", str(counting_model), "--allowed-origins", '["*"]'])
+    cfg = load_config(["--model", str(lookback_model), "--allowed-origins", '["*"]'])
     assert cfg.allowed_origins == ["*"]
 
 
@@ -39,9 +39,9 @@ def test_every_field_is_a_flag():
     (["--tensor-parallel-size", "0"], "tensor_parallel_size must be a positive integer"),
     (["--gpu-memory-utilization", "1.5"], "gpu_memory_utilization must be in (0, 1]"),
 ])
-def test_bad_values_name_the_key(argv, message, counting_model):
+def test_bad_values_name_the_key(argv, message, lookback_model):
     with pytest.raises(ConfigError) as e:
-        load_config(["--model", str(counting_model), *argv])
+        load_config(["--model", str(lookback_model), *argv])
     assert message in str(e.value)
 
 
@@ -52,9 +52,9 @@ def test_unknown_yaml_key(tmp_path):
         load_config(["--config", str(f)])
 
 
-def test_api_key_from_env(monkeypatch, counting_model):
+def test_api_key_from_env(monkeypatch, lookback_model):
     monkeypatch.setenv("JAXSERVE_API_KEY", "envkey")
-    cfg = load_config(["--model", str(counting_model), "--api-key", "k1", "k2"])
+    cfg = load_config(["--model", str(lookback_model), "--api-key", "k1", "k2"])
     assert cfg.api_key == ["k1", "k2", "envkey"]
 
 

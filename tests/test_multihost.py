@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from tests.helpers import TINY_VOCAB
+from tests.helpers import lookback_continue
 
 
 def _port() -> int:
@@ -20,10 +20,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_tensor_parallel(counting_model, tmp_path):
+def test_two_processes_tensor_parallel(lookback_model, tmp_path):
     coord, http = _port(), _port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    common = ["--model", str(counting_model), "--tensor-parallel-size", "2", "--num-processes", "2",
+    common = ["--model", str(lookback_model), "--tensor-parallel-size", "2", "--num-processes", "2",
               "--coordinator-address", f"127.0.0.1:{coord}", "--max-num-seqs", "4", "--max-num-batched-tokens", "32",
               "--max-model-len", "128", "--kv-cache-memory-gib", "0.03", "--dtype", "float32",
               "--compilation-cache-dir", "", "--port", str(http)]
@@ -43,13 +43,13 @@ def test_two_processes_tensor_parallel(counting_model, tmp_path):
                 pass
             assert time.monotonic() < deadline, (tmp_path / "p1.log").read_text()[-3000:]
             time.sleep(0.5)
-        for prompt in ([10, 11, 12], [200], list(range(30, 60))):
+        for prompt in ([10, 11, 12], [200], list(range(30, 60)), [9] * 40 + [100]):
             r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", timeout=60,
                            json={"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1,
                                  "return_tokens_as_token_ids": True})
             assert r.status_code == 200, r.text
             got = [int(t.removeprefix("token_id:")) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
-            assert got == [(prompt[-1] + 1 + i) % TINY_VOCAB for i in range(6)]
+            assert got == lookback_continue(prompt, 6, eos=2)
     finally:
         procs[0].terminate()
         try:

@@ -14,15 +14,14 @@ from jaxserve.weights.loader import read_model_config
 from jaxserve.weights.orbax_checkpoint import read_orbax_config
 from jaxserve.weights.source import resolve_model_source
 from tests.engine.engine_helpers import make_engine
-
-pytestmark = pytest.mark.hf_reference
-
+from tests.helpers import lookback_continue
 
 def _prompts() -> list[list[int]]:
     rng = np.random.RandomState(5)
     return [rng.randint(3, 300, size=n).tolist() for n in (5, 23, 40, 2)]
 
 
+@pytest.mark.hf_reference
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_tp_1_2_4_give_identical_greedy_tokens(arch, hf_checkpoints):
     assert len(jax.devices()) >= 4
@@ -37,6 +36,16 @@ def test_tp_1_2_4_give_identical_greedy_tokens(arch, hf_checkpoints):
     assert make_engine(directory, tensor_parallel_size=4).runner.loaded.plan.kv_replication == 2
 
 
+def test_tp_1_2_4_identical_on_the_lookback_model(lookback_model):
+    # Torch-free: each device holds one KV head (TP 4 replicates them); the cache decides the tokens.
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    for tp in (1, 2, 4):
+        assert make_engine(lookback_model, tensor_parallel_size=tp).generate(_prompts(), params) == [
+            lookback_continue(p, 10) for p in _prompts()
+        ], tp
+
+
+@pytest.mark.hf_reference
 def test_parameter_shardings_follow_the_rules(hf_checkpoints):
     directory, _ = hf_checkpoints("qwen2")
     eng = make_engine(directory, tensor_parallel_size=4)
@@ -57,6 +66,7 @@ def test_parameter_shardings_follow_the_rules(hf_checkpoints):
     assert k_pages.addressable_shards[0].data.shape[2] == 1  # one (replicated) KV head per device
 
 
+@pytest.mark.hf_reference
 def test_bad_tensor_parallel_sizes_fail_at_startup(hf_checkpoints):
     directory, _ = hf_checkpoints("llama")
     cfg, _ = read_model_config(resolve_model_source(str(directory)))
@@ -68,11 +78,11 @@ def test_bad_tensor_parallel_sizes_fail_at_startup(hf_checkpoints):
         make_engine(directory, tensor_parallel_size=16)
 
 
-def test_serve_rejects_a_bad_tp_size_with_one_line(counting_model):
+def test_serve_rejects_a_bad_tp_size_with_one_line(lookback_model):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "jaxserve.serve", "--model", str(counting_model),
+    r = subprocess.run([sys.executable, "-m", "jaxserve.serve", "--model", str(lookback_model),
                         "--tensor-parallel-size", "3"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
@@ -80,6 +90,7 @@ def test_serve_rejects_a_bad_tp_size_with_one_line(counting_model):
     )
 
 
+@pytest.mark.hf_reference
 def test_orbax_checkpoint_restores_into_any_tp(hf_checkpoints, tmp_path):
     import subprocess
     import sys

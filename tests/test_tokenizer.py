@@ -9,8 +9,8 @@ from jaxserve.tokenizer import IncrementalDetokenizer
 
 
 @pytest.fixture(scope="module")
-def tok(counting_model):
-    return AutoTokenizer.from_pretrained(str(counting_model))
+def tok(lookback_model):
+    return AutoTokenizer.from_pretrained(str(lookback_model))
 
 
 @pytest.mark.parametrize("text", ["日本語のテキスト 🙂 and café", "naïve 🙂🙂 Él", "plain ascii text"])

@@ -38,8 +38,8 @@ def test_decode_floor_holds_with_one_sequence():
     assert BucketPolicy(max_num_seqs=8, max_num_batched_tokens=64, min_decode_batch=2).decode_sizes == [2, 4, 8]
 
 
-def test_serving_a_varied_workload_compiles_nothing(counting_model):
-    eng = make_engine(counting_model)
+def test_serving_a_varied_workload_compiles_nothing(lookback_model):
+    eng = make_engine(lookback_model)
     compiles: list[str] = []
 
     def listener(event: str, *args, **kwargs) -> None:
@@ -60,8 +60,8 @@ def test_serving_a_varied_workload_compiles_nothing(counting_model):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_kv_pages_are_updated_in_place(counting_model, dtype):
-    eng = make_engine(counting_model, dtype=dtype)
+def test_kv_pages_are_updated_in_place(lookback_model, dtype):
+    eng = make_engine(lookback_model, dtype=dtype)
     k_pages = eng.runner.kv_caches[0][0]
     cache_dims = ",".join(map(str, k_pages.shape))
     flat_dims = f"{k_pages.shape[0] * k_pages.shape[1]},{k_pages.shape[2]},{k_pages.shape[3]}"

@@ -9,6 +9,7 @@ from jaxserve.engine.block_manager import BlockManager
 from jaxserve.request import Request
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.engine_helpers import make_engine
+from tests.helpers import lookback_continue
 
 
 def _req(rid: str, tokens: list[int]) -> Request:
@@ -87,13 +88,19 @@ def test_outputs_identical_with_and_without_caching(hf_checkpoints):
     assert results[True] == results[False]
 
 
-def test_second_request_computes_only_its_new_tokens(counting_model):
-    eng = make_engine(counting_model, enable_prefix_caching=True, block_size=4)
+def test_second_request_computes_only_its_new_tokens(lookback_model):
+    eng = make_engine(lookback_model, enable_prefix_caching=True, block_size=4)
     system = list(range(100, 140))  # 40 tokens = 10 full blocks
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     before = eng.counters.prompt_tokens
-    eng.generate([system + [7, 8, 9]], SamplingParams(temperature=0, max_tokens=2))
+    eng.generate([system + [7, 8, 9]], params)
     first = eng.counters.prompt_tokens - before
-    out = eng.generate([system + [50, 51, 52, 53, 54]], SamplingParams(temperature=0, max_tokens=3))
+    prompt = system + [50, 51, 52, 53, 54]
+    out = eng.generate([prompt], params)
     second = eng.counters.prompt_tokens - before - first
     assert first == 43 and second == 5
-    assert out == [[55, 56, 57]]
+    assert out == [lookback_continue(prompt, 3)]
+    # One new token: the only computed position reads the previous one from a reused block.
+    for last in (7, 200):
+        assert eng.generate([system + [last]], params) == [lookback_continue(system + [last], 3)]
+    assert eng.counters.prompt_tokens - before - first - second == 2

@@ -79,10 +79,10 @@ SMALL = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--block-size"
 
 
 @pytest.fixture(scope="session")
-def counting_server(tmp_path_factory, counting_model) -> Iterator[ServerProcess]:
+def lookback_server(tmp_path_factory, lookback_model) -> Iterator[ServerProcess]:
     server = start_server(
         tmp_path_factory, "counting",
-        ["--model", str(counting_model), "--served-model-name", "counter", "alias", *SMALL,
+        ["--model", str(lookback_model), "--served-model-name", "lookback", "alias", *SMALL,
          "--api-key", API_KEY, "--allowed-origins", '["http://allowed.example"]'],
     )
     yield server
@@ -90,19 +90,19 @@ def counting_server(tmp_path_factory, counting_model) -> Iterator[ServerProcess]
 
 
 @pytest.fixture(scope="session")
-def tok(counting_model):
+def tok(lookback_model):
     """The counting model's tokenizer (what the counting server uses)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(counting_model))
+    return AutoTokenizer.from_pretrained(str(lookback_model))
 
 
 @pytest.fixture(scope="session")
-def client(counting_server):
+def client(lookback_server):
     """The official SDK pointed at the counting server, with its API key."""
     import openai
 
-    return openai.OpenAI(base_url=f"{counting_server.base_url}/v1", api_key=API_KEY)
+    return openai.OpenAI(base_url=f"{lookback_server.base_url}/v1", api_key=API_KEY)
 
 
 @pytest.fixture(scope="session")
