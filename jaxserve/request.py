@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import time
 
@@ -26,6 +27,14 @@ class RequestStatus(enum.Enum):
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class Finish:
+    """How a request ended (``engine/step_results.decide_finish`` decides it)."""
+
+    status: RequestStatus
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+
 class Request:
     """Tokens of one sequence and how many of them already have KV in the cache.
 
@@ -44,6 +53,7 @@ class Request:
         *,
         max_tokens: int,
         eos_token_ids: tuple[int, ...] = (),
+        seed: int = 0,
         arrival_time: float | None = None,
     ) -> None:
         if not prompt_token_ids:
@@ -54,6 +64,7 @@ class Request:
         self.params = params
         self.max_tokens = max_tokens  # resolved (never None)
         self.eos_token_ids = eos_token_ids
+        self.seed = seed  # the sampling seed: params.seed, or one the engine drew
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []
@@ -107,23 +118,10 @@ class Request:
         del self.output_token_ids[n:]
         self.num_pending = sum(1 for t in self.output_token_ids if t == PLACEHOLDER)
 
-    def append_output(self, token_id: int) -> RequestStatus | None:
-        """Record a sampled token; return the finishing status if the sequence must stop."""
-        return self.resolve_output(self.add_placeholder(), token_id)
-
-    def resolve_output(self, index: int, token_id: int) -> RequestStatus | None:
-        """Fill output slot ``index``; return the finishing status if the sequence stops there."""
+    def resolve_output(self, index: int, token_id: int) -> None:
+        """Fill output slot ``index`` (a PLACEHOLDER) with the sampled token."""
         self.output_token_ids[index] = token_id
         self.num_pending -= 1
-        n_out = index + 1
-        if n_out >= self.params.min_tokens:
-            if not self.params.ignore_eos and token_id in self.eos_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-            if token_id in self.params.stop_token_ids:
-                return RequestStatus.FINISHED_STOPPED
-        if n_out >= self.max_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None
 
     def __repr__(self) -> str:
         return (

@@ -2,8 +2,8 @@
 
 Start-up: resolve the checkpoint, read its config, load tokenizer and weights (sharded by the
 tensor-parallel plan), size the KV cache, compile every step shape. Each ``step()`` schedules and
-dispatches one device step, then finishes the previous one (async scheduling): resolves its
-sampled tokens, finishes requests (EOS, stop tokens, stop strings, length) and returns their text
+dispatches one device step, then finishes the previous one (async scheduling): its sampled tokens
+go to ``step_results.StepResults``, which applies them to the requests and returns their text
 deltas. Not thread-safe: the async wrapper drives it from a single thread.
 """
 
@@ -25,16 +25,17 @@ from jaxserve.engine.compilation import BucketPolicy
 from jaxserve.engine.interface import AdmittedRequest, EngineInfo, EngineMetrics, admit
 from jaxserve.engine.kv_cache_size import num_kv_blocks
 from jaxserve.engine.model_runner import ModelRunner, StepHandle
-from jaxserve.engine.output_processor import OutputProcessor, RequestOutput, TokenLogprob
-from jaxserve.engine.scheduler import ScheduledRequest, Scheduler
+from jaxserve.engine.output_processor import OutputProcessor, RequestOutput
+from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
+from jaxserve.engine.step_results import EngineCounters, LaunchedStep, SampledTokens, StepResults
 from jaxserve.models import ModelConfig
 from jaxserve.models.attention_backends import resolve_backend
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
 from jaxserve.sharding import make_plan
 from jaxserve.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
-from jaxserve.weights.loader import load_model, read_model_config, resolve_dtype
-from jaxserve.weights.source import resolve_model_source
+from jaxserve.weights.loader import LoadedModel, load_model, read_model_config, resolve_dtype
+from jaxserve.weights.source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
 
@@ -54,22 +55,10 @@ class EngineStats:
 
 @dataclasses.dataclass(frozen=True)
 class InflightStep:
-    """A dispatched step whose sampled tokens have not been read yet."""
+    """A dispatched step whose sampled tokens have not reached the host yet (passed as a value)."""
 
-    scheduled: list[ScheduledRequest]
+    launched: LaunchedStep
     handle: StepHandle
-    slots: list[int]  # output index each request's token fills (-1: a chunk that does not sample)
-
-
-@dataclasses.dataclass
-class EngineCounters:
-    """Monotonic counters for metrics (plain ints: readable from other threads)."""
-
-    steps: int = 0
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    requests_finished: int = 0
-    requests_aborted: int = 0
 
 
 class LLMEngine:
@@ -80,6 +69,7 @@ class LLMEngine:
         self.config = config
         source = resolve_model_source(config.model)
         model_config, stored_dtype = read_model_config(source)
+        self.model_config = model_config
         platform = jax.default_backend()
         dtype = resolve_dtype(config.dtype, stored_dtype, platform)
         self.max_model_len = self._resolve_max_model_len(config, model_config)
@@ -92,27 +82,9 @@ class LLMEngine:
             if self.generation_config.get(k) is not None
         }
         backend = resolve_backend(config.attention_backend, platform)
-        plan = make_plan(model_config, config.tensor_parallel_size)
-        if plan.kv_replication > 1:
-            logger.info(
-                "tensor_parallel_size %d > num_key_value_heads %d: each KV head is replicated %d times at load",
-                plan.tp, model_config.num_kv_heads, plan.kv_replication,
-            )
-        # CPUs keep float32 activations even with 16-bit weights (XLA:CPU is slow at 16-bit elementwise).
-        compute_dtype = jax.numpy.float32 if platform == "cpu" else dtype
-        loaded = load_model(
-            source, model_config, dtype, backend=backend, compute_dtype=compute_dtype, plan=plan, progress=progress,
-            dummy=config.load_format == "dummy",
-        )
-        self.model_config = model_config
+        loaded = self._load_weights(source, dtype, platform, backend, progress)
         blocks = num_kv_blocks(config, loaded, self.max_model_len, platform)
-        # XLA:CPU's one-row bf16 product is a slow path; a padding row makes it a fast bf16 GEMM.
-        min_decode = 2 if platform == "cpu" and jax.numpy.dtype(dtype) != jax.numpy.float32 else 1
-        buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens, min_decode_batch=min_decode)
-        self.runner = ModelRunner(
-            loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets,
-            backend=backend,
-        )
+        self.runner = self._build_runner(loaded, blocks, dtype, platform, backend)
         load_s = time.perf_counter() - t0
         logger.info(
             "loaded %s (%s, %s, %d layers) in %.1fs; KV cache: %d blocks x %d tokens",
@@ -131,22 +103,47 @@ class LLMEngine:
             max_num_batched_tokens=config.max_num_batched_tokens,
         )
         self.outputs = OutputProcessor(self.tokenizer)
-        self.requests: dict[str, Request] = {}
-        self._seeds: dict[str, int] = {}
-        self._rng = random.Random(config.seed)
         self.counters = EngineCounters()
+        self.results = StepResults(self.scheduler, self.outputs, self.counters)
+        self.requests: dict[str, Request] = {}
+        self._rng = random.Random(config.seed)
         self.async_scheduling = config.async_scheduling
         self._inflight: InflightStep | None = None
         self.stats = EngineStats(
-            load_seconds=load_s,
-            compile_seconds=compile_s,
-            warmup_seconds=warmup_s,
-            num_kv_blocks=blocks,
-            block_size=config.block_size,
-            max_model_len=self.max_model_len,
-            num_compiled_shapes=len(self.runner.compiled_shapes),
-            platform=platform,
+            load_seconds=load_s, compile_seconds=compile_s, warmup_seconds=warmup_s, num_kv_blocks=blocks,
+            block_size=config.block_size, max_model_len=self.max_model_len,
+            num_compiled_shapes=len(self.runner.compiled_shapes), platform=platform,
             dtype=jax.numpy.dtype(dtype).name,
+        )
+
+    def _load_weights(
+        self, source: ModelSource, dtype: jax.numpy.dtype, platform: str, backend: str, progress: bool
+    ) -> LoadedModel:
+        """The model's parameters, placed by the tensor-parallel plan."""
+        config, model_config = self.config, self.model_config
+        plan = make_plan(model_config, config.tensor_parallel_size)
+        if plan.kv_replication > 1:
+            logger.info(
+                "tensor_parallel_size %d > num_key_value_heads %d: each KV head is replicated %d times at load",
+                plan.tp, model_config.num_kv_heads, plan.kv_replication,
+            )
+        # CPUs keep float32 activations even with 16-bit weights (XLA:CPU is slow at 16-bit elementwise).
+        compute_dtype = jax.numpy.float32 if platform == "cpu" else dtype
+        return load_model(
+            source, model_config, dtype, backend=backend, compute_dtype=compute_dtype, plan=plan, progress=progress,
+            dummy=config.load_format == "dummy",
+        )
+
+    def _build_runner(
+        self, loaded: LoadedModel, blocks: int, dtype: jax.numpy.dtype, platform: str, backend: str
+    ) -> ModelRunner:
+        config = self.config
+        # XLA:CPU's one-row bf16 product is a slow path; a padding row makes it a fast bf16 GEMM.
+        min_decode = 2 if platform == "cpu" and jax.numpy.dtype(dtype) != jax.numpy.float32 else 1
+        buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens, min_decode_batch=min_decode)
+        return ModelRunner(
+            loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets,
+            backend=backend,
         )
 
     @staticmethod
@@ -198,11 +195,11 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"duplicate request id {request_id!r}")
         params = admitted.params
+        seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         req = Request(request_id, admitted.prompt_token_ids, params, max_tokens=admitted.max_tokens,
-                      eos_token_ids=self.eos_token_ids)
+                      eos_token_ids=self.eos_token_ids, seed=seed)
         self.scheduler.add(req)
         self.requests[request_id] = req
-        self._seeds[request_id] = params.seed if params.seed is not None else self._rng.getrandbits(32)
         self.outputs.add(req)
         return req
 
@@ -214,7 +211,6 @@ class LLMEngine:
         self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
         self.counters.requests_aborted += 1
         self.outputs.remove(request_id)
-        self._seeds.pop(request_id, None)
         return True
 
     def close(self) -> None:
@@ -225,75 +221,43 @@ class LLMEngine:
         return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     def step(self) -> list[RequestOutput]:
-        """Schedule and dispatch one step, then finish the previous one; returns its outputs.
+        """Dispatch the next step, then finish the previous one; returns the finished step's outputs.
 
-        With async scheduling the device runs step N while the host resolves step N-1's tokens,
-        detokenizes, and prepares step N+1. Without it (or when a penalty needs the previous
-        token's value on the host) the previous step is finished before scheduling.
+        With async scheduling the device runs step N+1 while the host applies step N's tokens. The
+        previous step is finished first when there is no async scheduling, or when a penalty
+        reads the token history on the host. The in-flight step is a value: ``_dispatch`` makes it,
+        ``_finish`` consumes it (a forward/sample split would hand the grammar a step between the two).
         """
+        prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
-        if self._inflight is not None and (not self.async_scheduling or self._needs_sync()):
-            outputs += self._finish_step(self._inflight)
-            self._inflight = None
-        sched = self.scheduler.schedule()
-        handle = None
-        if sched.scheduled:
-            seeds = [self._seeds[s.request.request_id] for s in sched.scheduled]
-            prev_rows = self._inflight.handle.rows if self._inflight is not None else {}
-            handle = self.runner.dispatch(sched.scheduled, seeds, prev_rows)
-            self.counters.steps += 1
-            slots = []
-            for s in sched.scheduled:
-                req = s.request
-                self.counters.prompt_tokens += max(0, min(s.start + s.num_tokens, req.num_prompt_tokens) - s.start)
-                req.num_computed_tokens += s.num_tokens
-                slots.append(req.add_placeholder() if s.samples else -1)
-        if self._inflight is not None:
-            outputs += self._finish_step(self._inflight)
-            self._inflight = None
-        if handle is not None:
-            self._inflight = InflightStep(sched.scheduled, handle, slots)
-            if not self.async_scheduling:
-                outputs += self._finish_step(self._inflight)
-                self._inflight = None
+        if prev is not None and (not self.async_scheduling or self.scheduler.needs_host_tokens):
+            outputs += self._finish(prev)
+            prev = None
+        step = self._dispatch(self.scheduler.schedule(), prev)
+        if prev is not None:
+            outputs += self._finish(prev)
+        if step is not None and not self.async_scheduling:
+            outputs += self._finish(step)
+            step = None
+        self._inflight = step
         return outputs
 
-    def _needs_sync(self) -> bool:
-        """A penalty reads the token history on the host, so in-flight tokens must land first."""
-        return any(
-            r.num_pending and (r.params.presence_penalty or r.params.frequency_penalty or r.params.repetition_penalty != 1.0)
-            for r in self.scheduler.running
-        )
+    def _dispatch(self, sched: SchedulerOutput, prev: InflightStep | None) -> InflightStep | None:
+        """Start ``sched`` on the device; tokens ``prev`` is still sampling are read there from its output."""
+        if not sched.scheduled:
+            return None
+        seeds = [s.request.seed for s in sched.scheduled]
+        handle = self.runner.dispatch(sched.scheduled, seeds, prev.handle.rows if prev is not None else {})
+        return InflightStep(self.results.launch(sched), handle)
 
-    def _finish_step(self, step: InflightStep) -> list[RequestOutput]:
-        """Wait for a dispatched step, resolve its placeholders, finish requests, build outputs."""
-        scheduled, slots = step.scheduled, step.slots
-        next_tokens, lp = self.runner.fetch(step.handle)
-        bm = self.scheduler.block_manager
-        outputs: list[RequestOutput] = []
-        for i, (s, token, slot) in enumerate(zip(scheduled, next_tokens.tolist(), slots, strict=True)):
-            req = s.request
-            if req.request_id not in self.requests or req.status.finished:
-                continue  # finished or aborted while this step ran: its token is dropped
-            if slot < 0:
-                bm.register_full_blocks(req, req.num_known_tokens)
-                continue  # a prefill chunk that does not reach the end of the prompt
-            self.counters.generation_tokens += 1
-            status = req.resolve_output(slot, int(token))
-            bm.register_full_blocks(req, req.num_known_tokens)
-            token_lp = None
-            k = req.params.logprobs
-            if k is not None and lp is not None:
-                top = list(zip(lp.top_ids[i, :k].tolist(), lp.top_vals[i, :k].tolist()))
-                token_lp = [TokenLogprob(int(token), float(lp.sampled[i]), top)]
-            out, _ = self.outputs.process(req, [int(token)], status, token_lp, num_output_tokens=slot + 1)
+    def _finish(self, step: InflightStep) -> list[RequestOutput]:
+        """Wait for ``step``'s tokens and apply them; forget the requests that finished."""
+        tokens, lp = self.runner.fetch(step.handle)
+        sampled = SampledTokens(tokens.tolist(), *((lp.sampled, lp.top_ids, lp.top_vals) if lp is not None else ()))
+        outputs = self.results.apply(step.launched, sampled)
+        for out in outputs:
             if out.finished:
-                req.truncate_outputs(slot + 1)
-                self.counters.requests_finished += 1
-                self.scheduler.finish(req, RequestStatus(out.finish_reason))
-                self.requests.pop(req.request_id, None)
-                self._seeds.pop(req.request_id, None)
-            outputs.append(out)
+                self.requests.pop(out.request_id, None)
         return outputs
 
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:

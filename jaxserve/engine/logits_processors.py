@@ -46,9 +46,7 @@ def needs_extras(req: Request) -> bool:
     p = req.params
     return bool(
         p.logit_bias
-        or p.presence_penalty
-        or p.frequency_penalty
-        or p.repetition_penalty != 1.0
+        or p.has_penalties
         or (req.num_output_tokens < p.min_tokens)
     )
 
@@ -76,7 +74,7 @@ def build_logits_extras(reqs: list[Request], num_rows: int, *, with_extras: bool
                 bias_ids[i, j] = tid
                 bias_vals[i, j] = val
             presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-            if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            if p.has_penalties:
                 n_p, n_o = req.num_prompt_tokens, req.num_output_tokens
                 hist_ids[i, :n_p] = req.prompt_token_ids
                 hist_ids[i, n_p : n_p + n_o] = req.output_token_ids

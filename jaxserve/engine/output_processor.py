@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jaxserve.request import Request, RequestStatus
+from jaxserve.request import Finish, Request
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -92,7 +92,11 @@ class RequestTextState:
 
 
 class OutputProcessor:
-    """Keeps a RequestTextState per live request and builds RequestOutputs."""
+    """Keeps a RequestTextState per live request and builds RequestOutputs.
+
+    Whether a request finishes is not decided here (``engine/step_results.decide_finish``): this
+    class only turns tokens into text and reports a matched stop string.
+    """
 
     def __init__(self, tok: Tokenizer) -> None:
         self.tok = tok
@@ -104,41 +108,31 @@ class OutputProcessor:
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    def process(
-        self,
+    def update_text(self, req: Request, new_token_ids: list[int], *, check_stops: bool) -> tuple[str, str | None]:
+        """Text to emit after ``new_token_ids`` (possibly held back) and the stop string it matched, if any."""
+        return self.states[req.request_id].update(new_token_ids, False, check_stops)
+
+    def flush_text(self, req: Request, *, check_stops: bool) -> tuple[str, str | None]:
+        """The request is ending: everything still held back (and a stop string completed by it)."""
+        return self.states[req.request_id].update([], True, check_stops)
+
+    @staticmethod
+    def build(
         req: Request,
         new_token_ids: list[int],
-        status: RequestStatus | None,
-        logprobs: list[TokenLogprob] | None = None,
-        *,
+        text: str,
+        finish: Finish | None,
+        logprobs: list[TokenLogprob] | None,
         num_output_tokens: int,
-    ) -> tuple[RequestOutput, bool]:
-        """Output for ``req`` after it gained ``new_token_ids``; second value: a stop string hit."""
-        state = self.states[req.request_id]
-        finishing = status is not None
-        text, stop_str = state.update(
-            new_token_ids, finishing, check_stops=num_output_tokens >= req.params.min_tokens
-        )
-        stop_reason: str | int | None = stop_str
-        if stop_str is not None:
-            status = RequestStatus.FINISHED_STOPPED
-        elif status is RequestStatus.FINISHED_STOPPED and new_token_ids:
-            last = new_token_ids[-1]
-            stop_reason = last if last in req.params.stop_token_ids else None
-        finished = status is not None
-        if finished:
-            self.remove(req.request_id)
-        return (
-            RequestOutput(
-                request_id=req.request_id,
-                new_token_ids=new_token_ids,
-                new_text=text,
-                finished=finished,
-                finish_reason=status.value if status is not None else None,
-                stop_reason=stop_reason,
-                num_prompt_tokens=req.num_prompt_tokens,
-                num_output_tokens=num_output_tokens,
-                logprobs=logprobs,
-            ),
-            stop_str is not None,
+    ) -> RequestOutput:
+        return RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=new_token_ids,
+            new_text=text,
+            finished=finish is not None,
+            finish_reason=finish.status.value if finish is not None else None,
+            stop_reason=finish.stop_reason if finish is not None else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_output_tokens=num_output_tokens,
+            logprobs=logprobs,
         )

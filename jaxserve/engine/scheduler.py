@@ -5,6 +5,11 @@ scheduled request advances by ``num_tokens - num_computed_tokens`` tokens, cappe
 token budget. Running requests go first (in arrival order), then waiting ones are admitted while
 the budget, ``max_num_seqs`` and free blocks allow. When a running request cannot get a block,
 the most recently admitted running request is preempted (blocks freed, recomputed later).
+
+The scheduler owns each request's KV state: ``launch`` counts a dispatched step's tokens as computed
+and reserves a ``PLACEHOLDER`` output for each chunk that samples, ``resolve`` fills it when the
+step's tokens reach the host and registers newly full blocks for prefix caching, preemption resets
+it and ``finish`` frees it. *Which* token ends a request is decided in ``engine/step_results.py``.
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
+    @property
+    def needs_host_tokens(self) -> bool:
+        """A running request with a token in flight reads its history on the host (penalties)."""
+        return any(r.num_pending and r.params.has_penalties for r in self.running)
+
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
@@ -111,6 +121,25 @@ class Scheduler:
                 scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n))
                 budget -= n
         return SchedulerOutput(scheduled, preempted)
+
+    def launch(self, out: SchedulerOutput) -> list[int]:
+        """``out`` was dispatched: its tokens count as computed, and each chunk that reaches the end
+        of its sequence reserves the next output (a ``PLACEHOLDER``). Returns each request's output
+        index (-1: a prefill chunk that does not sample)."""
+        slots = []
+        for s in out.scheduled:
+            samples = s.samples
+            s.request.num_computed_tokens += s.num_tokens
+            slots.append(s.request.add_placeholder() if samples else -1)
+        return slots
+
+    def resolve(self, req: Request, slot: int, token: int) -> None:
+        """A step's result reached the host: fill output ``slot`` (-1: none) with ``token`` and make
+        the blocks now full of known tokens findable by later requests."""
+        if slot >= 0:
+            req.resolve_output(slot, token)
+        if req.block_ids:
+            self.block_manager.register_full_blocks(req, req.num_known_tokens)
 
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req)

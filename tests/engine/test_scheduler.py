@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.scheduler import Scheduler
+from jaxserve.engine.step_results import decide_finish
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
 
@@ -13,13 +14,13 @@ def _req(rid: str, n: int, max_tokens: int = 4) -> Request:
 
 
 def _advance(s: Scheduler, out, token: int = 7) -> None:
-    """What the engine does after a step: mark computed, append a token when the chunk ends the sequence."""
-    for item in out.scheduled:
-        item.request.num_computed_tokens += item.num_tokens
-        if item.samples:
-            status = item.request.append_output(token)
-            if status is not None:
-                s.finish(item.request, status)
+    """What the engine does with a step (without text): launch it, resolve its tokens, finish requests."""
+    slots = s.launch(out)
+    for item, slot in zip(out.scheduled, slots, strict=True):
+        s.resolve(item.request, slot, token)
+        finish = decide_finish(item.request, slot + 1, token, None) if slot >= 0 else None
+        if finish is not None:
+            s.finish(item.request, finish.status)
 
 
 def test_chunked_prefill_runs_beside_decodes():
