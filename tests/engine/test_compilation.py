@@ -38,34 +38,62 @@ def test_decode_floor_holds_with_one_sequence():
     assert BucketPolicy(max_num_seqs=8, max_num_batched_tokens=64, min_decode_batch=2).decode_sizes == [2, 4, 8]
 
 
+class _Compiles:
+    """Records jax's compile events while active (the no-compile detector)."""
+
+    def __enter__(self) -> list[str]:
+        self.events: list[str] = []
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self.events
+
+    def _listen(self, event: str, *args, **kwargs) -> None:
+        if "compile" in event:
+            self.events.append(event)
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.clear_event_listeners()
+
+
 def test_serving_a_varied_workload_compiles_nothing(lookback_model):
     eng = make_engine(lookback_model)
-    compiles: list[str] = []
-
-    def listener(event: str, *args, **kwargs) -> None:
-        if "compile" in event:
-            compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
-        rng = np.random.RandomState(0)
-        prompts = [rng.randint(3, 300, size=n).tolist() for n in (1, 5, 31, 64, 2, 17)]
-        params = [SamplingParams(temperature=t, top_p=p, top_k=k, max_tokens=m, seed=s)
-                  for t, p, k, m, s in [(0, 1, 0, 3, None), (0.7, 0.9, 0, 9, 1), (1.0, 1, 5, 4, None),
-                                        (0, 1, 0, 12, None), (1.3, 0.5, 3, 7, 2), (0.2, 1, 0, 2, None)]]
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, 300, size=n).tolist() for n in (1, 5, 31, 64, 2, 17)]
+    params = [SamplingParams(temperature=t, top_p=p, top_k=k, max_tokens=m, seed=s)
+              for t, p, k, m, s in [(0, 1, 0, 3, None), (0.7, 0.9, 0, 9, 1), (1.0, 1, 5, 4, None),
+                                    (0, 1, 0, 12, None), (1.3, 0.5, 3, 7, 2), (0.2, 1, 0, 2, None)]]
+    with _Compiles() as compiles:
         eng.generate(prompts, params)
-    finally:
-        jax.monitoring.clear_event_listeners()
     assert compiles == []
+
+
+def test_the_compile_detector_detects_a_compile():
+    with _Compiles() as compiles:
+        jax.jit(lambda x: x * 3 + 1)(np.ones(37, np.float32)).block_until_ready()  # a shape never seen
+    assert compiles != []
+
+
+def _cache_copies(hlo: str, page_shape: tuple[int, ...]) -> list[str]:
+    """HLO lines that copy (or convert) a whole KV-cache buffer, paged or flattened."""
+    cache_dims = ",".join(map(str, page_shape))
+    flat_dims = f"{page_shape[0] * page_shape[1]},{page_shape[2]},{page_shape[3]}"
+    pattern = re.compile(rf"= [a-z0-9]+\[({cache_dims}|{flat_dims})\][^ ]* (copy|convert)\(")
+    return [line for line in hlo.splitlines() if pattern.search(line)]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_kv_pages_are_updated_in_place(lookback_model, dtype):
     eng = make_engine(lookback_model, dtype=dtype)
-    k_pages = eng.runner.kv_caches[0][0]
-    cache_dims = ",".join(map(str, k_pages.shape))
-    flat_dims = f"{k_pages.shape[0] * k_pages.shape[1]},{k_pages.shape[2]},{k_pages.shape[3]}"
-    pattern = re.compile(rf"= [a-z0-9]+\[({cache_dims}|{flat_dims})\][^ ]* (copy|convert)\(")
+    page_shape = eng.runner.kv_caches[0][0].shape
     for shape, compiled in eng.runner._compiled.items():
-        copies = [line for line in compiled.as_text().splitlines() if pattern.search(line)]
+        copies = _cache_copies(compiled.as_text(), page_shape)
         assert copies == [], f"{shape} copies the KV cache: {copies[:2]}"
+
+
+def test_the_copy_detector_detects_a_copied_cache():
+    pages = jax.ShapeDtypeStruct((64, 4, 2, 32), jax.numpy.float32)
+    row = jax.ShapeDtypeStruct((2, 32), jax.numpy.float32)
+    write = lambda p, r: p.at[3, 1].set(r)  # noqa: E731
+    donated = jax.jit(write, donate_argnums=(0,)).lower(pages, row).compile()
+    assert _cache_copies(donated.as_text(), pages.shape) == []
+    copied = jax.jit(write).lower(pages, row).compile()  # not donated: XLA copies the whole cache first
+    assert _cache_copies(copied.as_text(), pages.shape) != []

@@ -61,8 +61,8 @@ def test_seed_reproducible_independent_of_batch_and_step_dependent():
     p = SamplingParams(temperature=1.0, seed=42)
     alone = np.asarray(_sample(logits[:1], _st([p], seeds=[42], steps=[5])))[0]
     batch = [SamplingParams(temperature=1.0)] * 6
-    seeds = [42, 1, 2, 3, 4, 5]
-    in_batch = np.asarray(_sample(np.roll(logits, 0, axis=0), _st(batch, seeds=seeds, steps=[5] * 6)))[0]
+    seeds = [1, 2, 3, 42, 4, 5]  # the seeded row moves to row 3, among other rows
+    in_batch = np.asarray(_sample(np.roll(logits, 3, axis=0), _st(batch, seeds=seeds, steps=[5] * 6)))[3]
     assert alone == in_batch
     draws = {int(np.asarray(_sample(logits[:1], _st([p], seeds=[42], steps=[s])))[0]) for s in range(20)}
     assert len(draws) > 5  # the counter advances the stream

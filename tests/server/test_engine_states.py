@@ -3,6 +3,8 @@ and when the waiting queue is full (in-process app with a stand-in engine)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 
@@ -13,6 +15,7 @@ from jaxserve.config import ServeConfig
 from jaxserve.engine.async_engine import AsyncEngine, EngineState
 from jaxserve.engine.interface import EngineInfo, EngineMetrics
 from jaxserve.engine.output_processor import RequestOutput
+from jaxserve.sampling_params import SamplingParams
 from jaxserve.server.app import build_app
 
 
@@ -44,15 +47,20 @@ class FakeLLM:
         self.crash = crash
         self.hold = hold
         self.pending: dict[str, int] = {}
+        self.added: list[str] = []
+        self.aborted: list[str] = []
+        self.stepped: set[str] = set()  # requests some step produced a token for
 
     def metrics(self) -> EngineMetrics:
         waiting = len(self.pending) if self.hold is not None and not self.hold.is_set() else 0
         return EngineMetrics(len(self.pending) - waiting, waiting, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0)
 
     def enqueue(self, rid, admitted):
+        self.added.append(rid)
         self.pending[rid] = admitted.max_tokens
 
     def abort(self, rid):
+        self.aborted.append(rid)
         return self.pending.pop(rid, None) is not None
 
     def has_unfinished(self):
@@ -68,6 +76,7 @@ class FakeLLM:
             self.hold.wait(10)
         outs = []
         for rid in list(self.pending):
+            self.stepped.add(rid)
             self.pending[rid] -= 1
             done = self.pending[rid] == 0
             if done:
@@ -178,3 +187,39 @@ def test_queue_rule_counts_every_choice():
     r = client.post("/v1/completions", json={"prompt": "x", "n": 2, "max_tokens": 1})
     assert r.status_code == 200  # the queue drained
     engine.shutdown()
+
+
+def test_disconnect_before_admission_is_never_computed():
+    """A client that leaves while its request waits to reach the engine: no step ever runs it."""
+    hold = threading.Event()
+    llm = FakeLLM(hold=hold)
+    engine = AsyncEngine(lambda: llm)
+    engine.start()
+    engine.wait_ready(5)
+
+    async def run() -> list:
+        first = engine.submit("a", [[1]], [SamplingParams(max_tokens=2)])
+        await asyncio.to_thread(_wait_for, lambda: llm.added == ["a-0"])  # "a" runs; its step is held
+        later = engine.submit("b", [[1]], [SamplingParams(max_tokens=2)])
+        waiting = asyncio.ensure_future(anext(later.outputs()))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # the client goes away before the engine took "b"
+        with contextlib.suppress(asyncio.CancelledError):
+            await waiting
+        later.close()
+        hold.set()
+        return [out async for _, out in first.outputs()]
+
+    outs = asyncio.run(run())
+    assert [o.request_id for o in outs] == ["a-0", "a-0"] and outs[-1].finished
+    _wait_for(lambda: "b-0" in llm.aborted or "b-0" not in llm.added)
+    _wait_for(lambda: not llm.has_unfinished())
+    assert "b-0" not in llm.stepped  # aborted (or dropped) before any step computed it
+    engine.shutdown()
+
+
+def _wait_for(cond, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
