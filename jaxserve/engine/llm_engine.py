@@ -253,7 +253,10 @@ class LLMEngine:
     def _finish(self, step: InflightStep) -> list[RequestOutput]:
         """Wait for ``step``'s tokens and apply them; forget the requests that finished."""
         tokens, lp = self.runner.fetch(step.handle)
-        sampled = SampledTokens(tokens.tolist(), *((lp.sampled, lp.top_ids, lp.top_vals) if lp is not None else ()))
+        if lp is None:
+            sampled = SampledTokens(tokens.tolist())
+        else:
+            sampled = SampledTokens(tokens.tolist(), lp.sampled, lp.top_ids, lp.top_vals)
         outputs = self.results.apply(step.launched, sampled)
         for out in outputs:
             if out.finished:
