@@ -81,7 +81,7 @@ SMALL = ["--max-num-seqs", "4", "--max-num-batched-tokens", "32", "--block-size"
 @pytest.fixture(scope="session")
 def lookback_server(tmp_path_factory, lookback_model) -> Iterator[ServerProcess]:
     server = start_server(
-        tmp_path_factory, "counting",
+        tmp_path_factory, "lookback",
         ["--model", str(lookback_model), "--served-model-name", "lookback", "alias", *SMALL,
          "--api-key", API_KEY, "--allowed-origins", '["http://allowed.example"]'],
     )
@@ -91,7 +91,7 @@ def lookback_server(tmp_path_factory, lookback_model) -> Iterator[ServerProcess]
 
 @pytest.fixture(scope="session")
 def tok(lookback_model):
-    """The counting model's tokenizer (what the counting server uses)."""
+    """The lookback model's tokenizer (what the lookback server uses)."""
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(lookback_model))
@@ -99,7 +99,7 @@ def tok(lookback_model):
 
 @pytest.fixture(scope="session")
 def client(lookback_server):
-    """The official SDK pointed at the counting server, with its API key."""
+    """The official SDK pointed at the lookback server, with its API key."""
     import openai
 
     return openai.OpenAI(base_url=f"{lookback_server.base_url}/v1", api_key=API_KEY)
