@@ -81,10 +81,6 @@ class ServeConfig:
         str(Path.home() / ".cache" / "jaxserve" / "xla"),
         "Persistent XLA compilation cache directory ('' disables it).",
     )
-    tokenizer_cache_dir: str | None = _field(
-        str(Path.home() / ".cache" / "jaxserve" / "tokenizers"),
-        "Where tokenizers rebuilt from GGUF metadata are kept ('' disables it).",
-    )
     # --- server ----------------------------------------------------------------------------
     host: str = _field("127.0.0.1", "Address to listen on.")
     port: int = _field(8000, "Port to listen on.")

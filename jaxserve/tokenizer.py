@@ -1,48 +1,29 @@
-"""Tokenizer loading (HF directory or GGUF metadata, through ``transformers``) and incremental
+"""Tokenizer loading (HF directory, or GGUF metadata rebuilt without torch) and incremental
 detokenization that never emits half of a multi-byte character."""
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
 from typing import Any
 
 from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from jaxserve.weights.gguf_tokenizer import load_gguf_tokenizer
 from jaxserve.weights.source import ModelSource
-
-logger = logging.getLogger(__name__)
 
 Tokenizer = PreTrainedTokenizerBase
 
 
-def load_tokenizer(source: ModelSource, tokenizer: str | None = None, cache_dir: str | None = None) -> Tokenizer:
+def load_tokenizer(source: ModelSource, tokenizer: str | None = None) -> Tokenizer:
     """The HF tokenizer (with chat template) for ``source``; ``tokenizer`` overrides the location.
 
-    A tokenizer rebuilt from GGUF metadata (seconds of work) is saved under ``cache_dir`` keyed by
-    the file's name, size and mtime, and loaded from there next time.
+    A GGUF file's is rebuilt from its metadata without torch (``weights/gguf_tokenizer.py``).
     """
     if tokenizer is not None:
         return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
-    if source.kind != "gguf":  # HF directories and converted checkpoints carry tokenizer files
-        return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
-    cached = None
-    if cache_dir:
-        st = source.path.stat()
-        cached = Path(cache_dir) / f"{source.path.stem}-{st.st_size}-{int(st.st_mtime)}"
-        if (cached / "tokenizer_config.json").is_file():
-            try:
-                return AutoTokenizer.from_pretrained(str(cached), local_files_only=True)
-            except Exception as e:  # noqa: BLE001 - a broken cache entry is rebuilt
-                logger.warning("ignoring tokenizer cache %s: %s", cached, e)
-    tok = AutoTokenizer.from_pretrained(str(source.path.parent), gguf_file=source.path.name)
-    if cached is not None:
-        try:
-            tok.save_pretrained(str(cached))
-        except OSError as e:
-            logger.warning("could not cache the tokenizer in %s: %s", cached, e)
-    return tok
+    if source.kind == "gguf":
+        return load_gguf_tokenizer(source.path)
+    return AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)  # HF / converted directories
 
 
 def eos_token_ids(tok: Tokenizer, model_eos: tuple[int, ...], generation_config: dict[str, Any]) -> tuple[int, ...]:

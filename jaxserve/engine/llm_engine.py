@@ -73,7 +73,7 @@ class LLMEngine:
         platform = jax.default_backend()
         dtype = resolve_dtype(config.dtype, stored_dtype, platform)
         self.max_model_len = self._resolve_max_model_len(config, model_config)
-        self.tokenizer: Tokenizer = load_tokenizer(source, config.tokenizer, config.tokenizer_cache_dir)
+        self.tokenizer: Tokenizer = load_tokenizer(source, config.tokenizer)
         self.generation_config = _read_generation_config(source.directory if source.kind in ("hf", "orbax") else None)
         self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids, self.generation_config)
         # Like vLLM, the checkpoint's generation_config supplies defaults for unset sampling fields.
