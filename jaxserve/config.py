@@ -13,6 +13,7 @@ import json
 import os
 import types
 import typing
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +97,16 @@ class ServeConfig:
     )
     max_request_body_bytes: int = _field(32 << 20, "Largest accepted request body; larger ones get 413.")
     log_level: str = _field("info", "Log level.", choices=("debug", "info", "warning", "error"))
+    enable_log_requests: bool = _field(
+        False, "Log each request as it reaches the engine: id, prompt tokens, sampling parameters "
+        "(--disable-log-requests, vLLM's older spelling, is the default)."
+    )
+    disable_log_stats: bool = _field(
+        False, "Do not log throughput, running/waiting requests and KV-cache usage every 10 s while busy."
+    )
+    disable_uvicorn_access_log: bool = _field(
+        False, "No HTTP access log at all (successful /health polls are never logged)."
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -210,7 +221,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="python -m jaxserve.serve",
         description="Serve a model with an OpenAI-compatible API.",
     )
-    p.add_argument("--config", help="YAML file whose keys are the flags below (CLI flags override it).")
+    p.add_argument(
+        "--config", help="YAML file whose keys are the flags below (CLI flags override it); a bare name "
+        f"such as qwen.yaml that is not a file here is one of the shipped configs ({', '.join(shipped_configs())})."
+    )
     for f in dataclasses.fields(ServeConfig):
         flag = "--" + f.name.replace("_", "-")
         tp = _base_type(_TYPES[f.name])
@@ -221,7 +235,41 @@ def build_arg_parser() -> argparse.ArgumentParser:
             p.add_argument(flag, nargs="+", default=None, help=help_text)
         else:
             p.add_argument(flag, default=None, help=help_text, metavar=f.name.upper())
+    p.add_argument("--disable-log-requests", dest="enable_log_requests", action="store_const", const=False,
+                   help="Do not log requests (the default; vLLM's older flag).")
     return p
+
+
+def shipped_configs() -> list[str]:
+    """Names of the configs installed with the package (``configs/`` in the repository)."""
+    return sorted(p.name for p in resources.files("jaxserve.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def find_config(name: str) -> Path:
+    """``name`` as a path if that file exists, else a shipped config of that bare name."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    if path.name == name:  # a bare name: look in the shipped configs
+        shipped = resources.files("jaxserve.configs") / name
+        if shipped.is_file():
+            return Path(str(shipped))
+        raise ConfigError(
+            f"config file {name!r} not found: no {path.resolve()} and no shipped config of that name "
+            f"(shipped: {', '.join(shipped_configs())})"
+        )
+    raise ConfigError(f"config file {name!r} not found: {path.resolve()} does not exist")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open() as fh:
+            loaded = yaml.safe_load(fh) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read it as YAML: {' '.join(str(e).split())}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values")
+    return loaded
 
 
 def load_config(argv: list[str] | None = None) -> ServeConfig:
@@ -229,10 +277,7 @@ def load_config(argv: list[str] | None = None) -> ServeConfig:
     args = build_arg_parser().parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
-        with open(args.config) as fh:
-            loaded = yaml.safe_load(fh) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{args.config}: expected a mapping of keys to values")
+        loaded = _read_yaml(find_config(args.config))
         values.update({k.replace("-", "_"): v for k, v in loaded.items()})
     for name in FIELDS:
         v = getattr(args, name)

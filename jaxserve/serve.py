@@ -1,16 +1,26 @@
-"""``python -m jaxserve.serve --config configs/smollm2.yaml``: the OpenAI-compatible server.
+"""``python -m jaxserve.serve --config smollm2.yaml`` (or ``jaxserve serve MODEL [flags]``): the
+OpenAI-compatible server.
 
-The HTTP server starts at once (``/health`` answers 503 while the model loads and compiles);
-configuration and model-location errors end the process with one sentence before that.
+The HTTP server starts at once (``/health`` and requests answer 503 with ``Retry-After`` while the
+model loads and compiles); configuration and model-location errors end the process with one
+sentence before that, and an engine that fails to start (or crashes later) ends it with one
+sentence and exit status 1.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import threading
+from typing import TYPE_CHECKING
 
 from jaxserve.config import ConfigError, ServeConfig, load_config
 from jaxserve.weights.source import ModelNotFoundError, resolve_model_source
+
+if TYPE_CHECKING:  # jax, uvicorn and the engine load only once the configuration is known to be good
+    import uvicorn
+
+    from jaxserve.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger("jaxserve")
 
@@ -43,9 +53,40 @@ def preflight(config: ServeConfig) -> None:
     check_tensor_parallel(model_config, config.tensor_parallel_size, len(jax.devices()))
 
 
+def cli_argv(argv: list[str]) -> list[str]:
+    """``serve MODEL [flags]`` (the console script's form, vLLM's ``vllm serve MODEL``) as plain flags."""
+    if argv[:1] != ["serve"]:
+        return argv
+    argv = argv[1:]
+    if argv and not argv[0].startswith("-"):
+        if "--model" in argv:
+            raise ConfigError(f"the model is given twice: {argv[0]!r} and --model")
+        return ["--model", argv[0], *argv[1:]]
+    return argv
+
+
+def watch_engine(engine: AsyncEngine, server: uvicorn.Server, config: ServeConfig) -> None:
+    """Runs beside the server: says "ready", starts the stats log, and stops the server when the
+    engine fails to start or its loop dies (the process then exits non-zero)."""
+    from jaxserve.engine.async_engine import EngineDeadError, EngineState
+    from jaxserve.engine.stats_logger import StatsLogger
+
+    try:
+        engine.wait_ready()
+    except EngineDeadError:
+        server.should_exit = True
+        return
+    logger.info("ready: serving %s on http://%s:%d", config.model_name, config.host, config.port)
+    if not config.disable_log_stats:
+        StatsLogger(engine).start()
+    engine.join()
+    if engine.state is EngineState.DEAD:
+        server.should_exit = True
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = load_config(argv)
+        config = load_config(cli_argv(sys.argv[1:] if argv is None else argv))
         resolve_model_source(config.model)
     except (ConfigError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -62,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.engine.async_engine import AsyncEngine, EngineState
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.server.app import build_app
 
@@ -71,16 +112,34 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("process %d: leader stopped after %d steps", config.process_id, steps)
         shutdown()
         return 0
-    engine = AsyncEngine(lambda: LLMEngine(config), max_queue_size=config.max_queue_size)
-    engine.start()
+    engine = AsyncEngine(
+        lambda: LLMEngine(config), max_queue_size=config.max_queue_size, log_requests=config.enable_log_requests
+    )
+
     def stop() -> None:
         engine.shutdown()  # also releases the followers of a multi-host launch
         shutdown()
 
     app = build_app(config, engine, on_shutdown=stop)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
+        access_log=not config.disable_uvicorn_access_log,
+    ))
+    logging.getLogger("uvicorn.access").addFilter(_drop_health_polls)  # after uvicorn configured logging
+    threading.Thread(target=watch_engine, args=(engine, server, config), name="jaxserve-watch", daemon=True).start()
     logger.info("serving %s on http://%s:%d (loading in the background)", config.model_name, config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5)
+    engine.start()
+    server.run()
+    if engine.state in (EngineState.FAILED, EngineState.DEAD):
+        print(f"error: {engine.error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _drop_health_polls(record: logging.LogRecord) -> bool:
+    """Access-log filter: successful ``GET /health`` polls are not logged."""
+    args = record.args
+    return not (isinstance(args, tuple) and len(args) >= 5 and args[2] == "/health" and args[4] == 200)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 
 from jaxserve import __version__
 from jaxserve.config import ServeConfig
-from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.async_engine import AsyncEngine, EngineState
 from jaxserve.engine.interface import EngineDeadError, EngineInfo
 from jaxserve.server.auth import APIKeyMiddleware
 from jaxserve.server.chat import create_chat_completion
@@ -51,12 +51,20 @@ def build_app(
     return app
 
 
+LOADING_RETRY_AFTER_S = 5
+
+
 def _ready_info(engine: AsyncEngine) -> EngineInfo:
-    """The engine's info, or a 503 while it loads or after it failed."""
+    """The engine's info, or a 503: while the model loads at once with ``Retry-After`` (clients such
+    as the ``openai`` SDK retry after it; nothing waits on a start-up that may fail), after a
+    failure with its cause."""
+    if engine.state is EngineState.LOADING:
+        raise OpenAIError(503, "the model is loading; retry shortly",
+                          headers={"Retry-After": str(LOADING_RETRY_AFTER_S)})
     try:
         return engine.info
     except EngineDeadError as e:
-        raise OpenAIError(503, f"{e}; try again shortly" if engine.error is None else str(e)) from None
+        raise OpenAIError(503, str(e)) from None
 
 
 def _add_status_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngine) -> None:

@@ -31,8 +31,12 @@ _TYPES = {
 class OpenAIError(Exception):
     """Raise anywhere in a handler to answer with this status and OpenAI's error body."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, type: str | None = None) -> None:  # noqa: A002
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, type: str | None = None,  # noqa: A002
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
@@ -46,7 +50,10 @@ def error_body(status: int, message: str, *, param: str | None = None, type: str
 
 
 def error_response(err: OpenAIError) -> JSONResponse:
-    return JSONResponse(error_body(err.status, err.message, param=err.param, type=err.type), status_code=err.status)
+    return JSONResponse(
+        error_body(err.status, err.message, param=err.param, type=err.type), status_code=err.status,
+        headers=err.headers,
+    )
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:

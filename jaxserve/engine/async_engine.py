@@ -94,8 +94,11 @@ class Submission:
 class AsyncEngine:
     """Thread-hosted engine with an asyncio API (``submit`` -> ``Submission``)."""
 
-    def __init__(self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None) -> None:
+    def __init__(
+        self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None, log_requests: bool = False
+    ) -> None:
         self._factory = factory
+        self.log_requests = log_requests
         self.state = EngineState.LOADING
         self.error: str | None = None
         self.max_queue_size = max_queue_size
@@ -121,6 +124,11 @@ class AsyncEngine:
         self._ready.wait(timeout)
         if self.state is not EngineState.READY:
             raise EngineDeadError(self.error or f"engine is {self.state.value}")
+
+    def join(self, timeout: float | None = None) -> None:
+        """Block until the engine thread ended (stopped, failed to start, or crashed)."""
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def shutdown(self) -> None:
         self._commands.put(Shutdown())
@@ -159,6 +167,9 @@ class AsyncEngine:
             self._unpublished_adds += len(admitted)
             for i, rid in enumerate(ids):
                 self._streams[rid] = (loop, q, i)
+        if self.log_requests:
+            logger.info("request %s: %d prompt tokens, %d choice(s), %s", request_id, len(prompts[0]), len(prompts),
+                        params[0])
         for rid, req in zip(ids, admitted, strict=True):
             self._commands.put(AddRequest(rid, req))
         return Submission(self, ids, q)
@@ -182,8 +193,10 @@ class AsyncEngine:
         try:
             engine = self._factory()
         except BaseException as e:  # noqa: BLE001 - report any start-up failure
-            self.error = f"engine start-up failed: {e}"
-            logger.error("%s\n%s", self.error, traceback.format_exc())
+            cause = " ".join(str(e).split())  # one line, however the exception spells it
+            self.error = f"engine start-up failed: {type(e).__name__}: {cause[:500]}"
+            logger.error("%s (the traceback is logged at --log-level debug)", self.error)
+            logger.debug("engine start-up traceback:\n%s", traceback.format_exc())
             self.state = EngineState.FAILED
             self._ready.set()
             return

@@ -58,6 +58,10 @@ def num_kv_blocks(config: ServeConfig, loaded: LoadedModel, max_model_len: int, 
         blocks = config.num_kv_blocks
     elif platform == "cpu":
         blocks = int(config.kv_cache_memory_gib * GIB // block_bytes)
+        logger.info(
+            "on CPU the KV cache gets --kv-cache-memory-gib (%g GiB); --gpu-memory-utilization (%g) applies "
+            "to accelerators only", config.kv_cache_memory_gib, config.gpu_memory_utilization,
+        )
     else:
         stats = jax.local_devices()[0].memory_stats() or {}
         limit = stats.get("bytes_limit")

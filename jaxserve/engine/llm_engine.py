@@ -73,7 +73,9 @@ class LLMEngine:
         platform = jax.default_backend()
         dtype = resolve_dtype(config.dtype, stored_dtype, platform)
         self.max_model_len = self._resolve_max_model_len(config, model_config)
+        logger.info("start-up 1/4: building the tokenizer")
         self.tokenizer: Tokenizer = load_tokenizer(source, config.tokenizer)
+        logger.info("tokenizer ready (%d tokens) after %.1fs", len(self.tokenizer), time.perf_counter() - t0)
         self.generation_config = _read_generation_config(source.directory if source.kind in ("hf", "orbax") else None)
         self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids, self.generation_config)
         # Like vLLM, the checkpoint's generation_config supplies defaults for unset sampling fields.
@@ -82,6 +84,7 @@ class LLMEngine:
             if self.generation_config.get(k) is not None
         }
         backend = resolve_backend(config.attention_backend, platform)
+        logger.info("start-up 2/4: reading weights (%s)", source.path)
         loaded = self._load_weights(source, dtype, platform, backend, progress)
         blocks = num_kv_blocks(config, loaded, self.max_model_len, platform)
         self.runner = self._build_runner(loaded, blocks, dtype, platform, backend)
@@ -91,11 +94,17 @@ class LLMEngine:
             config.model, model_config.architecture, jax.numpy.dtype(dtype).name,
             model_config.num_layers, load_s, blocks, config.block_size,
         )
-        compile_s = self.runner.compile_all()
+        logger.info("start-up 3/4: compiling %d step shapes", len(self.runner.buckets.all_shapes()))
+        compile_s = self.runner.compile_all(progress=progress)
+        logger.info(
+            "compiled %d step shapes in %.1fs (%d from the compilation cache)",
+            len(self.runner.compiled_shapes), compile_s, self.runner.compile_cache_hits,
+        )
+        logger.info("start-up 4/4: warming up the %d compiled shapes", len(self.runner.compiled_shapes))
         warmup_s = self.runner.warm_up()
         logger.info(
-            "compiled %d step shapes in %.1fs, warmed them up in %.1fs",
-            len(self.runner.compiled_shapes), compile_s, warmup_s,
+            "warmed up in %.1fs; engine ready after %.1fs (load %.1fs, compile %.1fs, warm-up %.1fs)",
+            warmup_s, time.perf_counter() - t0, load_s, compile_s, warmup_s,
         )
         self.scheduler = Scheduler(
             BlockManager(blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching),

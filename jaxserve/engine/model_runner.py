@@ -16,12 +16,14 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm import tqdm
 
 from jaxserve.engine.compilation import BucketPolicy, StepShape
 from jaxserve.engine.multihost import StepChannel
@@ -39,6 +41,23 @@ from jaxserve.request import PLACEHOLDER
 from jaxserve.weights.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
+
+
+class _CacheHits:
+    """Persistent-compilation-cache hits in this process (jax reports them as events, from any thread)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, **_: object) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            with self._lock:
+                self.value += 1
+
+
+_cache_hits = _CacheHits()
+jax.monitoring.register_event_listener(_cache_hits)
 
 
 def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
@@ -94,6 +113,7 @@ class ModelRunner:
         self.table_width = -(-max_model_len // block_size)
         self.max_model_len = max_model_len
         self.buckets = buckets
+        self.compile_cache_hits = 0
         c = loaded.config
         plan = loaded.plan
         attention = get_backend(backend)
@@ -216,23 +236,31 @@ class ModelRunner:
         return (jax.tree.map(sds, self._params), jax.tree.map(sds, self.kv_caches), sds(self._prev_tokens),
                 *self._abstract_inputs(shape)[1:])
 
-    def compile_all(self, shapes: list[StepShape] | None = None) -> float:
+    def compile_all(self, shapes: list[StepShape] | None = None, *, progress: bool = False) -> float:
         """Compile every bucket (or ``shapes``); returns the seconds it took.
 
         Tracing and lowering hold the GIL and run one shape at a time; on an accelerator host XLA's
-        compiles run in a thread pool (they release the GIL), one per core.
+        compiles run in a thread pool (they release the GIL), one per core, each starting as soon as
+        its shape is lowered. ``compile_cache_hits`` then says how many came from the persistent
+        compilation cache.
         """
         t0 = time.perf_counter()
+        hits0 = _cache_hits.value
         todo = [s for s in (shapes or self.buckets.all_shapes()) if s not in self._compiled]
-        lowered = [self.lower(s) for s in todo]
         # Accelerator hosts have cores to spare; a 2-core CPU server or a multi-process launch does not.
         parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
         workers = max(1, min(len(todo), os.cpu_count() or 1)) if parallel else 1
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-            for shape, compiled in zip(todo, pool.map(lambda low: low.compile(), lowered), strict=True):
-                self._compiled[shape] = compiled
+        bar = tqdm(total=len(todo), desc="Compiling step shapes", unit="shape", disable=not progress)
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool, bar:
+            futures = {}
+            for shape in todo:
+                futures[shape] = pool.submit(self.lower(shape).compile)
+                futures[shape].add_done_callback(lambda _: bar.update())
+            for shape, future in futures.items():
+                self._compiled[shape] = future.result()
         logger.debug("compiled %d shapes in %.2fs", len(todo), time.perf_counter() - t0)
         self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
+        self.compile_cache_hits = _cache_hits.value - hits0
         return time.perf_counter() - t0
 
     def warm_up(self) -> float:

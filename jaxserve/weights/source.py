@@ -47,6 +47,11 @@ def resolve_model_source(model: str) -> ModelSource:
     package_dir = _package_directory(model)
     if package_dir is not None:
         return resolve_model_source(str(package_dir))
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:  # a path, not a hub id
+        raise ModelNotFoundError(
+            f"model directory {p.absolute()} does not exist: put the checkpoint there (config.json, "
+            "*.safetensors and tokenizer files, or a .gguf file) or pass --model PATH."
+        )
     cached = _hub_cache_snapshot(model)
     if cached is not None:
         return ModelSource("hf", cached)

@@ -106,6 +106,7 @@ def test_health_503_while_loading_then_200():
     assert r.status_code == 503 and "loading" in r.json()["error"]["message"]
     r = client.post("/v1/completions", json={"prompt": "x"})
     assert r.status_code == 503 and r.json()["error"]["type"] == "ServiceUnavailableError"
+    assert r.headers["Retry-After"] == "5" and "loading" in r.json()["error"]["message"]
     gate.set()
     engine.wait_ready(5)
     assert client.get("/health").status_code == 200
@@ -125,6 +126,9 @@ def test_health_503_after_failed_startup():
     assert engine.state is EngineState.FAILED
     r = _client(engine).get("/health")
     assert r.status_code == 503 and "weights gone" in r.json()["error"]["message"]
+    r = _client(engine).post("/v1/completions", json={"prompt": "x"})
+    assert r.status_code == 503 and "Retry-After" not in r.headers
+    assert r.json()["error"]["message"] == "engine start-up failed: FileNotFoundError: weights gone"
 
 
 def test_crashed_loop_fails_requests_and_health():

@@ -1,0 +1,1 @@
+"""The shipped serve configs (installed as ``jaxserve.configs``; ``--config NAME.yaml`` finds them)."""
