@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# Every run starts from empty caches: HOME (and with it ~/.cache: jaxserve's XLA cache, Hugging
+# Face's, anything a library keeps there) is a fresh temporary directory that every server
+# subprocess inherits, so no test can pass on what an earlier run or the other CI leg left behind.
+_HOME = tempfile.mkdtemp(prefix="jaxserve-test-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ["HOME"] = _HOME
+for _var in ("XDG_CACHE_HOME", "HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE",
+             "JAX_COMPILATION_CACHE_DIR"):
+    os.environ.pop(_var, None)
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Eight host "devices" so tensor parallelism runs on CPU (must be set before jax initialises).

@@ -65,3 +65,14 @@ def test_unavailable_hub_id_fails_with_one_sentence():
     lines = [line for line in r.stderr.strip().splitlines() if line]
     assert len(lines) == 1 and "Traceback" not in r.stderr
     assert "meta-llama/Llama-3.1-8B-Instruct" in lines[0] and "no model hub is reachable" in lines[0]
+
+
+def test_test_runs_use_a_fresh_home():
+    """conftest points HOME at an empty temporary directory: no cache from an earlier run is visible."""
+    from pathlib import Path
+
+    from jaxserve.config import ServeConfig
+
+    home = Path.home()
+    assert home.name.startswith("jaxserve-test-home-")
+    assert ServeConfig(model="m").compilation_cache_dir.startswith(str(home))
