@@ -6,6 +6,7 @@ VENV ?= .venv
 PIP = $(VENV)/bin/pip
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
+SERVE_ARGS ?=  # extra serve flags, e.g. SERVE_ARGS="--port 8001"
 
 .PHONY: serve test test-notorch clean
 
@@ -30,7 +31,7 @@ $(VENV)/.notorch-deps: pyproject.toml | $(VENV)/bin/python
 	touch $@
 
 serve: $(VENV)/.serve-deps
-	$(PY) -m jaxserve.serve --config configs/smollm2.yaml
+	$(PY) -m jaxserve.serve --config configs/smollm2.yaml $(SERVE_ARGS)
 
 test: $(VENV)/.test-deps
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)

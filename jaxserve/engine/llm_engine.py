@@ -100,7 +100,7 @@ class LLMEngine:
             "compiled %d step shapes in %.1fs (%d from the compilation cache)",
             len(self.runner.compiled_shapes), compile_s, self.runner.compile_cache_hits,
         )
-        logger.info("start-up 4/4: warming up the %d compiled shapes", len(self.runner.compiled_shapes))
+        logger.info("start-up 4/4: warm-up (one run of each compiled step shape)")
         warmup_s = self.runner.warm_up()
         logger.info(
             "warmed up in %.1fs; engine ready after %.1fs (load %.1fs, compile %.1fs, warm-up %.1fs)",

@@ -42,6 +42,8 @@ from jaxserve.weights.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
 
+CPU_WARM_UP_MAX_TOKENS = 512  # larger steps are not warmed up on CPU (see ModelRunner.warm_up)
+
 
 class _CacheHits:
     """Persistent-compilation-cache hits in this process (jax reports them as events, from any thread)."""
@@ -267,12 +269,18 @@ class ModelRunner:
         """Run every compiled shape once on padding inputs; returns the seconds it took.
 
         A compiled executable's first run costs more than later ones (about 0.3 s per shape for
-        SmolLM2 on XLA:CPU), which would otherwise land on the first request of each bucket. Padding tokens write only the null block and read no KV. Every process runs
-        this in the same order, so multi-host collectives stay matched.
+        SmolLM2 on XLA:CPU), which would otherwise land on the first request of each bucket. Padding
+        tokens write only the null block and read no KV. On CPU, steps of more than
+        ``CPU_WARM_UP_MAX_TOKENS`` tokens are skipped: their own compute (seconds) dwarfs that cost,
+        and running them would add minutes to start-up with accelerator-sized buckets. Every
+        process runs the same shapes in the same order, so multi-host collectives stay matched.
         """
         t0 = time.perf_counter()
         prev_tokens = self._prev_tokens  # not donated: serving starts from it as if nothing ran
+        cpu = jax.devices()[0].platform == "cpu"
         for shape in self.compiled_shapes:
+            if cpu and shape.num_tokens > CPU_WARM_UP_MAX_TOKENS:
+                continue
             self._run(shape, self._zero_inputs(shape))
         jax.block_until_ready(self.kv_caches)
         self._prev_tokens = prev_tokens
