@@ -92,6 +92,8 @@ def main() -> int:
         try:
             _wait_healthy(proc, url, log)
             ready_s = time.monotonic() - t0
+            print("".join(line for line in log.read_text().splitlines(keepends=True)
+                          if "start-up" in line or "ready" in line or "compiled" in line), end="")
             _chat(url)
             no_torch = subprocess.run([str(clone / ".venv/bin/python"), "-c", "import torch"], capture_output=True)
             assert no_torch.returncode != 0, "the serve install must not contain torch"
