@@ -105,7 +105,7 @@ class ServeConfig:
         False, "Do not log throughput, running/waiting requests and KV-cache usage every 10 s while busy."
     )
     disable_uvicorn_access_log: bool = _field(
-        False, "No HTTP access log at all (successful /health polls are never logged)."
+        False, "No HTTP access log at all (/health polls are never logged)."
     )
 
     def __post_init__(self) -> None:

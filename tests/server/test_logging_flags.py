@@ -61,7 +61,8 @@ def _access_record(path: str, status: int) -> logging.LogRecord:
                              ("127.0.0.1:5", "GET", path, "1.1", status), None)
 
 
-def test_access_log_drops_only_successful_health_polls():
+def test_access_log_drops_only_health_polls():
     assert not _drop_health_polls(_access_record("/health", 200))
-    assert _drop_health_polls(_access_record("/health", 503))
+    assert not _drop_health_polls(_access_record("/health", 503))
     assert _drop_health_polls(_access_record("/v1/models", 200))
+    assert _drop_health_polls(_access_record("/healthz", 404))
