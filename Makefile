@@ -6,7 +6,8 @@ VENV ?= .venv
 PIP = $(VENV)/bin/pip
 PY = $(VENV)/bin/python
 PYTEST_ARGS ?=
-SERVE_ARGS ?=  # extra serve flags, e.g. SERVE_ARGS="--port 8001"
+# Extra serve flags, e.g. make serve SERVE_ARGS="--port 8001"
+SERVE_ARGS ?=
 
 .PHONY: serve test test-notorch clean
 
