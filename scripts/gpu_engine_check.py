@@ -48,7 +48,7 @@ def run_backend(model_dir: Path, backend: str) -> dict:
     cfg = ServeConfig(
         model=str(model_dir), attention_backend=backend, dtype="float32", max_num_seqs=4,
         max_num_batched_tokens=32, block_size=16, max_model_len=256, num_kv_blocks=64,
-        compilation_cache_dir="", tokenizer_cache_dir="",
+        compilation_cache_dir="",
     )
     t0 = time.perf_counter()
     engine = LLMEngine(cfg, progress=False)

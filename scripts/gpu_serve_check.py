@@ -38,7 +38,7 @@ def health(port: int) -> int | None:
 
 def start(args: argparse.Namespace, port: int, log: Path, extra: list[str]) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "jaxserve.serve", "--model", args.model, "--port", str(port),
-           "--compilation-cache-dir", "", "--tokenizer-cache-dir", "", *args.server_args.split(), *extra]
+           "--compilation-cache-dir", "", *args.server_args.split(), *extra]
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
 
 
