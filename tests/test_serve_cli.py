@@ -95,3 +95,22 @@ def test_broken_weights_end_the_process_with_one_line(tmp_path, counting_model):
     )
     assert time.monotonic() - t0 < 90
     assert line.startswith("error: engine start-up failed: ") and "header" in line.lower()
+
+
+def test_cpu_says_once_that_gpu_memory_utilization_does_not_apply(caplog):
+    """The seed's --gpu-memory-utilization is accepted on CPU; the KV cache says what it used instead."""
+    import logging
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from jaxserve.config import ServeConfig
+    from jaxserve.engine.kv_cache_size import num_kv_blocks
+
+    loaded = SimpleNamespace(config=SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=16), compute_dtype=np.float32)
+    cfg = ServeConfig(model="m", gpu_memory_utilization=0.9, kv_cache_memory_gib=0.001, block_size=16)
+    with caplog.at_level(logging.INFO, logger="jaxserve.engine.kv_cache_size"):
+        blocks = num_kv_blocks(cfg, loaded, 64, "cpu")
+    assert blocks == int(0.001 * 2**30) // (2 * 2 * 16 * 2 * 16 * 4)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "--gpu-memory-utilization (0.9) applies to accelerators only" in lines[0]
