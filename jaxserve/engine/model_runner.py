@@ -242,9 +242,9 @@ class ModelRunner:
         """Compile every bucket (or ``shapes``); returns the seconds it took.
 
         Tracing and lowering hold the GIL and run one shape at a time; on an accelerator host XLA's
-        compiles run in a thread pool (they release the GIL), one per core, each starting as soon as
-        its shape is lowered. ``compile_cache_hits`` then says how many came from the persistent
-        compilation cache.
+        compiles run in a thread pool (they release the GIL), one per core. Every shape is lowered
+        before the first compile starts (a compile beside a lowering crashed XLA:CPU).
+        ``compile_cache_hits`` then says how many came from the persistent compilation cache.
         """
         t0 = time.perf_counter()
         hits0 = _cache_hits.value
@@ -252,13 +252,13 @@ class ModelRunner:
         # Accelerator hosts have cores to spare; a 2-core CPU server or a multi-process launch does not.
         parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
         workers = max(1, min(len(todo), os.cpu_count() or 1)) if parallel else 1
+        lowered = [self.lower(s) for s in todo]
         bar = tqdm(total=len(todo), desc="Compiling step shapes", unit="shape", disable=not progress)
         with concurrent.futures.ThreadPoolExecutor(workers) as pool, bar:
-            futures = {}
-            for shape in todo:
-                futures[shape] = pool.submit(self.lower(shape).compile)
-                futures[shape].add_done_callback(lambda _: bar.update())
-            for shape, future in futures.items():
+            futures = [pool.submit(low.compile) for low in lowered]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update())
+            for shape, future in zip(todo, futures, strict=True):
                 self._compiled[shape] = future.result()
         logger.debug("compiled %d shapes in %.2fs", len(todo), time.perf_counter() - t0)
         self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
