@@ -81,9 +81,9 @@ def test_console_script_serve_form_reports_a_missing_model(tmp_path):
     assert f"{tmp_path / 'no-model-here'} does not exist" in line
 
 
-def test_broken_weights_end_the_process_with_one_line(tmp_path, counting_model):
+def test_broken_weights_end_the_process_with_one_line(tmp_path, lookback_model):
     model = tmp_path / "broken"
-    shutil.copytree(counting_model, model)
+    shutil.copytree(lookback_model, model)
     (model / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not a header}")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
