@@ -253,13 +253,18 @@ class ModelRunner:
         parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
         workers = max(1, min(len(todo), os.cpu_count() or 1)) if parallel else 1
         lowered = [self.lower(s) for s in todo]
-        bar = tqdm(total=len(todo), desc="Compiling step shapes", unit="shape", disable=not progress)
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool, bar:
-            futures = [pool.submit(low.compile) for low in lowered]
-            for future in futures:
-                future.add_done_callback(lambda _: bar.update())
-            for shape, future in zip(todo, futures, strict=True):
-                self._compiled[shape] = future.result()
+        with tqdm(total=len(todo), desc="Compiling step shapes", unit="shape", disable=not progress) as bar:
+            if workers == 1:  # in this thread: XLA:CPU compiles in a worker thread have segfaulted here
+                for shape, low in zip(todo, lowered, strict=True):
+                    self._compiled[shape] = low.compile()
+                    bar.update()
+            else:
+                with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+                    futures = [pool.submit(low.compile) for low in lowered]
+                    for future in futures:
+                        future.add_done_callback(lambda _: bar.update())
+                    for shape, future in zip(todo, futures, strict=True):
+                        self._compiled[shape] = future.result()
         logger.debug("compiled %d shapes in %.2fs", len(todo), time.perf_counter() - t0)
         self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
         self.compile_cache_hits = _cache_hits.value - hits0
