@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -94,6 +95,32 @@ class StepHandle:
     dispatched_at: float
 
 
+def build_step(graphdef: nnx.GraphDef, state_def) -> Callable:
+    """The device step: model forward over the flat batch, then sampling; the KV caches come back updated."""
+
+    def step(
+        params: list[jax.Array],
+        kv_caches: list[KVCache],
+        prev_tokens_M: jax.Array,
+        tokens_T: jax.Array,
+        prev_idx_T: jax.Array,
+        positions_T: jax.Array,
+        meta: AttentionMetadata,
+        logits_indices_B: jax.Array,
+        sampling: SamplingTensors,
+        extras: LogitsExtras,
+    ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
+        # Tokens sampled by the previous step that the host has not seen yet come from its output.
+        tokens_T = jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
+        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_def, params))
+        logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
+        tokens, logprobs = sample(logits, sampling, extras)
+        padded = jnp.zeros(prev_tokens_M.shape, jnp.int32).at[: tokens.shape[0]].set(tokens)
+        return padded, logprobs, kv_caches
+
+    return step
+
+
 class ModelRunner:
     """Owns parameters, KV pages and the compiled step executables."""
 
@@ -116,54 +143,18 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.buckets = buckets
         self.compile_cache_hits = 0
-        c = loaded.config
-        plan = loaded.plan
-        attention = get_backend(backend)
-        # The cache holds activations: float32 on CPU even with bf16 weights (XLA:CPU would convert
-        # a whole bf16 cache to scatter into it), the model dtype on accelerators. Its layout is
-        # the attention backend's; each leaf is split over the tensor-parallel devices by KV heads.
-        shapes = attention.cache_shapes(num_blocks, block_size, c.num_kv_heads, c.head_dim, loaded.compute_dtype)
-        kv_sh = jax.tree.map(lambda spec: jax.sharding.NamedSharding(plan.mesh, spec), attention.cache_specs("model"))
         self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded.state))
-
-        def allocate(shape: jax.ShapeDtypeStruct, sharding) -> jax.Array | jax.ShapeDtypeStruct:
-            if self.abstract:  # lowering only (no device of the target platform here)
-                return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
-            return jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
-
-        self.kv_caches: list[KVCache] = [jax.tree.map(allocate, shapes, kv_sh) for _ in range(c.num_layers)]
-        graphdef = loaded.graphdef
-
+        plan = loaded.plan
+        kv_sh = self._allocate_caches(get_backend(backend), num_blocks)
         # The parameters travel as a flat list of arrays: flattening the NNX state (hundreds of
         # Variables) on every call costs host time on the serving path.
         self._params, state_def = jax.tree_util.tree_flatten(loaded.state)
-
-        def step(
-            params: list[jax.Array],
-            kv_caches: list[KVCache],
-            prev_tokens_M: jax.Array,
-            tokens_T: jax.Array,
-            prev_idx_T: jax.Array,
-            positions_T: jax.Array,
-            meta: AttentionMetadata,
-            logits_indices_B: jax.Array,
-            sampling: SamplingTensors,
-            extras: LogitsExtras,
-        ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
-            # Tokens sampled by the previous step that the host has not seen yet come from its output.
-            tokens_T = jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
-            model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_def, params))
-            logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
-            tokens, logprobs = sample(logits, sampling, extras)
-            padded = jnp.zeros(prev_tokens_M.shape, jnp.int32).at[: tokens.shape[0]].set(tokens)
-            return padded, logprobs, kv_caches
-
         rep = plan.replicated
         state_sh = [a.sharding for a in self._params]
-        kv_shs = [kv_sh] * c.num_layers
+        kv_shs = [kv_sh] * loaded.config.num_layers
         # Host inputs are replicated; parameters and KV pages keep their shardings.
         self.step_fn = jax.jit(
-            step,
+            build_step(loaded.graphdef, state_def),
             donate_argnums=(1,),
             in_shardings=(state_sh, kv_shs, rep, rep, rep, rep, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shs),
@@ -172,6 +163,26 @@ class ModelRunner:
         prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=rep)
         self._prev_tokens = prev if self.abstract else jax.device_put(jnp.zeros(prev.shape, jnp.int32), rep)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
+
+    def _allocate_caches(self, attention, num_blocks: int):
+        """One zeroed cache per layer in the attention backend's layout; returns its shardings.
+
+        The cache holds activations: float32 on CPU even with bf16 weights (XLA:CPU would convert
+        a whole bf16 cache to scatter into it), the model dtype on accelerators. Each leaf is split
+        over the tensor-parallel devices by KV heads. Abstract runners get shapes only.
+        """
+        c, mesh = self.loaded.config, self.loaded.plan.mesh
+        shapes = attention.cache_shapes(num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
+                                        self.loaded.compute_dtype)
+        kv_sh = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), attention.cache_specs("model"))
+
+        def allocate(shape: jax.ShapeDtypeStruct, sharding) -> jax.Array | jax.ShapeDtypeStruct:
+            if self.abstract:
+                return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
+            return jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
+
+        self.kv_caches: list[KVCache] = [jax.tree.map(allocate, shapes, kv_sh) for _ in range(c.num_layers)]
+        return kv_sh
 
     # ----------------------------------------------------------------------------------------
     def _host_inputs(
