@@ -252,9 +252,11 @@ class ModelRunner:
     def compile_all(self, shapes: list[StepShape] | None = None, *, progress: bool = False) -> float:
         """Compile every bucket (or ``shapes``); returns the seconds it took.
 
-        Tracing and lowering hold the GIL and run one shape at a time; on an accelerator host XLA's
-        compiles run in a thread pool (they release the GIL), one per core. Every shape is lowered
-        before the first compile starts (a compile beside a lowering crashed XLA:CPU).
+        Tracing and lowering hold the GIL and run one shape at a time; on an accelerator host every
+        shape is lowered first and XLA's compiles then run in a thread pool (they release the GIL),
+        one per core. On CPU each shape is lowered and compiled in turn, in this thread: compiles
+        in a pool thread, beside a lowering, or after lowering every shape have segfaulted XLA:CPU
+        in the test suite.
         ``compile_cache_hits`` then says how many came from the persistent compilation cache.
         """
         t0 = time.perf_counter()
@@ -263,13 +265,13 @@ class ModelRunner:
         # Accelerator hosts have cores to spare; a 2-core CPU server or a multi-process launch does not.
         parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
         workers = max(1, min(len(todo), os.cpu_count() or 1)) if parallel else 1
-        lowered = [self.lower(s) for s in todo]
         with tqdm(total=len(todo), desc="Compiling step shapes", unit="shape", disable=not progress) as bar:
-            if workers == 1:  # in this thread: XLA:CPU compiles in a worker thread have segfaulted here
-                for shape, low in zip(todo, lowered, strict=True):
-                    self._compiled[shape] = low.compile()
+            if workers == 1:  # lower, then compile, one shape at a time (XLA:CPU has segfaulted otherwise)
+                for shape in todo:
+                    self._compiled[shape] = self.lower(shape).compile()
                     bar.update()
             else:
+                lowered = [self.lower(s) for s in todo]
                 with concurrent.futures.ThreadPoolExecutor(workers) as pool:
                     futures = [pool.submit(low.compile) for low in lowered]
                     for future in futures:
