@@ -15,7 +15,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve.models.attention_backends import KVCache, get_backend
@@ -68,11 +67,6 @@ def abstract_metadata(num_tokens: int, num_seqs: int, table_width: int, decode_o
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     return AttentionMetadata(i32(num_tokens), i32(num_seqs + 1), i32(num_seqs), i32(num_seqs, table_width),
                              decode_only)
-
-
-def zero_metadata(meta: AttentionMetadata) -> AttentionMetadata:
-    """Host zeros with ``meta``'s shapes (padding steps, multi-host followers)."""
-    return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), meta)
 
 
 def paged_attention(

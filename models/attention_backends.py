@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from jaxserve.pallas_kernels.kv_cache_write.reference import write_kv
+from jaxserve.pallas_kernels.kv_cache_write.reference import scatter_into_slots, write_kv
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata, with_rows
 from jaxserve.pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
 from jaxserve.pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
@@ -87,14 +87,10 @@ class TpuBackend:
 
     @staticmethod
     def write(kv_pages_PSCH: jax.Array, k_TKH: jax.Array, v_TKH: jax.Array, slot_mapping_T: jax.Array) -> jax.Array:
-        """Scatter the new tokens' K/V, interleaved, into their slots (the split write's null-block rule)."""
-        p, s, c, h = kv_pages_PSCH.shape
-        kv_TCH = jnp.stack([k_TKH, v_TKH], axis=2).reshape(-1, c, h).astype(kv_pages_PSCH.dtype)
-        if slot_mapping_T.shape[0] == 1:  # keep a one-row write a scatter (see kv_cache_write/reference.py)
-            slot_mapping_T = jnp.concatenate([slot_mapping_T, jnp.zeros((1,), slot_mapping_T.dtype)])
-            kv_TCH = jnp.concatenate([kv_TCH, jnp.zeros_like(kv_TCH)])
-        flat = kv_pages_PSCH.reshape(p * s, c, h).at[slot_mapping_T].set(kv_TCH, mode="promise_in_bounds")
-        return flat.reshape(p, s, c, h)
+        """Scatter the new tokens' K/V, interleaved, into their slots (the split write's scatter)."""
+        _, _, c, h = kv_pages_PSCH.shape
+        kv_TCH = jnp.stack([k_TKH, v_TKH], axis=2).reshape(-1, c, h)
+        return scatter_into_slots(kv_pages_PSCH, kv_TCH, slot_mapping_T)
 
     def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
         kv_pages = self.write(cache, k_TKH, v_TKH, meta.slot_mapping)
