@@ -254,9 +254,10 @@ class ModelRunner:
 
         Tracing and lowering hold the GIL and run one shape at a time; on an accelerator host every
         shape is lowered first and XLA's compiles then run in a thread pool (they release the GIL),
-        one per core. On CPU each shape is lowered and compiled in turn, in this thread: compiles
-        in a pool thread, beside a lowering, or after lowering every shape have segfaulted XLA:CPU
-        in the test suite.
+        one per core. On CPU each shape is lowered and compiled in turn, in this thread: a pool gave
+        no gain on a 2-core server (docs/benchmarks.md). (The XLA:CPU segfaults once blamed on
+        pool compiles were the test session running out of memory mappings: every live executable
+        holds hundreds; tests/engine/engine_helpers.py.)
         ``compile_cache_hits`` then says how many came from the persistent compilation cache.
         """
         t0 = time.perf_counter()
@@ -266,7 +267,7 @@ class ModelRunner:
         parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
         workers = max(1, min(len(todo), os.cpu_count() or 1)) if parallel else 1
         with tqdm(total=len(todo), desc="Compiling step shapes", unit="shape", disable=not progress) as bar:
-            if workers == 1:  # lower, then compile, one shape at a time (XLA:CPU has segfaulted otherwise)
+            if workers == 1:
                 for shape in todo:
                     self._compiled[shape] = self.lower(shape).compile()
                     bar.update()
