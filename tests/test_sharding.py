@@ -21,28 +21,45 @@ def _prompts() -> list[list[int]]:
     return [rng.randint(3, 300, size=n).tolist() for n in (5, 23, 40, 2)]
 
 
+# Each size costs an engine compile: llama checks TP 2 here (TP 4 below, from its orbax checkpoint)
+# and qwen2 TP 4 (2 KV heads: each replicated twice), which the shardings test reuses.
 @pytest.mark.hf_reference
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_tp_1_2_4_give_identical_greedy_tokens(arch, hf_checkpoints):
+@pytest.mark.parametrize("arch,tp", [("llama", 2), ("qwen2", 4)])
+def test_tensor_parallel_gives_the_same_greedy_tokens(arch, tp, hf_checkpoints):
     assert len(jax.devices()) >= 4
     directory, _ = hf_checkpoints(arch)
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    outs = {}
-    for tp in (1, 2, 4):  # the tiny models have 2 KV heads: TP = 4 replicates each one twice
-        eng = make_engine(directory, tensor_parallel_size=tp)
-        assert eng.runner.loaded.plan.tp == tp
-        outs[tp] = eng.generate(_prompts(), params)
-    assert outs[2] == outs[1] and outs[4] == outs[1]
-    assert make_engine(directory, tensor_parallel_size=4).runner.loaded.plan.kv_replication == 2
+    want = make_engine(directory).generate(_prompts(), params)
+    eng = make_engine(directory, tensor_parallel_size=tp)
+    assert eng.runner.loaded.plan.tp == tp
+    assert eng.generate(_prompts(), params) == want
+    assert eng.runner.loaded.plan.kv_replication == (2 if tp == 4 else 1)
 
 
-def test_tp_1_2_4_identical_on_the_lookback_model(lookback_model):
-    # Torch-free: each device holds one KV head (TP 4 replicates them); the cache decides the tokens.
+@pytest.mark.hf_reference
+def test_orbax_checkpoint_restores_into_any_tp(hf_checkpoints, tmp_path):
+    import subprocess
+    import sys
+
+    directory, _ = hf_checkpoints("llama")
+    out = tmp_path / "orbax"
+    r = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--model", str(directory), "--output",
+                        str(out), "--dtype", "float32"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "jaxserve_checkpoint.json").is_file()
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    for tp in (1, 2, 4):
-        assert make_engine(lookback_model, tensor_parallel_size=tp).generate(_prompts(), params) == [
-            lookback_continue(p, 10) for p in _prompts()
-        ], tp
+    want = make_engine(directory).generate(_prompts(), params)
+    for tp in (1, 4):
+        eng = make_engine(out, tensor_parallel_size=tp)
+        qkv = eng.runner.loaded.state["layers"][0]["self_attn"]["qkv_proj"]["kernel"][...]
+        assert qkv.sharding.spec == spec_for("layers/0/self_attn/qkv_proj/kernel")
+        assert eng.generate(_prompts(), params) == want
+    # A checkpoint of the earlier [in, out] layout is refused, not misread.
+    marker = out / "jaxserve_checkpoint.json"
+    meta = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**meta, "format": "jaxserve-orbax-1"}))
+    with pytest.raises(ValueError, match="convert it again"):
+        read_orbax_config(out)
 
 
 @pytest.mark.hf_reference
@@ -90,27 +107,10 @@ def test_serve_rejects_a_bad_tp_size_with_one_line(lookback_model):
     )
 
 
-@pytest.mark.hf_reference
-def test_orbax_checkpoint_restores_into_any_tp(hf_checkpoints, tmp_path):
-    import subprocess
-    import sys
-
-    directory, _ = hf_checkpoints("llama")
-    out = tmp_path / "orbax"
-    r = subprocess.run([sys.executable, "scripts/convert_checkpoint.py", "--model", str(directory), "--output",
-                        str(out), "--dtype", "float32"], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert (out / "jaxserve_checkpoint.json").is_file()
+def test_tp_1_2_4_identical_on_the_lookback_model(lookback_model):
+    # Torch-free: each device holds one KV head (TP 4 replicates them); the cache decides the tokens.
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
-    want = make_engine(directory).generate(_prompts(), params)
-    for tp in (1, 4):
-        eng = make_engine(out, tensor_parallel_size=tp)
-        qkv = eng.runner.loaded.state["layers"][0]["self_attn"]["qkv_proj"]["kernel"][...]
-        assert qkv.sharding.spec == spec_for("layers/0/self_attn/qkv_proj/kernel")
-        assert eng.generate(_prompts(), params) == want
-    # A checkpoint of the earlier [in, out] layout is refused, not misread.
-    marker = out / "jaxserve_checkpoint.json"
-    meta = json.loads(marker.read_text())
-    marker.write_text(json.dumps({**meta, "format": "jaxserve-orbax-1"}))
-    with pytest.raises(ValueError, match="convert it again"):
-        read_orbax_config(out)
+    for tp in (1, 2, 4):
+        assert make_engine(lookback_model, tensor_parallel_size=tp).generate(_prompts(), params) == [
+            lookback_continue(p, 10) for p in _prompts()
+        ], tp
