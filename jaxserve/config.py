@@ -55,6 +55,15 @@ class ServeConfig:
     )
     max_model_len: int | None = _field(None, "Maximum prompt + output tokens (default: the model's context length).")
     seed: int = _field(0, "Seed for requests that do not set one.")
+    task: str = _field(
+        "auto", "What the model serves: generate (chat and completions) or embed (/v1/embeddings); auto = embed "
+        "for an encoder checkpoint (BertModel), generate otherwise.", choices=("auto", "generate", "embed"),
+    )
+    runner: str = _field(
+        "auto", "vLLM's spelling of the task: pooling = --task embed, generate = --task generate.",
+        choices=("auto", "generate", "pooling"),
+    )
+    convert: str = _field("auto", "vLLM's --convert: embed = --task embed.", choices=("auto", "none", "embed"))
     # --- engine ----------------------------------------------------------------------------
     block_size: int = _field(16, "Tokens per KV-cache block (a power of two, at most 256).")
     max_num_seqs: int = _field(64, "Maximum sequences in one step.")
@@ -142,6 +151,29 @@ class ServeConfig:
             raise ConfigError("coordinator_address: required when num_processes > 1 (host:port of process 0)")
         if not self.model:
             raise ConfigError("model: required (a local checkpoint directory or .gguf file)")
+        self.requested_task  # noqa: B018 - raises on conflicting task/runner/convert
+
+    @property
+    def requested_task(self) -> str:
+        """``task``, ``runner`` and ``convert`` as one of auto / generate / embed."""
+        asked = {"task": self.task, "runner": {"pooling": "embed"}.get(self.runner, self.runner),
+                 "convert": {"none": "auto"}.get(self.convert, self.convert)}
+        named = {k: v for k, v in asked.items() if v != "auto"}
+        if len(set(named.values())) > 1:
+            raise ConfigError("conflicting tasks: " + ", ".join(f"--{k} {getattr(self, k)}" for k in named))
+        return next(iter(named.values()), "auto")
+
+    def task_for(self, is_encoder: bool) -> str:
+        """The served task for a checkpoint that is (or is not) an encoder; ConfigError if it cannot be."""
+        task = self.requested_task
+        if task == "auto":
+            return "embed" if is_encoder else "generate"
+        if is_encoder and task == "generate":
+            raise ConfigError(f"task: {self.model} is an encoder (embedding) model; it cannot serve task 'generate'")
+        if not is_encoder and task == "embed":
+            raise ConfigError(f"task: {self.model} is a decoder; serving a decoder as an embedding model is not "
+                              "supported yet (only encoder checkpoints such as BertModel)")
+        return task
 
     @property
     def model_name(self) -> str:

@@ -20,6 +20,7 @@ from jaxserve.weights.source import ModelNotFoundError, resolve_model_source
 if TYPE_CHECKING:  # jax, uvicorn and the engine load only once the configuration is known to be good
     import uvicorn
 
+    from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
     from jaxserve.engine.async_engine import AsyncEngine
 
 logger = logging.getLogger("jaxserve")
@@ -41,16 +42,29 @@ def setup_runtime(config: ServeConfig) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def preflight(config: ServeConfig) -> None:
-    """Checks that need the model's config but not its weights: location, architecture, TP size."""
+def preflight(config: ServeConfig) -> str:
+    """Checks that need the model's config but not its weights (location, architecture, task, TP
+    size, an encoder's sentence-transformers pipeline); returns the task served."""
     import jax
 
     from jaxserve.sharding import check_tensor_parallel
+    from jaxserve.weights.encoder_loader import is_encoder_checkpoint, read_encoder_config
     from jaxserve.weights.loader import read_model_config
+    from jaxserve.weights.sentence_transformers import read_sentence_transformers
 
     source = resolve_model_source(config.model)
+    is_encoder = source.kind == "hf" and is_encoder_checkpoint(source.path)
+    task = config.task_for(is_encoder)
+    if is_encoder:
+        read_encoder_config(source.path)
+        read_sentence_transformers(source.path)
+        if config.tensor_parallel_size != 1 or config.num_processes != 1:
+            raise ConfigError("an embedding (encoder) model runs on one device: tensor_parallel_size and "
+                              "num_processes must be 1")
+        return task
     model_config, _ = read_model_config(source)
     check_tensor_parallel(model_config, config.tensor_parallel_size, len(jax.devices()))
+    return task
 
 
 def cli_argv(argv: list[str]) -> list[str]:
@@ -65,7 +79,7 @@ def cli_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def watch_engine(engine: AsyncEngine, server: uvicorn.Server, config: ServeConfig) -> None:
+def watch_engine(engine: AsyncEngine | AsyncEmbeddingEngine, server: uvicorn.Server, config: ServeConfig) -> None:
     """Runs beside the server: says "ready", starts the stats log, and stops the server when the
     engine fails to start or its loop dies (the process then exits non-zero)."""
     from jaxserve.engine.async_engine import EngineDeadError, EngineState
@@ -96,14 +110,14 @@ def main(argv: list[str] | None = None) -> int:
 
     initialize(config.num_processes, config.process_id, config.coordinator_address)
     try:
-        preflight(config)
+        task = preflight(config)
     except ValueError as e:  # TensorParallelError, unsupported architecture, bad checkpoint config
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import uvicorn
 
-    from jaxserve.engine.async_engine import AsyncEngine, EngineState
+    from jaxserve.engine.async_engine import EngineState
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.server.app import build_app
 
@@ -112,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("process %d: leader stopped after %d steps", config.process_id, steps)
         shutdown()
         return 0
-    engine = AsyncEngine(
-        lambda: LLMEngine(config), max_queue_size=config.max_queue_size, log_requests=config.enable_log_requests
-    )
+    engine = make_engine(config, task)
 
     def stop() -> None:
         engine.shutdown()  # also releases the followers of a multi-host launch
@@ -134,6 +146,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {engine.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def make_engine(config: ServeConfig, task: str) -> AsyncEngine | AsyncEmbeddingEngine:
+    """The thread-hosted engine for ``task`` (not started)."""
+    if task == "embed":
+        from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
+        from jaxserve.engine.embedding_engine import EmbeddingEngine
+
+        return AsyncEmbeddingEngine(lambda: EmbeddingEngine(config), log_requests=config.enable_log_requests)
+    from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.engine.llm_engine import LLMEngine
+
+    return AsyncEngine(
+        lambda: LLMEngine(config), max_queue_size=config.max_queue_size, log_requests=config.enable_log_requests
+    )
 
 
 def _drop_health_polls(record: logging.LogRecord) -> bool:

@@ -12,11 +12,14 @@ from fastapi.responses import JSONResponse, Response
 
 from jaxserve import __version__
 from jaxserve.config import ServeConfig
+from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
 from jaxserve.engine.async_engine import AsyncEngine, EngineState
+from jaxserve.engine.embedding_engine import EmbedInfo
 from jaxserve.engine.interface import EngineDeadError, EngineInfo
 from jaxserve.server.auth import APIKeyMiddleware
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
+from jaxserve.server.embeddings import create_embedding
 from jaxserve.server.errors import OpenAIError, error_body, install_error_handlers
 from jaxserve.server.limits import RequestLimitsMiddleware
 from jaxserve.server.metrics import metrics_text
@@ -24,6 +27,7 @@ from jaxserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -31,8 +35,12 @@ from jaxserve.server.protocol import (
 from jaxserve.server.tokenize import detokenize, tokenize
 
 
+Engine = AsyncEngine | AsyncEmbeddingEngine  # what build_app serves (``task``: generate or embed)
+TASK_ENDPOINTS = {"generate": "/v1/chat/completions and /v1/completions", "embed": "/v1/embeddings"}
+
+
 def build_app(
-    config: ServeConfig, engine: AsyncEngine, on_shutdown: Callable[[], None] | None = None
+    config: ServeConfig, engine: Engine, on_shutdown: Callable[[], None] | None = None
 ) -> FastAPI:
     """The app; ``on_shutdown`` runs when the server stops (uvicorn re-raises SIGTERM afterwards,
     so clean-up must happen here, not after ``uvicorn.run`` returns)."""
@@ -54,7 +62,7 @@ def build_app(
 LOADING_RETRY_AFTER_S = 5
 
 
-def _ready_info(engine: AsyncEngine) -> EngineInfo:
+def _ready_info(engine: Engine) -> EngineInfo | EmbedInfo:
     """The engine's info, or a 503: while the model loads at once with ``Retry-After`` (clients such
     as the ``openai`` SDK retry after it; nothing waits on a start-up that may fail), after a
     failure with its cause."""
@@ -67,7 +75,14 @@ def _ready_info(engine: AsyncEngine) -> EngineInfo:
         raise OpenAIError(503, str(e)) from None
 
 
-def _add_status_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngine) -> None:
+def _check_task(engine: Engine, task: str, name: str) -> None:
+    """A 400 naming the model's task when a request is for an endpoint of another task."""
+    if engine.task != task:
+        raise OpenAIError(400, f"The model `{name}` serves task '{engine.task}' ({TASK_ENDPOINTS[engine.task]}); "
+                          f"it does not support this endpoint (task '{task}').", param="model")
+
+
+def _add_status_routes(app: FastAPI, config: ServeConfig, engine: Engine) -> None:
     @app.get("/health")
     async def health() -> Response:
         if engine.is_ready:
@@ -84,7 +99,8 @@ def _add_status_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngine) -
     async def models() -> dict:
         max_len = engine.info.max_model_len if engine.is_ready else config.max_model_len
         cards = [
-            ModelCard(id=name, root=config.model, max_model_len=max_len) for name in config.accepted_model_names
+            ModelCard(id=name, root=config.model, max_model_len=max_len, task=engine.task)
+            for name in config.accepted_model_names
         ]
         return ModelList(data=cards).model_dump()
 
@@ -94,7 +110,7 @@ def _add_status_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngine) -
         return Response(body, media_type="text/plain; version=0.0.4")
 
 
-def _add_generation_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngine) -> None:
+def _add_generation_routes(app: FastAPI, config: ServeConfig, engine: Engine) -> None:
     accepted = set(config.accepted_model_names)
 
     def resolve_model(name: str | None) -> str:
@@ -105,18 +121,29 @@ def _add_generation_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngin
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
         name = resolve_model(req.model)
+        _check_task(engine, "generate", name)
         _ready_info(engine)
         return await create_chat_completion(req, raw, engine, name)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         name = resolve_model(req.model)
+        _check_task(engine, "generate", name)
         _ready_info(engine)
         return await create_completion(req, raw, engine, name)
 
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict:
+        name = resolve_model(req.model)
+        _check_task(engine, "embed", name)
+        _ready_info(engine)
+        return await create_embedding(req, engine, name)
+
     @app.post("/tokenize")
     async def tokenize_route(req: TokenizeRequest) -> dict:
-        resolve_model(req.model)
+        name = resolve_model(req.model)
+        if req.messages is not None:
+            _check_task(engine, "generate", name)  # an encoder has no chat template
         return tokenize(req, _ready_info(engine))
 
     @app.post("/detokenize")
