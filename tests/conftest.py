@@ -98,3 +98,11 @@ def minilm_engine(minilm_dir: Path):
     from jaxserve.engine.embedding_engine import EmbeddingEngine
 
     return EmbeddingEngine(ServeConfig(model=str(minilm_dir), dtype="float32", compilation_cache_dir="", **MINILM_SMALL))
+
+
+@pytest.fixture(scope="session")
+def minilm_hf_vectors(minilm_dir: Path):
+    """HF transformers' MiniLM embeddings of ``tests.helpers.SENTENCES`` (torch; see minilm_reference)."""
+    from tests.helpers import SENTENCES, minilm_reference
+
+    return minilm_reference(minilm_dir, SENTENCES)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from tests.helpers import SENTENCES, minilm_reference
+from tests.helpers import SENTENCES
 
 pytestmark = pytest.mark.hf_reference
 
@@ -23,8 +23,8 @@ def _check(ours: np.ndarray, ref: np.ndarray) -> None:
 
 
 @pytest.fixture(scope="module")
-def reference(minilm_dir) -> np.ndarray:
-    return minilm_reference(minilm_dir, SENTENCES)
+def reference(minilm_hf_vectors) -> np.ndarray:
+    return minilm_hf_vectors
 
 
 @pytest.fixture(scope="module")
