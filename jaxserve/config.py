@@ -304,19 +304,70 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+# With a YAML ``models:`` list, these are the process's (top level only); the rest may differ per model.
+SERVER_KEYS = (
+    "host", "port", "api_key", "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
+    "max_request_body_bytes", "log_level", "disable_uvicorn_access_log", "disable_log_stats",
+    "compilation_cache_dir", "num_processes", "process_id", "coordinator_address",
+)
+ENTRY_KEYS = ("model", "served_model_name", "task", "runner", "convert", "tokenizer")  # per entry only
+
+
 def load_config(argv: list[str] | None = None) -> ServeConfig:
-    """YAML (``--config``) < CLI flags; ``$JAXSERVE_API_KEY`` adds to ``api_key``."""
+    """The one model's config (``load_configs`` for a YAML with a ``models:`` list)."""
+    configs = load_configs(argv)
+    if len(configs) != 1:
+        raise ConfigError(f"expected one model, the config lists {len(configs)}")
+    return configs[0]
+
+
+def load_configs(argv: list[str] | None = None) -> list[ServeConfig]:
+    """One config per served model: defaults < YAML top level < a ``models:`` entry < CLI flags;
+    ``$JAXSERVE_API_KEY`` adds to ``api_key``. Without ``models:`` the YAML and flags are one model."""
     args = build_arg_parser().parse_args(argv)
-    values: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    entries = None
     if args.config:
         loaded = _read_yaml(find_config(args.config))
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        entries = loaded.pop("models", None)
+        shared.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    cli: dict[str, Any] = {}
     for name in FIELDS:
         v = getattr(args, name)
         if v is not None:
-            values[name] = v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and v[0].startswith("[") else v
+            cli[name] = v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and v[0].startswith("[") else v
     env_key = os.environ.get("JAXSERVE_API_KEY")
     if env_key:
-        keys = _coerce("api_key", values.get("api_key")) or []
-        values["api_key"] = keys + [env_key]
-    return config_from_dict(values)
+        keys = _coerce("api_key", cli.get("api_key", shared.get("api_key"))) or []
+        cli["api_key"] = keys + [env_key]
+    if entries is None:
+        return [config_from_dict({**shared, **cli})]
+    return _model_list(entries, shared, cli)
+
+
+def _model_list(entries: Any, shared: dict[str, Any], cli: dict[str, Any]) -> list[ServeConfig]:
+    """The configs of a YAML ``models:`` list (names unique; server keys only at the top level)."""
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError("models: expected a non-empty list of mappings (name, model, task, limits)")
+    misplaced = [k for k in ENTRY_KEYS if k in shared or k in cli]
+    if misplaced:
+        raise ConfigError(f"{misplaced[0]}: with a models: list it is set in each entry, not at the top level or on "
+                          "the command line")
+    configs, seen = [], set()
+    for i, entry in enumerate(entries):
+        entry = {k.replace("-", "_"): v for k, v in entry.items()}
+        name, aliases = entry.pop("name", None), entry.pop("aliases", None) or []
+        if not isinstance(name, str) or not name or not isinstance(aliases, list):
+            raise ConfigError(f"models[{i}]: needs a 'name' (and 'aliases' as a list, if any)")
+        server = [k for k in entry if k in SERVER_KEYS]
+        if server:
+            raise ConfigError(f"models[{i}] ({name}): {server[0]} is a server setting; set it at the top level")
+        names = [name, *map(str, aliases)]
+        clash = next((n for n in names if n in seen), None)
+        if clash is not None:
+            raise ConfigError(f"models[{i}]: the name {clash!r} is used by two models")
+        seen.update(names)
+        configs.append(config_from_dict({**shared, **entry, **cli, "served_model_name": names}))
+    if len(configs) > 1 and configs[0].num_processes > 1:
+        raise ConfigError("models: several models in a multi-host launch are not supported")
+    return configs
