@@ -64,6 +64,10 @@ class ServeConfig:
         choices=("auto", "generate", "pooling"),
     )
     convert: str = _field("auto", "vLLM's --convert: embed = --task embed.", choices=("auto", "none", "embed"))
+    hf_overrides: dict[str, Any] | None = _field(
+        None, "JSON object of config.json keys to override, e.g. '{\"matryoshka_dimensions\": [256, 128]}' "
+        "(encoder models only so far).",
+    )
     # --- engine ----------------------------------------------------------------------------
     block_size: int = _field(16, "Tokens per KV-cache block (a power of two, at most 256).")
     max_num_seqs: int = _field(64, "Maximum sequences in one step.")
@@ -212,6 +216,11 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
     try:
+        if typing.get_origin(tp) is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise TypeError
+            return value
         if typing.get_origin(tp) is list:
             if isinstance(value, str):
                 value = json.loads(value) if value.strip().startswith("[") else [value]

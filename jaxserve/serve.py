@@ -58,12 +58,14 @@ def preflight(config: ServeConfig) -> str:
     is_encoder = source.kind == "hf" and is_encoder_checkpoint(source.path)
     task = config.task_for(is_encoder)
     if is_encoder:
-        read_encoder_config(source.path)
+        read_encoder_config(source.path, config.hf_overrides)
         read_sentence_transformers(source.path)
         if config.tensor_parallel_size != 1 or config.num_processes != 1:
             raise ConfigError("an embedding (encoder) model runs on one device: tensor_parallel_size and "
                               "num_processes must be 1")
         return task
+    if config.hf_overrides:
+        raise ConfigError("hf_overrides: only supported for encoder (embedding) models so far")
     model_config, _ = read_model_config(source)
     check_tensor_parallel(model_config, config.tensor_parallel_size, len(jax.devices()))
     return task

@@ -152,3 +152,18 @@ def test_memory_budgets_are_checked_per_model(monkeypatch):
         serve.check_memory([a, b], ["generate", "generate"], "cpu")
     with pytest.raises(ConfigError, match="model b: one generate model per process on gpu"):
         serve.check_memory([a, b], ["generate", "generate"], "gpu")
+
+
+def test_hf_overrides_declare_matryoshka(minilm_dir, lookback_model):
+    from jaxserve.serve import preflight
+    from jaxserve.weights.encoder_loader import read_encoder_config
+
+    flags = ["--hf-overrides", '{"matryoshka_dimensions": [128, 64]}']
+    cfg = load_config(["--model", str(minilm_dir), *flags])
+    assert cfg.hf_overrides == {"matryoshka_dimensions": [128, 64]}
+    assert read_encoder_config(minilm_dir).matryoshka_dimensions is None
+    assert read_encoder_config(minilm_dir, cfg.hf_overrides).matryoshka_dimensions == (128, 64)
+    with pytest.raises(ConfigError, match=r"hf_overrides: \[1\] is not a valid dict"):
+        load_config(["--model", "m", "--hf-overrides", "[1]"])
+    with pytest.raises(ConfigError, match="only supported for encoder"):
+        preflight(load_config(["--model", str(lookback_model), *flags]))

@@ -117,7 +117,7 @@ class EmbeddingEngine:
         st = read_sentence_transformers(source.path)
         dtype = jnp.float32 if config.dtype == "auto" else DTYPES[config.dtype]  # small: f32 by default
         t0 = time.perf_counter()
-        self.encoder: LoadedEncoder = load_encoder(source.path, dtype)
+        self.encoder: LoadedEncoder = load_encoder(source.path, dtype, config.hf_overrides)
         self.pooling: PoolingConfig = st.pooling
         cfg = self.encoder.config
         self.pad_id = cfg.pad_token_id or 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -48,8 +49,12 @@ def is_encoder_checkpoint(directory: Path) -> bool:
     return any(a in ENCODER_ARCHITECTURES for a in (getattr(hf, "architectures", None) or []))
 
 
-def read_encoder_config(directory: Path) -> BertConfig:
-    return bert_config_from_hf(AutoConfig.from_pretrained(str(directory), local_files_only=True))
+def read_encoder_config(directory: Path, overrides: dict[str, Any] | None = None) -> BertConfig:
+    """The encoder's config, with ``--hf-overrides`` applied to config.json's keys first."""
+    hf = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    for key, value in (overrides or {}).items():
+        setattr(hf, key, value)
+    return bert_config_from_hf(hf)
 
 
 def hf_name(path: tuple) -> str:
@@ -71,9 +76,9 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
     return tensors
 
 
-def load_encoder(directory: Path, dtype: jnp.dtype) -> LoadedEncoder:
+def load_encoder(directory: Path, dtype: jnp.dtype, overrides: dict[str, Any] | None = None) -> LoadedEncoder:
     """The encoder of ``directory`` with its weights in ``dtype`` on the default device."""
-    cfg = read_encoder_config(directory)
+    cfg = read_encoder_config(directory, overrides)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: BertModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
     tensors = _read_tensors(directory)
 
