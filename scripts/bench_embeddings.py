@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -66,6 +67,7 @@ def main() -> None:
         model=str(directory), dtype="float32", max_model_len=max_len, max_num_seqs=max(args.batch_sizes),
         max_num_batched_tokens=max(args.batch_sizes) * max_len, compilation_cache_dir=""))
     startup = time.perf_counter() - t
+    print(f"jaxserve engine ready in {startup:.1f} s ({len(engine.buckets.shapes)} shapes)", file=sys.stderr)
     hf = BertModel.from_pretrained(str(directory), dtype=torch.float32).eval()
 
     def hf_embed(batch: list[str]) -> np.ndarray:
@@ -84,6 +86,7 @@ def main() -> None:
         ours = timed(engine.embed, id_batches, args.repeats)
         ref = timed(hf_embed, text_batches, args.repeats)  # includes HF tokenization (fast tokenizer)
         diff = float(np.abs(engine.embed(id_batches[0]) - hf_embed(text_batches[0])).max())
+        print(f"batch {bs}: jaxserve {n / ours:.1f} sentences/s, HF torch {n / ref:.1f}", file=sys.stderr)
         rows.append({"batch": bs, "sentences": n, "jaxserve_sent_s": n / ours, "jaxserve_tok_s": tokens / ours,
                      "hf_torch_sent_s": n / ref, "hf_torch_tok_s": tokens / ref, "max_abs_diff": diff})
     print(json.dumps({

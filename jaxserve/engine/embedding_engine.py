@@ -75,13 +75,15 @@ class EmbedBuckets:
         return next(b for b in self.lengths if b >= n)
 
     def plan(self, lengths: list[int]) -> list[tuple[list[int], tuple[int, int]]]:
-        """Indices of ``lengths`` grouped into batches, longest first, each with its padded shape."""
+        """Indices of ``lengths`` grouped into batches, longest first, each with its padded shape; a batch
+        holds only sequences of its length bucket (padding stays under half a row)."""
         order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
         batches = []
         while order:
             seq_len = self.length_for(lengths[order[0]])
             sizes = self.batch_sizes(seq_len)
-            take, order = order[: sizes[-1]], order[sizes[-1]:]
+            same = sum(1 for i in order[: sizes[-1]] if self.length_for(lengths[i]) == seq_len)
+            take, order = order[:same], order[same:]
             batches.append((take, (next(b for b in sizes if b >= len(take)), seq_len)))
         return batches
 

@@ -14,14 +14,15 @@ def test_buckets_and_plan():
     assert b.batch_sizes(16) == [1, 2, 4, 8] and b.batch_sizes(256) == [1, 2]
     assert EmbedBuckets(max_len=100, max_num_seqs=4, max_tokens=64).lengths == [16, 32, 64, 100]
     assert EmbedBuckets(max_len=100, max_num_seqs=4, max_tokens=64).batch_sizes(100) == [1]  # B = 1 always
-    # Longest first; each batch as large as its length allows, padded up to a batch bucket.
+    # Longest first; a batch holds one length bucket, as many as it allows, padded up to a batch bucket.
     lengths = [3, 200, 17, 40, 5, 9, 30, 250, 2, 1, 7]
     plan = b.plan(lengths)
-    assert [shape for _, shape in plan] == [(2, 256), (8, 64), (1, 16)]
+    assert [len(take) for take, _ in b.plan([16] * 9)] == [8, 1]  # a bucket fuller than its largest batch
+    assert [shape for _, shape in plan] == [(2, 256), (1, 64), (2, 32), (8, 16)]
     assert [lengths[i] for i in plan[0][0]] == [250, 200]
     assert sorted(i for take, _ in plan for i in take) == list(range(len(lengths)))
     for take, (batch, length) in plan:
-        assert len(take) <= batch and all(lengths[i] <= length for i in take)
+        assert len(take) <= batch and all(b.length_for(lengths[i]) == length for i in take)
         assert (batch, length) in b.shapes
 
 
