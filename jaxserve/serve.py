@@ -14,13 +14,16 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from jaxserve.config import ConfigError, ServeConfig, load_config
+from jaxserve.config import ConfigError, ServeConfig, load_configs
 from jaxserve.weights.source import ModelNotFoundError, resolve_model_source
 
 if TYPE_CHECKING:  # jax, uvicorn and the engine load only once the configuration is known to be good
     import uvicorn
 
+    from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
     from jaxserve.engine.async_engine import AsyncEngine
+
+    Engine = AsyncEngine | AsyncEmbeddingEngine
 
 logger = logging.getLogger("jaxserve")
 
@@ -41,16 +44,31 @@ def setup_runtime(config: ServeConfig) -> None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def preflight(config: ServeConfig) -> None:
-    """Checks that need the model's config but not its weights: location, architecture, TP size."""
+def preflight(config: ServeConfig) -> str:
+    """Checks that need the model's config but not its weights (location, architecture, task, TP
+    size, an encoder's sentence-transformers pipeline); returns the task served."""
     import jax
 
     from jaxserve.sharding import check_tensor_parallel
+    from jaxserve.weights.encoder_loader import is_encoder_checkpoint, read_encoder_config
     from jaxserve.weights.loader import read_model_config
+    from jaxserve.weights.sentence_transformers import read_sentence_transformers
 
     source = resolve_model_source(config.model)
+    is_encoder = source.kind == "hf" and is_encoder_checkpoint(source.path)
+    task = config.task_for(is_encoder)
+    if is_encoder:
+        read_encoder_config(source.path, config.hf_overrides)
+        read_sentence_transformers(source.path)
+        if config.tensor_parallel_size != 1 or config.num_processes != 1:
+            raise ConfigError("an embedding (encoder) model runs on one device: tensor_parallel_size and "
+                              "num_processes must be 1")
+        return task
+    if config.hf_overrides:
+        raise ConfigError("hf_overrides: only supported for encoder (embedding) models so far")
     model_config, _ = read_model_config(source)
     check_tensor_parallel(model_config, config.tensor_parallel_size, len(jax.devices()))
+    return task
 
 
 def cli_argv(argv: list[str]) -> list[str]:
@@ -65,45 +83,87 @@ def cli_argv(argv: list[str]) -> list[str]:
     return argv
 
 
-def watch_engine(engine: AsyncEngine, server: uvicorn.Server, config: ServeConfig) -> None:
-    """Runs beside the server: says "ready", starts the stats log, and stops the server when the
-    engine fails to start or its loop dies (the process then exits non-zero)."""
+def watch_engines(engines: list[Engine], server: uvicorn.Server, configs: list[ServeConfig]) -> None:
+    """Runs beside the server: starts the engines one after another (embedding models first, so a
+    generate model's KV budget sees what they took), says "ready", starts the stats logs, and stops
+    the server when an engine fails to start or its loop dies (the process then exits non-zero)."""
     from jaxserve.engine.async_engine import EngineDeadError, EngineState
     from jaxserve.engine.stats_logger import StatsLogger
 
+    order = sorted(range(len(engines)), key=lambda i: engines[i].task != "embed")
+    for i in order:
+        engines[i].start()
+        try:
+            engines[i].wait_ready()
+        except EngineDeadError:
+            server.should_exit = True
+            return
+    c = configs[0]
+    logger.info("ready: serving %s on http://%s:%d", ", ".join(x.model_name for x in configs), c.host, c.port)
+    if not c.disable_log_stats:
+        for e in engines:
+            if e.task == "generate":
+                StatsLogger(e).start()
+    while all(e.is_ready for e in engines):
+        for e in engines:
+            e.join(timeout=0.5)
+    if any(e.state is EngineState.DEAD for e in engines):
+        server.should_exit = True
+
+
+def check_memory(configs: list[ServeConfig], tasks: list[str], platform: str) -> None:
+    """Every model's budget fits beside the others', or a one-line ConfigError naming the one that does not:
+    on CPU the KV caches' --kv-cache-memory-gib against the host's available memory; on accelerators the
+    --gpu-memory-utilization shares of the card (one generate model per process there)."""
+    generate = [c for c, t in zip(configs, tasks, strict=True) if t == "generate"]
+    if platform == "cpu":
+        available = _available_host_gib()
+        total = 0.0
+        for c in generate:
+            total += c.kv_cache_memory_gib
+            if available is not None and total > available:
+                raise ConfigError(f"model {c.model_name}: its KV cache ({c.kv_cache_memory_gib:g} GiB) does not fit: "
+                                  f"the models' caches need {total:g} GiB, this host has {available:.1f} GiB available")
+    elif len(generate) > 1:
+        raise ConfigError(f"model {generate[1].model_name}: one generate model per process on {platform} "
+                          "(each sizes its KV cache from the card's free memory)")
+
+
+def _available_host_gib() -> float | None:
     try:
-        engine.wait_ready()
-    except EngineDeadError:
-        server.should_exit = True
-        return
-    logger.info("ready: serving %s on http://%s:%d", config.model_name, config.host, config.port)
-    if not config.disable_log_stats:
-        StatsLogger(engine).start()
-    engine.join()
-    if engine.state is EngineState.DEAD:
-        server.should_exit = True
+        for line in open("/proc/meminfo"):  # noqa: SIM115 - tiny file
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / (1 << 20)
+    except OSError:
+        pass
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config = load_config(cli_argv(sys.argv[1:] if argv is None else argv))
-        resolve_model_source(config.model)
+        configs = load_configs(cli_argv(sys.argv[1:] if argv is None else argv))
+        for c in configs:
+            resolve_model_source(c.model)
     except (ConfigError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    config = configs[0]  # the server settings (the same in every entry)
     setup_runtime(config)
     from jaxserve.engine.multihost import initialize, shutdown
 
     initialize(config.num_processes, config.process_id, config.coordinator_address)
     try:
-        preflight(config)
-    except ValueError as e:  # TensorParallelError, unsupported architecture, bad checkpoint config
+        import jax
+
+        tasks = [preflight(c) for c in configs]
+        check_memory(configs, tasks, jax.default_backend())
+    except ValueError as e:  # TensorParallelError, unsupported architecture, bad checkpoint config, memory
         print(f"error: {e}", file=sys.stderr)
         return 2
 
     import uvicorn
 
-    from jaxserve.engine.async_engine import AsyncEngine, EngineState
+    from jaxserve.engine.async_engine import EngineState
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.server.app import build_app
 
@@ -112,28 +172,43 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("process %d: leader stopped after %d steps", config.process_id, steps)
         shutdown()
         return 0
-    engine = AsyncEngine(
-        lambda: LLMEngine(config), max_queue_size=config.max_queue_size, log_requests=config.enable_log_requests
-    )
+    engines = [make_engine(c, t) for c, t in zip(configs, tasks, strict=True)]
 
     def stop() -> None:
-        engine.shutdown()  # also releases the followers of a multi-host launch
+        for e in engines:
+            e.shutdown()  # also releases the followers of a multi-host launch
         shutdown()
 
-    app = build_app(config, engine, on_shutdown=stop)
+    app = build_app(configs, engines, on_shutdown=stop)
     server = uvicorn.Server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
         access_log=not config.disable_uvicorn_access_log,
     ))
     logging.getLogger("uvicorn.access").addFilter(_drop_health_polls)  # after uvicorn configured logging
-    threading.Thread(target=watch_engine, args=(engine, server, config), name="jaxserve-watch", daemon=True).start()
-    logger.info("serving %s on http://%s:%d (loading in the background)", config.model_name, config.host, config.port)
-    engine.start()
+    threading.Thread(target=watch_engines, args=(engines, server, configs), name="jaxserve-watch", daemon=True).start()
+    logger.info("serving %s on http://%s:%d (loading in the background)", ", ".join(c.model_name for c in configs),
+                config.host, config.port)
     server.run()
-    if engine.state in (EngineState.FAILED, EngineState.DEAD):
-        print(f"error: {engine.error}", file=sys.stderr)
+    failed = next((e for e in engines if e.state in (EngineState.FAILED, EngineState.DEAD)), None)
+    if failed is not None:
+        print(f"error: {failed.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def make_engine(config: ServeConfig, task: str) -> Engine:
+    """The thread-hosted engine for ``task`` (not started)."""
+    if task == "embed":
+        from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
+        from jaxserve.engine.embedding_engine import EmbeddingEngine
+
+        return AsyncEmbeddingEngine(lambda: EmbeddingEngine(config), log_requests=config.enable_log_requests)
+    from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.engine.llm_engine import LLMEngine
+
+    return AsyncEngine(
+        lambda: LLMEngine(config), max_queue_size=config.max_queue_size, log_requests=config.enable_log_requests
+    )
 
 
 def _drop_health_polls(record: logging.LogRecord) -> bool:

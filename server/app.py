@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -12,11 +13,14 @@ from fastapi.responses import JSONResponse, Response
 
 from jaxserve import __version__
 from jaxserve.config import ServeConfig
+from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
 from jaxserve.engine.async_engine import AsyncEngine, EngineState
+from jaxserve.engine.embedding_engine import EmbedInfo
 from jaxserve.engine.interface import EngineDeadError, EngineInfo
 from jaxserve.server.auth import APIKeyMiddleware
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
+from jaxserve.server.embeddings import create_embedding
 from jaxserve.server.errors import OpenAIError, error_body, install_error_handlers
 from jaxserve.server.limits import RequestLimitsMiddleware
 from jaxserve.server.metrics import metrics_text
@@ -24,6 +28,7 @@ from jaxserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     ModelCard,
     ModelList,
     TokenizeRequest,
@@ -31,11 +36,50 @@ from jaxserve.server.protocol import (
 from jaxserve.server.tokenize import detokenize, tokenize
 
 
+Engine = AsyncEngine | AsyncEmbeddingEngine  # what build_app serves (``task``: generate or embed)
+TASK_ENDPOINTS = {"generate": "/v1/chat/completions and /v1/completions", "embed": "/v1/embeddings"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ServedModel:
+    config: ServeConfig
+    engine: Engine
+
+
+class Router:
+    """The served models by every accepted name; ``model`` left out means the first model of the task."""
+
+    def __init__(self, models: list[ServedModel]) -> None:
+        self.models = models
+        self.by_name = {n: m for m in models for n in m.config.accepted_model_names}
+
+    def resolve(self, name: str | None, task: str) -> tuple[ServedModel, str]:
+        """The model a request names (404 listing the served names) and its reported name; a 400 naming
+        its task when it does not serve ``task``."""
+        if name is None:
+            m = next((m for m in self.models if m.engine.task == task), self.models[0])
+        elif name in self.by_name:
+            m = self.by_name[name]
+        else:
+            raise OpenAIError(404, f"The model `{name}` does not exist; served models: {', '.join(self.by_name)}.",
+                              param="model", type="NotFoundError")
+        if m.engine.task != task:
+            raise OpenAIError(
+                400, f"The model `{m.config.model_name}` serves task '{m.engine.task}' "
+                f"({TASK_ENDPOINTS[m.engine.task]}); it does not support this endpoint (task '{task}').", param="model")
+        return m, m.config.model_name
+
+
 def build_app(
-    config: ServeConfig, engine: AsyncEngine, on_shutdown: Callable[[], None] | None = None
+    config: ServeConfig | list[ServeConfig], engine: Engine | list[Engine],
+    on_shutdown: Callable[[], None] | None = None,
 ) -> FastAPI:
-    """The app; ``on_shutdown`` runs when the server stops (uvicorn re-raises SIGTERM afterwards,
+    """The app for one model or several (``config[i]`` served by ``engine[i]``; server settings are the
+    first config's); ``on_shutdown`` runs when the server stops (uvicorn re-raises SIGTERM afterwards,
     so clean-up must happen here, not after ``uvicorn.run`` returns)."""
+    configs = config if isinstance(config, list) else [config]
+    engines = engine if isinstance(engine, list) else [engine]
+    router = Router([ServedModel(c, e) for c, e in zip(configs, engines, strict=True)])
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -45,16 +89,16 @@ def build_app(
 
     app = FastAPI(title="jaxserve", version=__version__, lifespan=lifespan)
     install_error_handlers(app)
-    _add_status_routes(app, config, engine)
-    _add_generation_routes(app, config, engine)
-    _add_middleware(app, config)
+    _add_status_routes(app, router)
+    _add_generation_routes(app, router)
+    _add_middleware(app, configs[0])
     return app
 
 
 LOADING_RETRY_AFTER_S = 5
 
 
-def _ready_info(engine: AsyncEngine) -> EngineInfo:
+def _ready_info(engine: Engine) -> EngineInfo | EmbedInfo:
     """The engine's info, or a 503: while the model loads at once with ``Retry-After`` (clients such
     as the ``openai`` SDK retry after it; nothing waits on a start-up that may fail), after a
     failure with its cause."""
@@ -67,14 +111,18 @@ def _ready_info(engine: AsyncEngine) -> EngineInfo:
         raise OpenAIError(503, str(e)) from None
 
 
-def _add_status_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngine) -> None:
+def _add_status_routes(app: FastAPI, router: Router) -> None:
     @app.get("/health")
     async def health() -> Response:
-        if engine.is_ready:
+        """200 only when every model serves; else 503 with the first one that does not."""
+        waiting = next((m for m in router.models if not m.engine.is_ready), None)
+        if waiting is None:
             return Response(status_code=200)
-        return JSONResponse(
-            error_body(503, engine.error or f"the engine is {engine.state.value}"), status_code=503
-        )
+        e = waiting.engine
+        message = e.error or f"the engine is {e.state.value}"
+        if len(router.models) > 1:
+            message = f"{waiting.config.model_name}: {message}"
+        return JSONResponse(error_body(503, message), status_code=503)
 
     @app.get("/version")
     async def version() -> dict:
@@ -82,47 +130,52 @@ def _add_status_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngine) -
 
     @app.get("/v1/models")
     async def models() -> dict:
-        max_len = engine.info.max_model_len if engine.is_ready else config.max_model_len
-        cards = [
-            ModelCard(id=name, root=config.model, max_model_len=max_len) for name in config.accepted_model_names
-        ]
+        cards = []
+        for m in router.models:
+            max_len = m.engine.info.max_model_len if m.engine.is_ready else m.config.max_model_len
+            cards += [ModelCard(id=name, root=m.config.model, max_model_len=max_len, task=m.engine.task)
+                      for name in m.config.accepted_model_names]
         return ModelList(data=cards).model_dump()
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        body = metrics_text(engine.is_ready, engine.metrics(), config.model_name)
+        body = metrics_text([(m.engine.is_ready, m.engine.metrics(), m.config.model_name) for m in router.models])
         return Response(body, media_type="text/plain; version=0.0.4")
 
 
-def _add_generation_routes(app: FastAPI, config: ServeConfig, engine: AsyncEngine) -> None:
-    accepted = set(config.accepted_model_names)
-
-    def resolve_model(name: str | None) -> str:
-        if name is not None and name not in accepted:
-            raise OpenAIError(404, f"The model `{name}` does not exist.", param="model", type="NotFoundError")
-        return config.model_name
-
+def _add_generation_routes(app: FastAPI, router: Router) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
-        name = resolve_model(req.model)
-        _ready_info(engine)
-        return await create_chat_completion(req, raw, engine, name)
+        m, name = router.resolve(req.model, "generate")
+        _ready_info(m.engine)
+        return await create_chat_completion(req, raw, m.engine, name)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
-        name = resolve_model(req.model)
-        _ready_info(engine)
-        return await create_completion(req, raw, engine, name)
+        m, name = router.resolve(req.model, "generate")
+        _ready_info(m.engine)
+        return await create_completion(req, raw, m.engine, name)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict:
+        m, name = router.resolve(req.model, "embed")
+        _ready_info(m.engine)
+        return await create_embedding(req, m.engine, name)
+
+    def any_task(name: str | None) -> ServedModel:
+        m = router.by_name.get(name) if name is not None else router.models[0]
+        return m if m is not None else router.resolve(name, "")[0]  # the 404
 
     @app.post("/tokenize")
     async def tokenize_route(req: TokenizeRequest) -> dict:
-        resolve_model(req.model)
-        return tokenize(req, _ready_info(engine))
+        m = any_task(req.model)
+        if req.messages is not None:  # an encoder has no chat template
+            m, _ = router.resolve(m.config.model_name, "generate")
+        return tokenize(req, _ready_info(m.engine))
 
     @app.post("/detokenize")
     async def detokenize_route(req: DetokenizeRequest) -> dict:
-        resolve_model(req.model)
-        return detokenize(req, _ready_info(engine))
+        return detokenize(req, _ready_info(any_task(req.model).engine))
 
 
 def _add_middleware(app: FastAPI, config: ServeConfig) -> None:

