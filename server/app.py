@@ -20,10 +20,11 @@ from jaxserve.engine.interface import EngineDeadError, EngineInfo
 from jaxserve.server.auth import APIKeyMiddleware
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
-from jaxserve.server.embeddings import create_embedding
+from jaxserve.server.embeddings import create_embedding, create_pooling
 from jaxserve.server.errors import OpenAIError, error_body, install_error_handlers
 from jaxserve.server.limits import RequestLimitsMiddleware
 from jaxserve.server.metrics import metrics_text
+from jaxserve.server.score import create_score
 from jaxserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -31,13 +32,15 @@ from jaxserve.server.protocol import (
     EmbeddingRequest,
     ModelCard,
     ModelList,
+    PoolingRequest,
+    ScoreRequest,
     TokenizeRequest,
 )
 from jaxserve.server.tokenize import detokenize, tokenize
 
 
 Engine = AsyncEngine | AsyncEmbeddingEngine  # what build_app serves (``task``: generate or embed)
-TASK_ENDPOINTS = {"generate": "/v1/chat/completions and /v1/completions", "embed": "/v1/embeddings"}
+TASK_ENDPOINTS = {"generate": "/v1/chat/completions and /v1/completions", "embed": "/v1/embeddings, /pooling, /score"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +94,7 @@ def build_app(
     install_error_handlers(app)
     _add_status_routes(app, router)
     _add_generation_routes(app, router)
+    _add_embedding_routes(app, router)
     _add_middleware(app, configs[0])
     return app
 
@@ -156,12 +160,6 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
         _ready_info(m.engine)
         return await create_completion(req, raw, m.engine, name)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest) -> dict:
-        m, name = router.resolve(req.model, "embed")
-        _ready_info(m.engine)
-        return await create_embedding(req, m.engine, name)
-
     def any_task(name: str | None) -> ServedModel:
         m = router.by_name.get(name) if name is not None else router.models[0]
         return m if m is not None else router.resolve(name, "")[0]  # the 404
@@ -176,6 +174,27 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
     @app.post("/detokenize")
     async def detokenize_route(req: DetokenizeRequest) -> dict:
         return detokenize(req, _ready_info(any_task(req.model).engine))
+
+
+def _add_embedding_routes(app: FastAPI, router: Router) -> None:
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> dict:
+        m, name = router.resolve(req.model, "embed")
+        _ready_info(m.engine)
+        return await create_embedding(req, m.engine, name)
+
+    @app.post("/pooling")
+    async def pooling(req: PoolingRequest) -> dict:
+        m, name = router.resolve(req.model, "embed")
+        _ready_info(m.engine)
+        return await create_pooling(req, m.engine, name)
+
+    @app.post("/score")
+    @app.post("/v1/score")
+    async def score(req: ScoreRequest) -> dict:
+        m, name = router.resolve(req.model, "embed")
+        _ready_info(m.engine)
+        return await create_score(req, m.engine, name)
 
 
 def _add_middleware(app: FastAPI, config: ServeConfig) -> None:

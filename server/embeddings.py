@@ -1,4 +1,5 @@
-"""``POST /v1/embeddings``: inputs -> token ids -> the embedding engine -> OpenAI's response.
+"""``POST /v1/embeddings`` and vLLM's ``POST /pooling``: inputs -> token ids -> the embedding engine ->
+the response.
 
 Inputs are a string, a list of strings, token ids or a list of token-id lists. ``truncate_prompt_tokens``
 (vLLM's; -1 = the model's max length) truncates text with the tokenizer (its truncation side,
@@ -19,7 +20,16 @@ from jaxserve.engine.embedding_engine import EmbedInfo
 from jaxserve.engine.interface import EngineDeadError
 from jaxserve.sampling_params import SamplingParamError
 from jaxserve.server.errors import OpenAIError
-from jaxserve.server.protocol import EmbeddingData, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
+from jaxserve.server.protocol import (
+    EmbeddingData,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    EmbeddingUsage,
+    PoolingData,
+    PoolingRequest,
+    PoolingResponse,
+    UsageInfo,
+)
 
 
 def _truncation(req: EmbeddingRequest, info: EmbedInfo) -> int | None:
@@ -71,22 +81,41 @@ def _encode(vec: np.ndarray, encoding_format: str) -> list[float] | str:
     return vec.tolist()
 
 
-async def create_embedding(req: EmbeddingRequest, engine: AsyncEmbeddingEngine, model_name: str) -> dict:
-    """The response body (400 for any bad input, 503 if the engine cannot serve)."""
+async def embed_ids(seqs: list[list[int]], engine: AsyncEmbeddingEngine, param: str = "input") -> np.ndarray:
+    """The engine's vectors ``[len(seqs), hidden]`` (400 naming ``param`` for a bad input, 503 if it cannot serve)."""
+    try:
+        return await engine.embed(seqs)
+    except SamplingParamError as e:
+        raise OpenAIError(400, str(e) if param == "input" else f"{param}: {e}", param=param) from None
+    except EngineDeadError as e:
+        raise OpenAIError(503, str(e)) from None
+
+
+async def _vectors(req: EmbeddingRequest, engine: AsyncEmbeddingEngine) -> tuple[np.ndarray, int]:
+    """The request's vectors (shortened for ``dimensions``) and its prompt token count."""
     info = engine.info
     _check_dimensions(req.dimensions, info)
     seqs = input_token_ids(req, info)
-    try:
-        vectors = await engine.embed(seqs)
-    except SamplingParamError as e:
-        raise OpenAIError(400, str(e), param=e.param) from None
-    except EngineDeadError as e:
-        raise OpenAIError(503, str(e)) from None
+    vectors = await embed_ids(seqs, engine)
     if req.dimensions is not None:
         vectors = vectors[:, : req.dimensions]
         vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
-    tokens = sum(map(len, seqs))
+    return vectors, sum(map(len, seqs))
+
+
+async def create_embedding(req: EmbeddingRequest, engine: AsyncEmbeddingEngine, model_name: str) -> dict:
+    """The ``/v1/embeddings`` response body (400 for any bad input, 503 if the engine cannot serve)."""
+    vectors, tokens = await _vectors(req, engine)
     return EmbeddingResponse(
         data=[EmbeddingData(index=i, embedding=_encode(v, req.encoding_format)) for i, v in enumerate(vectors)],
         model=model_name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+    ).model_dump()
+
+
+async def create_pooling(req: PoolingRequest, engine: AsyncEmbeddingEngine, model_name: str) -> dict:
+    """vLLM's ``/pooling`` response body: the same vectors as ``/v1/embeddings`` in vLLM's pooling shape."""
+    vectors, tokens = await _vectors(req, engine)
+    return PoolingResponse(
+        data=[PoolingData(index=i, data=_encode(v, req.encoding_format)) for i, v in enumerate(vectors)],
+        model=model_name, usage=UsageInfo(prompt_tokens=tokens, total_tokens=tokens),
     ).model_dump()

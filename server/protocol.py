@@ -128,6 +128,50 @@ class EmbeddingResponse(BaseModel):
     usage: EmbeddingUsage
 
 
+class PoolingRequest(EmbeddingRequest):
+    """vLLM's ``/pooling`` request: the embeddings request's fields (the pooled vectors come back raw)."""
+
+
+class PoolingData(BaseModel):
+    object: Literal["pooling"] = "pooling"
+    index: int
+    data: list[float] | str  # base64 of little-endian float32 bytes
+
+
+class PoolingResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("pool-"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[PoolingData]
+    usage: UsageInfo
+
+
+class ScoreRequest(StrictModel):
+    """vLLM's ``/score`` request for an embedding model: cosines of text_1 against text_2 (1:1, 1:N, N:N)."""
+
+    model: str | None = None
+    text_1: str | list[str]
+    text_2: str | list[str]
+    truncate_prompt_tokens: int | None = None  # -1: the model's max length
+    user: str | None = None
+
+
+class ScoreData(BaseModel):
+    object: Literal["score"] = "score"
+    index: int
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("score-"))
+    object: Literal["list"] = "list"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    data: list[ScoreData]
+    usage: UsageInfo
+
+
 class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None

@@ -74,3 +74,26 @@ def test_chat_and_embeddings_concurrently(two_models, lookback_model, minilm_dir
         assert text == tok.decode(lookback_continue(prompt, 12, eos=EOS), skip_special_tokens=True)
     for s, v in zip(sentences, vectors, strict=True):
         np.testing.assert_allclose(v, alone[s], atol=2e-6)
+
+
+def test_tokenize_score_and_pooling_route_by_model(two_models, lookback_model, minilm_dir):
+    """/tokenize and /detokenize use the named model's tokenizer; /score and /pooling only embedding models."""
+    url = two_models.base_url
+    text = "Paged attention, naïvely: 🙂"
+    for name, path, max_len in (("embed", minilm_dir, 64), ("chat", lookback_model, 64),
+                                ("lookback", lookback_model, 64)):
+        ids = AutoTokenizer.from_pretrained(str(path))(text)["input_ids"]
+        r = httpx.post(f"{url}/tokenize", json={"model": name, "prompt": text}).json()
+        assert (r["tokens"], r["count"], r["max_model_len"]) == (ids, len(ids), max_len)
+        want = AutoTokenizer.from_pretrained(str(path)).decode(ids)
+        assert httpx.post(f"{url}/detokenize", json={"model": name, "tokens": ids}).json() == {"prompt": want}
+    minilm_ids = AutoTokenizer.from_pretrained(str(minilm_dir))(text)["input_ids"]
+    assert minilm_ids != AutoTokenizer.from_pretrained(str(lookback_model))(text)["input_ids"]  # the check can fail
+    r = httpx.post(f"{url}/tokenize", json={"model": "embed", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and "`embed` serves task 'embed'" in r.json()["error"]["message"]
+    assert httpx.post(f"{url}/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
+    for path, body in (("/score", {"text_1": "a", "text_2": "b"}), ("/pooling", {"input": "a"})):
+        r = httpx.post(f"{url}{path}", json={"model": "chat", **body})
+        assert r.status_code == 400 and "`chat` serves task 'generate'" in r.json()["error"]["message"]
+        r = httpx.post(f"{url}{path}", json=body)  # no model: the embedding model
+        assert r.status_code == 200 and r.json()["model"] == "embed"
