@@ -185,3 +185,13 @@ def test_a_row_with_no_allowed_token_samples_no_token_never_token_0():
     st = build_sampling_tensors([r.params for r in reqs], [0, 0], [0, 0], 2)
     tokens, _ = jax.jit(sample)(np.zeros((2, v), np.float32), st, extras, mask)
     assert np.asarray(tokens).tolist() == [NO_TOKEN, 5]
+
+
+def test_compiled_grammars_are_cached_by_spec_and_give_independent_matchers(engine):
+    spec = StructuredOutput("choice", json.dumps(["ab", "cd"]), param="guided_choice")
+    same = StructuredOutput("choice", json.dumps(["ab", "cd"]), param="structured_outputs.choice")
+    compiled = engine.grammars.compile(spec)
+    assert engine.grammars.compile(same) is compiled  # the field that sent it is not part of the key
+    a, b = compiled.matcher(), compiled.matcher()
+    first = engine.tokenizer.encode("ab", add_special_tokens=False)
+    assert all(a.consume(t) for t in first) and a.done and not b.done
