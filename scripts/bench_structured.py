@@ -70,9 +70,9 @@ def main() -> None:
 
     engine = build_engine(args)
     tok = engine.tokenizer
-    prompts = [tok.apply_chat_template([{"role": "user", "content": f"List {i + 30} people with their ages as JSON."}],
-                                       tokenize=True, add_generation_prompt=True) for i in range(args.num_prompts)]
-    prompts = [list(x["input_ids"]) if isinstance(x, dict) else list(x) for x in prompts]
+    texts = [tok.apply_chat_template([{"role": "user", "content": f"List {i + 30} people with their ages as JSON."}],
+                                     tokenize=False, add_generation_prompt=True) for i in range(args.num_prompts)]
+    prompts = [tok.encode(t, add_special_tokens=False) for t in texts]
     plain = SamplingParams(max_tokens=args.output_len, temperature=0.7, seed=0, ignore_eos=True)
     spec = StructuredOutput("json_schema", json.dumps(SCHEMA))
     constrained = SamplingParams(max_tokens=args.output_len, temperature=0.7, seed=0, structured=spec)
