@@ -238,8 +238,9 @@ class LLMEngine:
 
         With async scheduling the device runs step N+1 while the host applies step N's tokens. The
         previous step is finished first when there is no async scheduling, or when a penalty
-        reads the token history on the host. The in-flight step is a value: ``_dispatch`` makes it,
-        ``_finish`` consumes it (a forward/sample split would hand the grammar a step between the two).
+        reads the token history on the host or a grammar must consume the token in flight before
+        the next mask exists (structured outputs: those steps are synchronous). The in-flight step
+        is a value: ``_dispatch`` makes it, ``_finish`` consumes it.
         """
         prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
