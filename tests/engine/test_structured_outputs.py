@@ -84,8 +84,16 @@ def _run(engine, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple
 
 
 @pytest.fixture(scope="module")
-def engine(hf_checkpoints):
-    return make_engine(hf_checkpoints("qwen2")[0])
+def engine(tmp_path_factory):
+    """A tiny Qwen2 with random weights (``--load-format dummy``: no torch needed) and a byte-level BPE."""
+    from tests.helpers import hf_config, write_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("structured")
+    cfg = hf_config("qwen2")
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.save_pretrained(d)
+    write_tiny_tokenizer(d)
+    return make_engine(d, load_format="dummy")
 
 
 def test_every_sample_matches_its_schema_regex_choice_or_grammar(engine):
