@@ -5,10 +5,24 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from typing import Protocol
 
 from jaxserve.sampling_params import SamplingParams
 
 PLACEHOLDER = -1  # an output token sampled by a step whose result has not reached the host yet
+NO_TOKEN = -2  # sampled from a row whose grammar mask (with min_tokens' bias) allowed no token
+
+
+class Grammar(Protocol):
+    """A request's grammar state as the host sees it (``engine/grammar.GrammarMatcher``)."""
+
+    def consume(self, token: int) -> bool: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def error(self) -> str: ...
 
 
 class RequestStatus(enum.Enum):
@@ -71,6 +85,7 @@ class Request:
         self.num_registered_blocks = 0  # leading blocks already in the prefix cache
         self.num_pending = 0  # PLACEHOLDER outputs (at the end of output_token_ids)
         self.num_preemptions = 0
+        self.grammar: Grammar | None = None  # structured outputs: consumes each resolved output token
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
 
     @property

@@ -16,6 +16,26 @@ class SamplingParamError(ValueError):
         self.param = param
 
 
+STRUCTURED_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the output's text (compiled by ``engine/grammar.py``); hashable: the cache key.
+
+    ``spec``: the JSON schema as canonical JSON (``json_schema``), the regex, the choices as a JSON
+    list (``choice``), the Lark or GBNF text (``grammar``); empty for ``json_object``.
+    """
+
+    kind: str
+    spec: str = ""
+    param: str = dataclasses.field(default="structured_outputs", compare=False)  # the request field (errors)
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise SamplingParamError("structured_outputs", f"unknown structured output kind {self.kind!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens and when to stop, for one sequence.
@@ -41,6 +61,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs added to the logits
     logprobs: int | None = None  # None: none; k: the sampled token's logprob and the top k
+    structured: StructuredOutput | None = None  # the output must match this grammar
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and self.max_tokens < 1:

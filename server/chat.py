@@ -82,4 +82,4 @@ async def create_chat_completion(
     ]
     job = Job(random_id("chatcmpl-"), [prompt] * req.n, params, len(prompt), req.stream, req.stream_options)
     endpoint = ChatEndpoint(job, TokenText(info.tokenizer, as_ids=req.return_tokens_as_token_ids), model_name)
-    return await respond(raw, submit(engine, job), job, endpoint)
+    return await respond(raw, await submit(engine, job), job, endpoint)

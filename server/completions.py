@@ -86,7 +86,7 @@ async def create_completion(
         for k in range(len(prompts))
     ]
     job = Job(random_id("cmpl-"), prompts, params, sum(len(p) for p in prompt_list), req.stream, req.stream_options)
-    sub = submit(engine, job)  # validates the prompt ids before they are decoded for echo
+    sub = await submit(engine, job)  # validates the prompt ids before they are decoded for echo
     echoes = [info.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens) if req.echo else ""
               for p in prompts]
     tt = TokenText(info.tokenizer, as_ids=req.return_tokens_as_token_ids)

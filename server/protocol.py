@@ -40,6 +40,30 @@ class ChatMessage(StrictModel):
     tool_calls: list[dict[str, Any]] | None = None
 
 
+class JsonSchemaFormat(StrictModel):
+    """``response_format.json_schema`` (what the SDK's ``chat.completions.parse`` sends)."""
+
+    name: str
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None  # the schema is always enforced
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsParams(StrictModel):
+    """vLLM's ``structured_outputs``: exactly one constraint (``structural_tag`` is not supported)."""
+
+    json_: str | dict[str, Any] | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
 class SamplingFields(StrictModel):
     """Fields shared by chat and text completions (OpenAI + vLLM extras, vLLM's names)."""
 
@@ -66,6 +90,13 @@ class SamplingFields(StrictModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     return_tokens_as_token_ids: bool = False  # logprob tokens as "token_id:<id>" (vLLM)
+    # structured outputs (server/structured.py): OpenAI's, vLLM's, and vLLM's older guided_* fields
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -76,7 +107,6 @@ class ChatCompletionRequest(SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
     # vLLM extras
     add_generation_prompt: bool = True
     continue_final_message: bool = False

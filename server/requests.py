@@ -12,6 +12,7 @@ from typing import Any
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
 from jaxserve.server.errors import OpenAIError
 from jaxserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from jaxserve.server.structured import structured_output
 from jaxserve.tokenizer import Tokenizer
 
 DEFAULT_COMPLETION_MAX_TOKENS = 16
@@ -28,10 +29,10 @@ def check_unsupported(req: SamplingFields) -> None:
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs and not req.logprobs:
             raise _reject("top_logprobs", "requires logprobs to be true")
-        for name in ("tools", "tool_choice", "parallel_tool_calls", "response_format"):
+        for name in ("tools", "tool_choice", "parallel_tool_calls"):
             value = getattr(req, name)
             if value is not None and not (name == "tool_choice" and value == "none"):
-                raise _reject(name, "tools and structured outputs are not supported yet")
+                raise _reject(name, "tools are not supported yet")
     else:
         if req.echo and req.logprobs is not None:
             raise _reject("logprobs", "logprobs together with echo (prompt logprobs) are not supported yet")
@@ -65,6 +66,7 @@ def sampling_params(
 ) -> SamplingParams:
     """SamplingParams for choice ``index`` (seeded requests get seed + index so choices differ)."""
     stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
+    structured = structured_output(req)
 
     def pick(name: str, fallback: Any) -> Any:
         v = getattr(req, name)
@@ -89,6 +91,7 @@ def sampling_params(
             repetition_penalty=pick("repetition_penalty", 1.0),
             logit_bias=_logit_bias(req.logit_bias),
             logprobs=requested_logprobs(req),
+            structured=structured,
         )
     except SamplingParamError as e:
         raise OpenAIError(400, str(e), param=e.param) from None

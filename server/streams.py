@@ -75,10 +75,12 @@ class Job:
         return UsageInfo(prompt_tokens=n, completion_tokens=c, total_tokens=n + c)
 
 
-def submit(engine: AsyncEngine, job: Job) -> Submission:
-    """Queue every choice of ``job``, or raise an OpenAIError before anything is queued."""
+async def submit(engine: AsyncEngine, job: Job) -> Submission:
+    """Compile the choices' grammars, then queue every choice of ``job``; or raise an OpenAIError
+    before anything is queued."""
     try:
-        return engine.submit(job.request_id, job.prompts, job.params)
+        grammars = await engine.compile_grammars(job.params)
+        return engine.submit(job.request_id, job.prompts, job.params, grammars)
     except Exception as e:
         raise _as_openai_error(e) from None
 

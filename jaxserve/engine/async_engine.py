@@ -22,6 +22,7 @@ import traceback
 import weakref
 from collections.abc import AsyncIterator, Callable
 
+from jaxserve.engine.grammar import COMPILE_TIMEOUT_S, CompiledGrammar, GrammarError
 from jaxserve.engine.interface import (
     AdmittedRequest,
     EngineDeadError,
@@ -153,13 +154,42 @@ class AsyncEngine:
         """The latest snapshot (None before the engine started)."""
         return self._metrics
 
-    def submit(self, request_id: str, prompts: list[list[int]], params: list[SamplingParams]) -> Submission:
+    async def compile_grammars(
+        self, params: list[SamplingParams], timeout: float = COMPILE_TIMEOUT_S
+    ) -> list[CompiledGrammar | None]:
+        """Each choice's structured-output grammar, compiled in a worker thread (cached by spec).
+
+        Raises GrammarError (a SamplingParamError naming the field) for a spec llguidance rejects
+        or one that takes longer than ``timeout`` seconds to compile.
+        """
+        specs = {p.structured for p in params if p.structured is not None}
+        if not specs:
+            return [None] * len(params)
+        compiler = self.info.grammars
+        if compiler is None:
+            raise GrammarError(next(iter(specs)), "structured outputs are not supported by this engine")
+        compiled = {}
+        for spec in specs:
+            try:
+                compiled[spec] = await asyncio.wait_for(asyncio.to_thread(compiler.compile, spec), timeout)
+            except TimeoutError:
+                raise GrammarError(spec, f"the grammar took longer than {timeout:g}s to compile") from None
+        return [compiled[p.structured] if p.structured is not None else None for p in params]
+
+    def submit(
+        self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
+        grammars: list[CompiledGrammar | None] | None = None,
+    ) -> Submission:
         """Admit and queue one engine request per choice, or raise before anything is queued.
 
-        Raises SamplingParamError (a bad choice), QueueFullError or EngineDeadError.
+        ``grammars``: each choice's compiled structured output (``compile_grammars``); without
+        them the engine thread compiles. Raises SamplingParamError (a bad choice), QueueFullError
+        or EngineDeadError.
         """
         info = self.info
         admitted = [admit(p, sp, info) for p, sp in zip(prompts, params, strict=True)]
+        if grammars is not None:
+            admitted = [dataclasses.replace(a, grammar=g) for a, g in zip(admitted, grammars, strict=True)]
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
         ids = [f"{request_id}-{i}" for i in range(len(admitted))]

@@ -8,7 +8,9 @@ step's queries is its own business (``models/attention_backends.py``): no tile w
 step's shape.
 
 Steps with a request that needs logit bias or penalties carry per-row token histories
-(``extras``); to keep compiles few, such steps use the largest bucket of their family.
+(``extras``); to keep compiles few, such steps use the largest bucket of their family. Steps with
+a grammar-constrained row (structured outputs) also carry the packed token mask (``grammar``): the
+largest bucket of their family with extras and mask, two more compiles.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class StepShape:
     num_seqs: int  # B (also the number of logits rows)
     decode_only: bool  # every sequence has at most one new token
     extras: bool = False  # carries logits-processor inputs (bias, penalty histories)
+    grammar: bool = False  # carries the packed grammar mask (implies extras)
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -69,10 +72,12 @@ class BucketPolicy:
         t = next(s for s in self.prefill_sizes if s >= num_tokens)
         return StepShape(t, min(t, self.max_num_seqs), False)
 
-    def shape_for(self, num_seqs: int, num_tokens: int, extras: bool = False) -> StepShape:
+    def shape_for(self, num_seqs: int, num_tokens: int, extras: bool = False, grammar: bool = False) -> StepShape:
         if num_seqs > self.max_num_seqs or num_tokens > self.max_num_batched_tokens:
             raise ValueError(f"batch of {num_seqs} seqs / {num_tokens} tokens exceeds the configured maxima")
         decode = num_tokens == num_seqs
+        if grammar:
+            return dataclasses.replace(self._extras_shape(decode), grammar=True)
         if extras:
             return self._extras_shape(decode)
         return self.decode_shape(num_seqs) if decode else self.mixed_shape(num_tokens)
@@ -85,4 +90,5 @@ class BucketPolicy:
         shapes = {self.decode_shape(b) for b in self.decode_sizes}
         shapes |= {self.mixed_shape(t) for t in self.prefill_sizes}
         shapes |= {self._extras_shape(True), self._extras_shape(False)}
+        shapes |= {dataclasses.replace(s, grammar=True) for s in (self._extras_shape(True), self._extras_shape(False))}
         return sorted(shapes)

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
+from jaxserve.engine.grammar import CompiledGrammar, GrammarCompiler
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
 from jaxserve.tokenizer import Tokenizer
 
@@ -37,6 +38,7 @@ class EngineInfo:
     vocab_size: int
     kv_capacity_tokens: int  # KV positions the whole cache holds: no request may need more
     default_sampling: Mapping[str, Any]  # generation_config.json's sampling defaults
+    grammars: GrammarCompiler | None = None  # structured outputs (thread-safe; None: not supported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,7 @@ class AdmittedRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     max_tokens: int  # resolved: the request's own or what max_model_len leaves
+    grammar: CompiledGrammar | None = None  # params.structured, compiled (None: the engine compiles it)
 
 
 def _check_ids(param: str, ids: Any, vocab: int) -> None:

@@ -22,6 +22,7 @@ import jax
 from jaxserve.config import ServeConfig
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.compilation import BucketPolicy
+from jaxserve.engine.grammar import GrammarCompiler
 from jaxserve.engine.interface import AdmittedRequest, EngineInfo, EngineMetrics, admit
 from jaxserve.engine.kv_cache_size import num_kv_blocks
 from jaxserve.engine.model_runner import ModelRunner, StepHandle
@@ -83,6 +84,7 @@ class LLMEngine:
             k: self.generation_config[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
             if self.generation_config.get(k) is not None
         }
+        self.grammars = GrammarCompiler(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
         backend = resolve_backend(config.attention_backend, platform)
         logger.info("start-up 2/4: reading weights (%s)", source.path)
         loaded = self._load_weights(source, dtype, platform, backend, progress)
@@ -176,7 +178,7 @@ class LLMEngine:
         bm = self.scheduler.block_manager
         return EngineInfo(
             self.tokenizer, self.max_model_len, self.model_config.vocab_size,
-            bm.num_usable_blocks * bm.block_size, MappingProxyType(dict(self.default_sampling)),
+            bm.num_usable_blocks * bm.block_size, MappingProxyType(dict(self.default_sampling)), self.grammars,
         )
 
     def metrics(self) -> EngineMetrics:
@@ -207,6 +209,8 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         req = Request(request_id, admitted.prompt_token_ids, params, max_tokens=admitted.max_tokens,
                       eos_token_ids=self.eos_token_ids, seed=seed)
+        if params.structured is not None:  # compiled off this thread by AsyncEngine; offline callers compile here
+            req.grammar = (admitted.grammar or self.grammars.compile(params.structured)).matcher()
         self.scheduler.add(req)
         self.requests[request_id] = req
         self.outputs.add(req)
@@ -234,8 +238,9 @@ class LLMEngine:
 
         With async scheduling the device runs step N+1 while the host applies step N's tokens. The
         previous step is finished first when there is no async scheduling, or when a penalty
-        reads the token history on the host. The in-flight step is a value: ``_dispatch`` makes it,
-        ``_finish`` consumes it (a forward/sample split would hand the grammar a step between the two).
+        reads the token history on the host or a grammar must consume the token in flight before
+        the next mask exists (structured outputs: those steps are synchronous). The in-flight step
+        is a value: ``_dispatch`` makes it, ``_finish`` consumes it.
         """
         prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []

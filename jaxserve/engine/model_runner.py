@@ -27,6 +27,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from jaxserve.engine.compilation import BucketPolicy, StepShape
+from jaxserve.engine.grammar import build_mask, mask_width
 from jaxserve.engine.multihost import StepChannel
 from jaxserve.engine.logits_processors import (
     MAX_BIAS_ENTRIES,
@@ -109,12 +110,13 @@ def build_step(graphdef: nnx.GraphDef, state_def) -> Callable:
         logits_indices_B: jax.Array,
         sampling: SamplingTensors,
         extras: LogitsExtras,
+        mask_BW: jax.Array,
     ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
         # Tokens sampled by the previous step that the host has not seen yet come from its output.
         tokens_T = jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_def, params))
         logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
-        tokens, logprobs = sample(logits, sampling, extras)
+        tokens, logprobs = sample(logits, sampling, extras, mask_BW)
         padded = jnp.zeros(prev_tokens_M.shape, jnp.int32).at[: tokens.shape[0]].set(tokens)
         return padded, logprobs, kv_caches
 
@@ -143,6 +145,9 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.buckets = buckets
         self.compile_cache_hits = 0
+        self.vocab_size = loaded.config.vocab_size  # V: logits width, and the grammar mask's
+        self.mask_seconds = 0.0  # host time spent filling grammar masks, and in how many steps
+        self.mask_steps = 0
         self.abstract = any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(loaded.state))
         plan = loaded.plan
         kv_sh = self._allocate_caches(get_backend(backend), num_blocks)
@@ -156,7 +161,7 @@ class ModelRunner:
         self.step_fn = jax.jit(
             build_step(loaded.graphdef, state_def),
             donate_argnums=(1,),
-            in_shardings=(state_sh, kv_shs, rep, rep, rep, rep, rep, rep, rep, rep),
+            in_shardings=(state_sh, kv_shs, rep, rep, rep, rep, rep, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shs),
         )
         self.max_rows = max(s.num_seqs for s in buckets.all_shapes())
@@ -222,7 +227,18 @@ class ModelRunner:
         extras = build_logits_extras(
             [s.request for s in scheduled], shape.num_seqs, with_extras=shape.extras, history_len=self.max_model_len
         )
-        return tokens, prev_idx, positions, meta, logits_indices, sampling, extras
+        return tokens, prev_idx, positions, meta, logits_indices, sampling, extras, self._grammar_mask(shape, scheduled)
+
+    def _grammar_mask(self, shape: StepShape, scheduled: list[ScheduledRequest]) -> np.ndarray:
+        """The packed mask of a grammar step (rows of sampling requests with a grammar); else zero-width."""
+        if not shape.grammar:
+            return np.zeros((shape.num_seqs, 0), np.int32)
+        rows = [(b, s.request.grammar) for b, s in enumerate(scheduled) if s.samples and s.request.grammar is not None]
+        t0 = time.perf_counter()
+        mask = build_mask(rows, shape.num_seqs, self.vocab_size)
+        self.mask_seconds += time.perf_counter() - t0
+        self.mask_steps += 1
+        return mask
 
     def _abstract_inputs(self, shape: StepShape) -> tuple:
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -237,7 +253,8 @@ class ModelRunner:
         hl = self.max_model_len if shape.extras else 0
         extras = LogitsExtras(i32(b, e), f32(b, e), i32(b, hl), i32(b, hl), f32(b), f32(b), f32(b))
         t = shape.num_tokens
-        return i32(self.max_rows), i32(t), i32(t), i32(t), meta, i32(b), sampling, extras
+        mask = i32(b, mask_width(self.vocab_size) if shape.grammar else 0)
+        return i32(self.max_rows), i32(t), i32(t), i32(t), meta, i32(b), sampling, extras, mask
 
     def lower(self, shape: StepShape) -> jax.stages.Lowered:
         """The step of ``shape`` lowered for this process's devices."""
@@ -342,7 +359,8 @@ class ModelRunner:
         """
         num_tokens = sum(s.num_tokens for s in scheduled)
         extras = any(s.samples and needs_extras(s.request) for s in scheduled)
-        shape = self.buckets.shape_for(len(scheduled), num_tokens, extras)
+        grammar = any(s.samples and s.request.grammar is not None for s in scheduled)
+        shape = self.buckets.shape_for(len(scheduled), num_tokens, extras, grammar)
         if shape not in self._compiled:
             raise RuntimeError(f"step shape {shape} was not compiled at start-up")
         inputs = self._host_inputs(shape, scheduled, seeds, prev_rows)

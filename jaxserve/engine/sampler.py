@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.engine.logits_processors import LogitsExtras, apply_logits_processors
+from jaxserve.request import NO_TOKEN
 from jaxserve.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
@@ -128,11 +129,27 @@ def _filter_probs(probs_BV: jax.Array, st: SamplingTensors) -> jax.Array:
     return jnp.where(probs_BV >= threshold, probs_BV, 0.0)
 
 
+def apply_grammar_mask(logits_BV: jax.Array, mask_BW: jax.Array) -> jax.Array:
+    """-inf where the packed mask's bit is clear (bit ``t % 32`` of word ``t // 32``); a no-op at
+    trace time when the mask is zero-width (steps without a grammar row)."""
+    if not mask_BW.shape[1]:
+        return logits_BV
+    b, v = logits_BV.shape
+    bits = jnp.arange(32, dtype=jnp.int32)
+    allowed = ((mask_BW[:, :, None] >> bits) & 1).reshape(b, -1)[:, :v]
+    return jnp.where(allowed.astype(jnp.bool_), logits_BV, -jnp.inf)
+
+
 def sample(
-    logits_BV: jax.Array, st: SamplingTensors, extras: LogitsExtras
+    logits_BV: jax.Array, st: SamplingTensors, extras: LogitsExtras, mask_BW: jax.Array | None = None
 ) -> tuple[jax.Array, LogprobsOut]:
-    """Next token per row (i32[B]) and the logprobs rows asked for."""
+    """Next token per row (i32[B]) and the logprobs rows asked for.
+
+    With a grammar mask, a row that allows no token at all (after bias) gets ``NO_TOKEN``.
+    """
     raw_BV = logits_BV
+    if mask_BW is not None:
+        logits_BV = apply_grammar_mask(logits_BV, mask_BW)
     logits_BV = apply_logits_processors(logits_BV, extras)
     greedy_tokens = first_argmax(logits_BV)
     is_random = st.temperature > 0.0
@@ -153,4 +170,7 @@ def sample(
         return jnp.where(is_random, idx, greedy_tokens)
 
     tokens = jax.lax.cond(jnp.any(is_random), random_path, lambda: greedy_tokens)
-    return tokens, compute_logprobs(raw_BV, tokens, st.want_logprobs)
+    logprobs = compute_logprobs(raw_BV, tokens, st.want_logprobs)
+    if mask_BW is not None and mask_BW.shape[1]:
+        tokens = jnp.where(jnp.all(logits_BV == -jnp.inf, axis=-1), NO_TOKEN, tokens)
+    return tokens, logprobs

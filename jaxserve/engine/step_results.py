@@ -11,12 +11,15 @@ for EOS, stop ids, stop strings, length and ``min_tokens``), and frees a finishe
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput, TokenLogprob
 from jaxserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
-from jaxserve.request import Finish, Request, RequestStatus
+from jaxserve.request import NO_TOKEN, Finish, Request, RequestStatus
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,9 +56,12 @@ def decide_finish(req: Request, num_outputs: int, token: int, stop_str: str | No
     """Whether ``req`` ends with its ``num_outputs``-th token ``token`` (``stop_str``: a matched stop string).
 
     Below ``min_tokens`` no stop ends it (EOS and stop ids are also masked when sampling, in
-    ``logits_processors``); ``max_tokens`` always does.
+    ``logits_processors``); ``max_tokens`` always does. A grammar that is complete (or rejected the
+    token) ends the request as stopped whatever ``min_tokens`` says: nothing else may follow.
     """
     p = req.params
+    if req.grammar is not None and req.grammar.done:
+        return Finish(RequestStatus.FINISHED_STOPPED)
     if stop_strings_active(req, num_outputs):
         if stop_str is not None:
             return Finish(RequestStatus.FINISHED_STOPPED, stop_str)
@@ -103,11 +109,30 @@ class StepResults:
             if req.status.finished:
                 continue  # finished or aborted while this step ran: its token is dropped
             token = sampled.token_ids[row]
+            if token == NO_TOKEN and slot >= 0:
+                outputs.append(self._no_token(req, slot))
+                continue
             self.scheduler.resolve(req, slot, token)
+            if slot >= 0 and req.grammar is not None and not req.grammar.consume(token):
+                logger.warning("request %s: its grammar rejected token %d: %s", req.request_id, token,
+                               req.grammar.error)
             if slot >= 0:
                 self.counters.generation_tokens += 1
                 outputs.append(self._output(req, slot + 1, token, sampled.logprobs_for(row, req.params.logprobs)))
         return outputs
+
+    def _no_token(self, req: Request, slot: int) -> RequestOutput:
+        """The row's grammar mask and bias allowed no token: stop without one (never emit token 0)."""
+        logger.warning(
+            "request %s: no token is allowed by its grammar%s; finishing it", req.request_id,
+            " once min_tokens masks EOS" if slot < req.params.min_tokens else "",
+        )
+        text, _ = self.outputs.flush_text(req, check_stops=False)
+        req.truncate_outputs(slot)
+        self.counters.requests_finished += 1
+        self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        self.outputs.remove(req.request_id)
+        return self.outputs.build(req, [], text, Finish(RequestStatus.FINISHED_STOPPED), None, slot)
 
     def _output(self, req: Request, num_outputs: int, token: int, logprobs: list[TokenLogprob] | None) -> RequestOutput:
         """Detokenize ``token``, decide whether ``req`` is done, and free it if so."""

@@ -5,6 +5,7 @@ to the engine thread costs no compute)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import threading
 import time
@@ -100,3 +101,37 @@ def test_invalid_choice_queues_nothing():
         asyncio.run(submit())
     engine.shutdown()
     assert not llm.pending and engine.metrics().num_waiting == 0
+
+
+class _SlowCompiler:
+    """Compiles nothing: waits ``delay`` seconds and counts the compiles it was asked for."""
+
+    def __init__(self, delay: float) -> None:
+        self.delay, self.calls = delay, 0
+
+    def compile(self, spec):
+        self.calls += 1
+        time.sleep(self.delay)
+        return f"compiled {spec.kind}"
+
+
+def test_grammars_compile_off_the_engine_thread_once_per_spec_and_time_out():
+    from jaxserve.engine.grammar import GrammarError
+    from jaxserve.sampling_params import StructuredOutput
+
+    llm = FakeLLM()
+    slow = _SlowCompiler(0.05)
+    llm.info = dataclasses.replace(llm.info, grammars=slow)
+    engine = AsyncEngine(lambda: llm)
+    engine.start()
+    engine.wait_ready(5)
+    regex = StructuredOutput("regex", "a+", param="guided_regex")
+    params = [SamplingParams(structured=regex), SamplingParams(), SamplingParams(structured=regex)]
+    got = asyncio.run(engine.compile_grammars(params))
+    assert got == ["compiled regex", None, "compiled regex"] and slow.calls == 1
+    slow.delay = 1.0
+    with pytest.raises(GrammarError, match="longer than 0.1s to compile") as err:
+        asyncio.run(engine.compile_grammars(params, timeout=0.1))
+    assert err.value.param == "guided_regex"
+    assert asyncio.run(engine.compile_grammars([SamplingParams()])) == [None]
+    engine.shutdown()

@@ -26,6 +26,10 @@ def test_bucket_choice():
     assert b.shape_for(2, 2, extras=True) == StepShape(8, 8, True, extras=True)
     assert b.shape_for(2, 20, extras=True) == StepShape(64, 8, False, extras=True)
     assert StepShape(8, 8, True, extras=True) in b.all_shapes()
+    # Steps with a grammar row: the same largest buckets, with extras and the mask (two more shapes).
+    assert b.shape_for(2, 2, grammar=True) == StepShape(8, 8, True, extras=True, grammar=True)
+    assert b.shape_for(2, 20, extras=True, grammar=True) == StepShape(64, 8, False, extras=True, grammar=True)
+    assert sum(s.grammar for s in b.all_shapes()) == 2
 
 
 def test_decode_floor_holds_with_one_sequence():

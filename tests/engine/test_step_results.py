@@ -97,3 +97,53 @@ def test_min_tokens_defers_stop_strings_and_eos(tok):
     outs = _drive(tok, SamplingParams(max_tokens=30, stop=("ab",), min_tokens=len(ids)), ids + [EOS])
     assert outs[-1].stop_reason == "ab" and outs[-1].num_output_tokens == len(ids)
     assert "".join(o.new_text for o in outs) == "ab ab ab "
+
+
+class _Sequence:
+    """A grammar that accepts exactly ``tokens`` (the ``request.Grammar`` protocol, by hand)."""
+
+    def __init__(self, tokens: list[int]) -> None:
+        self.tokens, self.pos, self.error = tokens, 0, ""
+
+    def consume(self, token: int) -> bool:
+        ok = self.pos < len(self.tokens) and self.tokens[self.pos] == token
+        self.pos += 1
+        self.error = "" if ok else f"unexpected {token}"
+        return ok
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.tokens) or bool(self.error)
+
+
+def _drive_grammar(tok, params: SamplingParams, tokens: list[int], grammar: _Sequence) -> list[RequestOutput]:
+    sched = Scheduler(BlockManager(64, 4, enable_prefix_caching=True), max_num_seqs=2, max_num_batched_tokens=64)
+    outputs = OutputProcessor(tok)
+    results = StepResults(sched, outputs, EngineCounters())
+    req = Request("r", [5, 6, 7], params, max_tokens=params.max_tokens or 64, eos_token_ids=(EOS,))
+    req.grammar = grammar
+    sched.add(req)
+    outputs.add(req)
+    got: list[RequestOutput] = []
+    for t in tokens:
+        got += results.apply(results.launch(sched.schedule()), SampledTokens([t]))
+        if req.status.finished:
+            break
+    assert req.status.finished and sched.block_manager.num_used_blocks == 0
+    return got
+
+
+def test_a_complete_grammar_stops_the_request_at_once_even_below_min_tokens(tok):
+    g = _Sequence([40, 41])
+    got = _drive_grammar(tok, SamplingParams(min_tokens=5, ignore_eos=True), [40, 41, 42, 43], g)
+    assert [o.new_token_ids for o in got] == [[40], [41]] and g.pos == 2
+    assert got[-1].finish_reason == "stop" and got[-1].num_output_tokens == 2
+
+
+def test_no_allowed_token_finishes_with_stop_and_no_token(tok, caplog):
+    from jaxserve.request import NO_TOKEN
+
+    got = _drive_grammar(tok, SamplingParams(min_tokens=5), [40, NO_TOKEN], _Sequence([40, 41, 42]))
+    assert [o.new_token_ids for o in got] == [[40], []]
+    assert got[-1].finished and got[-1].finish_reason == "stop" and got[-1].num_output_tokens == 1
+    assert "no token is allowed by its grammar once min_tokens masks EOS" in caplog.text

@@ -335,7 +335,7 @@ def test_raw_http_errors(lookback_server):
         (httpx.post(f"{base}/v1/chat/completions", headers=AUTH,
                     json={"messages": [{"role": "wizard", "content": "x"}]}), 400),
         (httpx.post(f"{base}/v1/chat/completions", headers=AUTH,
-                    json={"messages": MSG, "response_format": {"type": "json_object"}}), 400),
+                    json={"messages": MSG, "response_format": {"type": "xml"}}), 400),
         (httpx.get(f"{base}/v1/nothing", headers=AUTH), 404),
     ]
     for r, status in cases:

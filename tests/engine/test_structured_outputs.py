@@ -1,0 +1,205 @@
+"""Structured outputs in the engine: a tiny random-weight model sampled under grammars always
+produces valid text (checked by hand-written validators, not by llguidance), a cut reply is a
+valid prefix, compile errors name the problem, and steps without a grammar row are untouched."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.engine.compilation import BucketPolicy
+from jaxserve.engine.grammar import GrammarError
+from jaxserve.engine.sampler import apply_grammar_mask, build_sampling_tensors, sample
+from jaxserve.engine.logits_processors import build_logits_extras
+from jaxserve.request import NO_TOKEN, Request
+from jaxserve.sampling_params import SamplingParams, StructuredOutput
+from tests.engine.engine_helpers import make_engine
+
+
+def _obj(props: dict, required: list[str]) -> dict:
+    return {"type": "object", "properties": props, "required": required, "additionalProperties": False}
+
+
+SCHEMAS = {
+    "enum": _obj({"color": {"enum": ["red", "green", "blue"]}}, ["color"]),
+    "nested": _obj({
+        "user": _obj({"id": {"type": "integer", "minimum": 1, "maximum": 999},
+                      "tags": {"type": "array", "items": {"type": "string", "maxLength": 3},
+                               "minItems": 1, "maxItems": 3}}, ["id", "tags"]),
+        "ok": {"type": "boolean"},
+    }, ["user", "ok"]),
+    "ranges": _obj({"n": {"type": "integer", "minimum": -20, "maximum": 50},
+                    "k": {"type": "integer", "exclusiveMinimum": 0, "maximum": 9}}, ["n", "k"]),
+    "pattern": _obj({"code": {"type": "string", "pattern": "^[A-Z]{2}-[0-9]{3}$"},
+                     "note": {"type": "string", "maxLength": 4}}, ["code"]),
+    "array": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 2, "maxItems": 4},
+}
+
+
+def _valid_json(name: str, v) -> bool:
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if name == "enum":
+        return v == {"color": v.get("color")} and v["color"] in ("red", "green", "blue")
+    if name == "nested":
+        u = v["user"]
+        return (set(v) == {"user", "ok"} and isinstance(v["ok"], bool) and set(u) == {"id", "tags"}
+                and is_int(u["id"]) and 1 <= u["id"] <= 999 and 1 <= len(u["tags"]) <= 3
+                and all(isinstance(t, str) and len(t) <= 3 for t in u["tags"]))
+    if name == "ranges":
+        return set(v) == {"n", "k"} and is_int(v["n"]) and -20 <= v["n"] <= 50 and is_int(v["k"]) and 0 < v["k"] <= 9
+    if name == "pattern":
+        return (set(v) in ({"code"}, {"code", "note"}) and re.fullmatch(r"[A-Z]{2}-[0-9]{3}", v["code"]) is not None
+                and len(v.get("note", "")) <= 4)
+    if name == "array":
+        return 2 <= len(v) <= 4 and all(is_int(x) and 0 <= x <= 9 for x in v)
+    raise AssertionError(name)
+
+
+REGEX = r"(yes|no), [a-z]{2,5}!"
+CHOICES = ["alpha", "beta", "gamma delta"]
+LARK = 'start: pair ("," pair)?\npair: KEY "=" NUM\nKEY: /[a-z]{1,4}/\nNUM: /[0-9]{1,3}/\n'
+GBNF = 'root ::= "x" [0-9] [0-9]?'
+SAMPLES = 5  # per constraint
+
+
+def _run(engine, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple[str, str]]:
+    """(text, finish_reason) per request, all in one batch."""
+    ids = [f"so-{i}" for i in range(len(requests))]
+    for rid, (prompt, p) in zip(ids, requests, strict=True):
+        engine.add_request(rid, prompt, p)
+    text = dict.fromkeys(ids, "")
+    finish: dict[str, str] = {}
+    while len(finish) < len(ids):
+        for out in engine.step():
+            text[out.request_id] += out.new_text
+            if out.finished:
+                finish[out.request_id] = out.finish_reason
+    return [(text[r], finish[r]) for r in ids]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    """A tiny Qwen2 with random weights (``--load-format dummy``: no torch needed) and a byte-level BPE."""
+    from tests.helpers import hf_config, write_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("structured")
+    cfg = hf_config("qwen2")
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.save_pretrained(d)
+    write_tiny_tokenizer(d)
+    return make_engine(d, load_format="dummy")
+
+
+def test_every_sample_matches_its_schema_regex_choice_or_grammar(engine):
+    specs = [(f"json:{n}", StructuredOutput("json_schema", json.dumps(s))) for n, s in SCHEMAS.items()]
+    specs += [("regex", StructuredOutput("regex", REGEX)), ("choice", StructuredOutput("choice", json.dumps(CHOICES))),
+              ("lark", StructuredOutput("grammar", LARK)), ("gbnf", StructuredOutput("grammar", GBNF))]
+    prompt = engine.tokenizer.encode("Give me data:")
+    reqs = [(prompt, SamplingParams(max_tokens=120, temperature=1.0, seed=1000 * k + i, structured=spec))
+            for k, (_, spec) in enumerate(specs) for i in range(SAMPLES)]
+    results = _run(engine, reqs)
+    for k, (name, _) in enumerate(specs):
+        for text, finish in results[k * SAMPLES : (k + 1) * SAMPLES]:
+            assert finish == "stop", (name, text, finish)
+            if name.startswith("json:"):
+                assert _valid_json(name[5:], json.loads(text)), (name, text)
+            elif name == "regex":
+                assert re.fullmatch(REGEX, text), text
+            elif name == "choice":
+                assert text in CHOICES, text
+            elif name == "lark":
+                assert re.fullmatch(r"[a-z]{1,4}=[0-9]{1,3}(,[a-z]{1,4}=[0-9]{1,3})?", text), text
+            else:
+                assert re.fullmatch(r"x[0-9]{1,2}", text), text
+    # Sampling is not degenerate: the samples of a constraint differ.
+    assert len({t for t, _ in results[:SAMPLES]}) > 1 or len({t for t, _ in results[SAMPLES : 2 * SAMPLES]}) > 1
+
+
+def test_a_reply_cut_by_max_tokens_is_a_valid_prefix(engine):
+    spec = StructuredOutput("regex", "[ab]{40}x")
+    prompt = engine.tokenizer.encode("ab")
+    results = _run(engine, [(prompt, SamplingParams(max_tokens=6, temperature=1.0, seed=i, structured=spec))
+                            for i in range(3)])
+    for text, finish in results:
+        assert finish == "length" and re.fullmatch("[ab]+", text), (text, finish)
+
+
+def test_unconstrained_requests_beside_constrained_ones_are_unchanged(engine):
+    prompt = engine.tokenizer.encode("hello")
+    plain = SamplingParams(max_tokens=8, temperature=0.0)
+    alone = _run(engine, [(prompt, plain)])
+    mixed = _run(engine, [(prompt, plain), (prompt, SamplingParams(max_tokens=8, structured=StructuredOutput(
+        "choice", json.dumps(CHOICES))))])
+    assert mixed[0] == alone[0]
+
+
+def test_compile_errors_name_the_problem(engine):
+    cases = [
+        (StructuredOutput("json_schema", json.dumps({"type": "array", "uniqueItems": True}), param="guided_json"),
+         "uniqueItems"),
+        (StructuredOutput("json_schema", json.dumps({"type": "strin"})), "strin"),
+        (StructuredOutput("regex", "a(b", param="guided_regex"), "unclosed group"),
+        (StructuredOutput("grammar", "start: undefined_rule"), "undefined_rule"),
+    ]
+    for spec, needle in cases:
+        with pytest.raises(GrammarError, match=needle) as err:
+            engine.add_request("bad", [1, 2], SamplingParams(structured=spec))
+        assert err.value.param == spec.param
+    assert not engine.has_unfinished()
+
+
+def test_grammar_steps_add_two_shapes_and_other_steps_carry_no_mask(engine):
+    shapes = BucketPolicy(4, 32).all_shapes()
+    grammar = [s for s in shapes if s.grammar]
+    assert len(grammar) == 2 and all(s.extras and s.num_seqs == 4 for s in grammar)
+    assert BucketPolicy(4, 32).shape_for(1, 1) == next(s for s in shapes if s.num_seqs == 1)  # unchanged
+    runner = engine.runner
+    for shape in runner.compiled_shapes:
+        mask = runner._abstract_inputs(shape)[-1]
+        assert mask.shape == (shape.num_seqs, 10 if shape.grammar else 0)  # ceil(320 / 32) words
+    # The mask's unpacking ([B, W, 32] bits) is traced only into grammar steps: the detector and its twin.
+    plain = next(s for s in runner.compiled_shapes if s.extras and s.decode_only and not s.grammar)
+    twin = next(s for s in runner.compiled_shapes if s.grammar and s.decode_only)
+    assert "tensor<4x10x32xi32>" not in runner.lower(plain).as_text()
+    assert "tensor<4x10x32xi32>" in runner.lower(twin).as_text()
+
+
+def test_mask_unpacks_bit_t_of_word_t_over_32():
+    v = 70
+    mask = np.zeros((2, 3), np.int32)
+    allowed = [0, 31, 32, 69]
+    for t in allowed:
+        mask[0, t // 32] |= np.int32(np.uint32(1 << (t % 32)).view(np.int32))
+    mask[1] = -1
+    out = np.asarray(jax.jit(apply_grammar_mask)(np.zeros((2, v), np.float32), mask))
+    assert np.flatnonzero(np.isfinite(out[0])).tolist() == allowed
+    assert np.isfinite(out[1]).all()
+    assert np.asarray(apply_grammar_mask(np.zeros((2, v), np.float32), np.zeros((2, 0), np.int32))).shape == (2, v)
+
+
+def test_a_row_with_no_allowed_token_samples_no_token_never_token_0():
+    v = 40
+    mask = np.zeros((2, 2), np.int32)
+    mask[:, 0] = 1 << 5  # only token 5
+    reqs = [Request("a", [1], SamplingParams(min_tokens=3), max_tokens=8, eos_token_ids=(5,)),
+            Request("b", [1], SamplingParams(), max_tokens=8, eos_token_ids=(5,))]
+    extras = build_logits_extras(reqs, 2, with_extras=True, history_len=4)
+    st = build_sampling_tensors([r.params for r in reqs], [0, 0], [0, 0], 2)
+    tokens, _ = jax.jit(sample)(np.zeros((2, v), np.float32), st, extras, mask)
+    assert np.asarray(tokens).tolist() == [NO_TOKEN, 5]
+
+
+def test_compiled_grammars_are_cached_by_spec_and_give_independent_matchers(engine):
+    spec = StructuredOutput("choice", json.dumps(["ab", "cd"]), param="guided_choice")
+    same = StructuredOutput("choice", json.dumps(["ab", "cd"]), param="structured_outputs.choice")
+    compiled = engine.grammars.compile(spec)
+    assert engine.grammars.compile(same) is compiled  # the field that sent it is not part of the key
+    a, b = compiled.matcher(), compiled.matcher()
+    first = engine.tokenizer.encode("ab", add_special_tokens=False)
+    assert all(a.consume(t) for t in first) and a.done and not b.done
