@@ -96,17 +96,10 @@ class LLMEngine:
             config.model, model_config.architecture, jax.numpy.dtype(dtype).name,
             model_config.num_layers, load_s, blocks, config.block_size,
         )
-        logger.info("start-up 3/4: compiling %d step shapes", len(self.runner.buckets.all_shapes()))
-        compile_s = self.runner.compile_all(progress=progress)
+        compile_s, warmup_s = self._compile_and_warm_up(progress)
         logger.info(
-            "compiled %d step shapes in %.1fs (%d from the compilation cache)",
-            len(self.runner.compiled_shapes), compile_s, self.runner.compile_cache_hits,
-        )
-        logger.info("start-up 4/4: warm-up (one run of each compiled step shape)")
-        warmup_s = self.runner.warm_up()
-        logger.info(
-            "warmed up in %.1fs; engine ready after %.1fs (load %.1fs, compile %.1fs, warm-up %.1fs)",
-            warmup_s, time.perf_counter() - t0, load_s, compile_s, warmup_s,
+            "engine ready after %.1fs (load %.1fs, compile %.1fs, warm-up %.1fs)",
+            time.perf_counter() - t0, load_s, compile_s, warmup_s,
         )
         self.scheduler = Scheduler(
             BlockManager(blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching),
@@ -126,6 +119,19 @@ class LLMEngine:
             num_compiled_shapes=len(self.runner.compiled_shapes), platform=platform,
             dtype=jax.numpy.dtype(dtype).name,
         )
+
+    def _compile_and_warm_up(self, progress: bool) -> tuple[float, float]:
+        """Start-up phases 3 and 4; returns their seconds."""
+        logger.info("start-up 3/4: compiling %d step shapes", len(self.runner.buckets.all_shapes()))
+        compile_s = self.runner.compile_all(progress=progress)
+        logger.info(
+            "compiled %d step shapes in %.1fs (%d from the compilation cache)",
+            len(self.runner.compiled_shapes), compile_s, self.runner.compile_cache_hits,
+        )
+        logger.info("start-up 4/4: warm-up (one run of each compiled step shape)")
+        warmup_s = self.runner.warm_up()
+        logger.info("warmed up in %.1fs", warmup_s)
+        return compile_s, warmup_s
 
     def _load_weights(
         self, source: ModelSource, dtype: jax.numpy.dtype, platform: str, backend: str, progress: bool
