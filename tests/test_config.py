@@ -92,7 +92,8 @@ def test_task_and_vllms_spellings():
     with pytest.raises(ConfigError, match="encoder .* cannot serve task 'generate'"):
         load_config(["--model", "m", "--task", "generate"]).task_for(is_encoder=True)
     assert load_config(["--model", "m", "--task", "embed"]).task_for(is_encoder=False) == "embed"
-    assert load_config(["--model", "m", "--convert", "embed", "--pooling", "mean"]).task_for(is_encoder=False) == "embed"
+    convert_mean = load_config(["--model", "m", "--convert", "embed", "--pooling", "mean"])
+    assert convert_mean.task_for(is_encoder=False) == "embed"
     with pytest.raises(ConfigError, match="--pooling mean applies only to a decoder served with --task embed"):
         load_config(["--model", "m", "--pooling", "mean"]).task_for(is_encoder=False)
     with pytest.raises(ConfigError, match="--pooling last applies only to a decoder"):

@@ -29,6 +29,9 @@ from jaxserve.weights.source import ModelSource
 logger = logging.getLogger(__name__)
 
 DECODER_POOLING = {"last": "lasttoken", "mean": "mean"}  # --pooling -> PoolingConfig.mode
+# A decoder embedder's default max length (its attention holds an [L, L] score matrix per head; a
+# 32k-position checkpoint would need tens of GiB): Qwen3-Embedding's own examples use 8192.
+DECODER_DEFAULT_MAX_LEN = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +43,7 @@ class Embedder:
     forward: Callable[[Any, jax.Array, jax.Array], jax.Array]
     pooling: PoolingConfig
     positions: int  # the model's own position limit
-    st_max_len: int | None  # sentence_bert_config.json's max_seq_length, if any
+    default_max_len: int | None  # without --max-model-len (None: ``positions``)
     vocab_size: int
     hidden_size: int
     pad_id: int
@@ -92,5 +95,7 @@ def _load_decoder(config: ServeConfig, source: ModelSource) -> Embedder:
     compute = jnp.float32 if platform == "cpu" else dtype
     loaded = load_model(source, cfg, dtype, compute_dtype=compute, progress=False,
                         dummy=config.load_format == "dummy")
+    positions = cfg.max_position_embeddings
     return Embedder(loaded.graphdef, loaded.state, lambda m, ids, mask: m.hidden_states(ids, mask), pooling,
-                    cfg.max_position_embeddings, st_len, cfg.vocab_size, cfg.hidden_size, 0, _matryoshka(source))
+                    positions, st_len or min(positions, DECODER_DEFAULT_MAX_LEN), cfg.vocab_size, cfg.hidden_size, 0,
+                    _matryoshka(source))

@@ -101,8 +101,8 @@ def check_inputs(seqs: list[list[int]], info: EmbedInfo) -> None:
             raise SamplingParamError("input", f"token id {bad} is out of range [0, {info.vocab_size})")
 
 
-def _max_len(requested: int | None, st_len: int | None, positions: int) -> int:
-    limit = st_len or positions
+def _max_len(requested: int | None, default: int | None, positions: int) -> int:
+    limit = default or positions
     if requested is not None and requested > positions:
         raise ValueError(f"max_model_len {requested} exceeds the model's {positions} positions")
     return min(requested or limit, positions)
@@ -117,7 +117,7 @@ class EmbeddingEngine:
         t0 = time.perf_counter()
         self.model: Embedder = load_embedder(config, source)
         m = self.model
-        max_len = _max_len(config.max_model_len, m.st_max_len, m.positions)
+        max_len = _max_len(config.max_model_len, m.default_max_len, m.positions)
         self.buckets = EmbedBuckets(max_len, config.max_num_seqs, max(config.max_num_batched_tokens, max_len))
         self.info = EmbedInfo(load_tokenizer(source, config.tokenizer), max_len, m.vocab_size, m.hidden_size,
                               m.matryoshka_dimensions)

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
+
+from tests.engine.test_compilation import _Compiles
 
 pytestmark = pytest.mark.hf_reference
 
@@ -55,8 +58,10 @@ def test_decoder_embedder_equals_hf(qwen3, token_ids, pooling):
     engine = _engine(directory, pooling)
     assert engine.model.pooling.normalize and engine.info.max_model_len == 32
     ref = _reference(torch_model, token_ids, pooling)
-    batched = engine.embed(token_ids)
-    one_by_one = np.stack([engine.embed([t])[0] for t in token_ids])
+    with _Compiles() as compiles:
+        batched = engine.embed(token_ids)
+        one_by_one = np.stack([engine.embed([t])[0] for t in token_ids])
+    assert compiles == [] and len(engine._compiled) == 4  # (1|2) x (16|32), all compiled at start-up
     assert np.abs(batched - ref).max() <= MAX_ABS
     assert np.abs(one_by_one - ref).max() <= MAX_ABS
     other = _reference(torch_model, token_ids, "mean" if pooling == "last" else "last")
@@ -82,3 +87,25 @@ def test_decoder_pooling_from_modules_json(tmp_path):
     assert decoder_pooling(auto, source) == (PoolingConfig("mean", False), 128)
     explicit = ServeConfig(model=str(tmp_path), task="embed", pooling="last")
     assert decoder_pooling(explicit, source) == (PoolingConfig("lasttoken", True), None)
+
+
+def test_served_with_runner_pooling(qwen3, token_ids, tmp_path_factory):
+    """vLLM's --runner pooling on a decoder: /v1/embeddings answers HF's last-token vectors (the
+    default pooling); a chat request is a 400 naming the task."""
+    from tests.server.conftest import start_server
+
+    directory, torch_model = qwen3
+    server = start_server(tmp_path_factory, "qwen3-embed", [
+        "--model", str(directory), "--runner", "pooling", "--served-model-name", "qemb", "--max-model-len", "32",
+        "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--dtype", "float32"])
+    try:
+        resp = httpx.post(f"{server.base_url}/v1/embeddings", json={"model": "qemb", "input": token_ids}, timeout=60)
+        assert resp.status_code == 200, resp.text
+        ours = np.array([d["embedding"] for d in resp.json()["data"]], np.float32)
+        assert np.abs(ours - _reference(torch_model, token_ids, "last")).max() <= MAX_ABS
+        assert resp.json()["usage"]["prompt_tokens"] == sum(LENGTHS)
+        chat = httpx.post(f"{server.base_url}/v1/chat/completions", timeout=60,
+                          json={"model": "qemb", "messages": [{"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "embed" in chat.text
+    finally:
+        server.stop()
