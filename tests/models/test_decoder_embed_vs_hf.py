@@ -12,18 +12,16 @@ import pytest
 
 from tests.engine.test_compilation import _Compiles
 
-pytestmark = pytest.mark.hf_reference
-
 LENGTHS = (1, 5, 9, 16, 17, 30, 3)  # both length buckets (16, 32), several rows padded differently
 MAX_ABS = 2e-5
 
 
-def _engine(directory: Path, pooling: str):
+def _engine(directory: Path, pooling: str, max_len: int = 32):
     from jaxserve.config import ServeConfig
     from jaxserve.engine.embedding_engine import EmbeddingEngine
 
     return EmbeddingEngine(ServeConfig(model=str(directory), task="embed", pooling=pooling, dtype="float32",
-                                       max_model_len=32, max_num_seqs=2, max_num_batched_tokens=64,
+                                       max_model_len=max_len, max_num_seqs=2, max_num_batched_tokens=64,
                                        compilation_cache_dir=""))
 
 
@@ -52,6 +50,7 @@ def _reference(torch_model, token_ids: list[list[int]], pooling: str) -> np.ndar
     return np.stack(out)
 
 
+@pytest.mark.hf_reference
 @pytest.mark.parametrize("pooling", ["last", "mean"])
 def test_decoder_embedder_equals_hf(qwen3, token_ids, pooling):
     directory, torch_model = qwen3
@@ -89,6 +88,17 @@ def test_decoder_pooling_from_modules_json(tmp_path):
     assert decoder_pooling(explicit, source) == (PoolingConfig("lasttoken", True), None)
 
 
+@pytest.mark.hf_reference
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_other_families_last_token(hf_checkpoints, token_ids, arch):
+    """Llama (no q/k norm) and Qwen2 (q/k/v bias, tied embeddings) through the same cache-free path."""
+    directory, torch_model = hf_checkpoints(arch)
+    short = [t for t in token_ids if len(t) <= 16]
+    engine = _engine(directory, "last", max_len=16)
+    assert np.abs(engine.embed(short) - _reference(torch_model, short, "last")).max() <= MAX_ABS
+
+
+@pytest.mark.hf_reference
 def test_served_with_runner_pooling(qwen3, token_ids, tmp_path_factory):
     """vLLM's --runner pooling on a decoder: /v1/embeddings answers HF's last-token vectors (the
     default pooling); a chat request is a 400 naming the task."""
