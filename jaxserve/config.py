@@ -56,7 +56,8 @@ class ServeConfig:
     max_model_len: int | None = _field(None, "Maximum prompt + output tokens (default: the model's context length).")
     seed: int = _field(0, "Seed for requests that do not set one.")
     task: str = _field(
-        "auto", "What the model serves: generate (chat and completions) or embed (/v1/embeddings); auto = embed "
+        "auto", "What the model serves: generate (chat and completions) or embed (/v1/embeddings; a decoder pools its "
+        "token states as --pooling says); auto = embed "
         "for an encoder checkpoint (BertModel), generate otherwise.", choices=("auto", "generate", "embed"),
     )
     runner: str = _field(
@@ -64,6 +65,11 @@ class ServeConfig:
         choices=("auto", "generate", "pooling"),
     )
     convert: str = _field("auto", "vLLM's --convert: embed = --task embed.", choices=("auto", "none", "embed"))
+    pooling: str = _field(
+        "auto", "A decoder embedder's pooling (then L2-normalised, like Qwen3-Embedding): last or mean token state; "
+        "auto = the checkpoint's sentence-transformers modules.json if it has one, else last.",
+        choices=("auto", "last", "mean"),
+    )
     hf_overrides: dict[str, Any] | None = _field(
         None, "JSON object of config.json keys to override, e.g. '{\"matryoshka_dimensions\": [256, 128]}' "
         "(encoder models only so far).",
@@ -171,12 +177,12 @@ class ServeConfig:
         """The served task for a checkpoint that is (or is not) an encoder; ConfigError if it cannot be."""
         task = self.requested_task
         if task == "auto":
-            return "embed" if is_encoder else "generate"
+            task = "embed" if is_encoder else "generate"
         if is_encoder and task == "generate":
             raise ConfigError(f"task: {self.model} is an encoder (embedding) model; it cannot serve task 'generate'")
-        if not is_encoder and task == "embed":
-            raise ConfigError(f"task: {self.model} is a decoder; serving a decoder as an embedding model is not "
-                              "supported yet (only encoder checkpoints such as BertModel)")
+        if self.pooling != "auto" and (is_encoder or task != "embed"):
+            raise ConfigError(f"pooling: --pooling {self.pooling} applies only to a decoder served with --task embed "
+                              "(an encoder's pooling is read from its modules.json)")
         return task
 
     @property
@@ -319,7 +325,7 @@ SERVER_KEYS = (
     "max_request_body_bytes", "log_level", "disable_uvicorn_access_log", "disable_log_stats",
     "compilation_cache_dir", "num_processes", "process_id", "coordinator_address",
 )
-ENTRY_KEYS = ("model", "served_model_name", "task", "runner", "convert", "tokenizer")  # per entry only
+ENTRY_KEYS = ("model", "served_model_name", "task", "runner", "convert", "pooling", "tokenizer")  # per entry only
 
 
 def load_config(argv: list[str] | None = None) -> ServeConfig:

@@ -67,6 +67,12 @@ def preflight(config: ServeConfig) -> str:
     if config.hf_overrides:
         raise ConfigError("hf_overrides: only supported for encoder (embedding) models so far")
     model_config, _ = read_model_config(source)
+    if task == "embed":
+        from jaxserve.engine.embedders import decoder_pooling
+
+        decoder_pooling(config, source)
+        if config.tensor_parallel_size != 1 or config.num_processes != 1:
+            raise ConfigError("an embedding model runs on one device: tensor_parallel_size and num_processes must be 1")
     check_tensor_parallel(model_config, config.tensor_parallel_size, len(jax.devices()))
     return task
 

@@ -94,3 +94,18 @@ def paged_attention(
             out_specs=(heads, cache_specs), check_vma=False,
         )
     return local(q_TNH, k_TKH, v_TKH, kv_cache, meta)
+
+
+def dense_causal_attention(
+    q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, mask_BL: jax.Array, *, sm_scale: float
+) -> jax.Array:
+    """Cache-free causal attention over right-padded rows (decoder embedders): query i sees keys
+    ``j <= i`` with ``mask_BL[b, j]``; GQA by repeating each KV head. Softmax in float32."""
+    groups = q_BLNH.shape[2] // k_BLKH.shape[2]
+    k = jnp.repeat(k_BLKH, groups, axis=2)
+    v = jnp.repeat(v_BLKH, groups, axis=2)
+    scores = jnp.einsum("bqnh,bknh->bnqk", q_BLNH, k, preferred_element_type=jnp.float32) * sm_scale
+    n = q_BLNH.shape[1]
+    allowed = jnp.tril(jnp.ones((n, n), bool))[None, None] & mask_BL[:, None, None, :]
+    probs = jax.nn.softmax(jnp.where(allowed, scores, -jnp.inf), axis=-1)
+    return jnp.einsum("bnqk,bknh->bqnh", probs.astype(v.dtype), v)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxserve.models.attention import AttentionMetadata, paged_attention
+from jaxserve.models.attention import AttentionMetadata, dense_causal_attention, paged_attention
 from jaxserve.models.attention_backends import KVCache
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope, rope_inv_freq
@@ -52,6 +52,19 @@ class SelfAttention(nnx.Module):
         )
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), kv_cache
 
+    def dense(self, x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
+        """Cache-free causal attention over right-padded rows (positions 0..L-1)."""
+        b, n, _ = x_BLD.shape
+        q, k, v = self.layout.split(self.qkv_proj(x_BLD.reshape(b * n, -1)))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        positions = jnp.tile(jnp.arange(n, dtype=jnp.int32), b)
+        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        o = dense_causal_attention(q.reshape(b, n, *q.shape[1:]), k.reshape(b, n, *k.shape[1:]),
+                                   v.reshape(b, n, *v.shape[1:]), mask_BL, sm_scale=self.head_dim**-0.5)
+        return self.o_proj(o.reshape(b, n, self.num_heads * self.head_dim))
+
 
 class DecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
@@ -73,6 +86,11 @@ class DecoderLayer(nnx.Module):
         x_TD = x_TD + a
         x_TD = x_TD + self.mlp(self.post_attention_layernorm(x_TD))
         return x_TD, kv_cache
+
+    def dense(self, x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
+        """The same block over padded rows with ``SelfAttention.dense`` (no KV cache)."""
+        x_BLD = x_BLD + self.self_attn.dense(self.input_layernorm(x_BLD), mask_BL)
+        return x_BLD + self.mlp(self.post_attention_layernorm(x_BLD))
 
 
 class DecoderForCausalLM(nnx.Module):
@@ -120,3 +138,13 @@ class DecoderForCausalLM(nnx.Module):
             new_caches.append(cache)
         h = self.norm(x[logits_indices_B])
         return self.lm_head(h.astype(jnp.float32)), new_caches
+
+    def hidden_states(self, tokens_BL: jax.Array, mask_BL: jax.Array) -> jax.Array:
+        """Final-norm hidden states [B, L, D] of right-padded rows, without a KV cache (embedders).
+
+        ``mask_BL`` marks real tokens; each row's real tokens come first (positions 0..len-1).
+        """
+        x = self.embed_tokens(tokens_BL).astype(self.compute_dtype)
+        for layer in self.layers:
+            x = layer.dense(x, mask_BL)
+        return self.norm(x)

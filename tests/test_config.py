@@ -91,8 +91,13 @@ def test_task_and_vllms_spellings():
         load_config(["--model", "m", "--task", "generate", "--runner", "pooling"])
     with pytest.raises(ConfigError, match="encoder .* cannot serve task 'generate'"):
         load_config(["--model", "m", "--task", "generate"]).task_for(is_encoder=True)
-    with pytest.raises(ConfigError, match="decoder; serving a decoder as an embedding model is not supported"):
-        load_config(["--model", "m", "--task", "embed"]).task_for(is_encoder=False)
+    assert load_config(["--model", "m", "--task", "embed"]).task_for(is_encoder=False) == "embed"
+    convert_mean = load_config(["--model", "m", "--convert", "embed", "--pooling", "mean"])
+    assert convert_mean.task_for(is_encoder=False) == "embed"
+    with pytest.raises(ConfigError, match="--pooling mean applies only to a decoder served with --task embed"):
+        load_config(["--model", "m", "--pooling", "mean"]).task_for(is_encoder=False)
+    with pytest.raises(ConfigError, match="--pooling last applies only to a decoder"):
+        load_config(["--model", "m", "--pooling", "last"]).task_for(is_encoder=True)
 
 
 def test_matryoshka_read_from_the_encoder_config():

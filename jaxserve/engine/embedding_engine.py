@@ -1,4 +1,5 @@
-"""The encoder engine: token-id lists in, one pooled vector each out; no KV cache, no scheduler.
+"""The embedding engine (encoders, and decoders as embedders): token-id lists in, one pooled vector
+each out; no KV cache, no scheduler.
 
 Sequences are grouped longest first into ``[B, L]`` batches padded to a shape of ``EmbedBuckets``
 (L: powers of two from 16 up to the max length; B: powers of two up to ``max_num_seqs`` with
@@ -19,12 +20,10 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.config import ServeConfig
-from jaxserve.models.bert import PoolingConfig, pool
+from jaxserve.engine.embedders import Embedder, load_embedder
+from jaxserve.models.bert import pool
 from jaxserve.sampling_params import SamplingParamError
 from jaxserve.tokenizer import Tokenizer, load_tokenizer
-from jaxserve.weights.encoder_loader import LoadedEncoder, load_encoder
-from jaxserve.weights.loader import DTYPES
-from jaxserve.weights.sentence_transformers import read_sentence_transformers
 from jaxserve.weights.source import resolve_model_source
 
 logger = logging.getLogger(__name__)
@@ -102,38 +101,33 @@ def check_inputs(seqs: list[list[int]], info: EmbedInfo) -> None:
             raise SamplingParamError("input", f"token id {bad} is out of range [0, {info.vocab_size})")
 
 
-def _max_len(requested: int | None, st_len: int | None, positions: int) -> int:
-    limit = st_len or positions
+def _max_len(requested: int | None, default: int | None, positions: int) -> int:
+    limit = default or positions
     if requested is not None and requested > positions:
-        raise ValueError(f"max_model_len {requested} exceeds the encoder's {positions} positions")
+        raise ValueError(f"max_model_len {requested} exceeds the model's {positions} positions")
     return min(requested or limit, positions)
 
 
 class EmbeddingEngine:
-    """Loads the encoder, compiles every bucket, then embeds synchronously (one thread calls it)."""
+    """Loads the embedder (encoder or decoder), compiles every bucket, then embeds synchronously
+    (one thread calls it)."""
 
     def __init__(self, config: ServeConfig) -> None:
         source = resolve_model_source(config.model)
-        if source.kind != "hf":
-            raise ValueError(f"an embedding model must be an HF safetensors directory, not {source.kind}")
-        st = read_sentence_transformers(source.path)
-        dtype = jnp.float32 if config.dtype == "auto" else DTYPES[config.dtype]  # small: f32 by default
         t0 = time.perf_counter()
-        self.encoder: LoadedEncoder = load_encoder(source.path, dtype, config.hf_overrides)
-        self.pooling: PoolingConfig = st.pooling
-        cfg = self.encoder.config
-        self.pad_id = cfg.pad_token_id or 0
-        max_len = _max_len(config.max_model_len, st.max_seq_length, cfg.max_position_embeddings)
+        self.model: Embedder = load_embedder(config, source)
+        m = self.model
+        max_len = _max_len(config.max_model_len, m.default_max_len, m.positions)
         self.buckets = EmbedBuckets(max_len, config.max_num_seqs, max(config.max_num_batched_tokens, max_len))
-        self.info = EmbedInfo(load_tokenizer(source, config.tokenizer), max_len, cfg.vocab_size, cfg.hidden_size,
-                              cfg.matryoshka_dimensions)
-        logger.info("encoder loaded in %.1f s (%s pooling%s, max length %d)", time.perf_counter() - t0,
-                    st.pooling.mode, ", normalised" if st.pooling.normalize else "", max_len)
+        self.info = EmbedInfo(load_tokenizer(source, config.tokenizer), max_len, m.vocab_size, m.hidden_size,
+                              m.matryoshka_dimensions)
+        logger.info("embedding model loaded in %.1f s (%s pooling%s, max length %d)", time.perf_counter() - t0,
+                    m.pooling.mode, ", normalised" if m.pooling.normalize else "", max_len)
         self._compiled = self._compile_all()
 
     def _step(self, state: nnx.State, ids_BL: jax.Array, mask_BL: jax.Array) -> jax.Array:
-        model = nnx.merge(self.encoder.graphdef, state)
-        return pool(model(ids_BL, mask_BL), mask_BL, self.pooling)
+        model = nnx.merge(self.model.graphdef, state)
+        return pool(self.model.forward(model, ids_BL, mask_BL), mask_BL, self.model.pooling)
 
     def _compile_all(self) -> dict[tuple[int, int], Any]:
         t0 = time.perf_counter()
@@ -141,21 +135,21 @@ class EmbeddingEngine:
         for b, n in self.buckets.shapes:
             ids = jax.ShapeDtypeStruct((b, n), jnp.int32)
             mask = jax.ShapeDtypeStruct((b, n), jnp.bool_)
-            compiled[(b, n)] = jax.jit(self._step).lower(self.encoder.state, ids, mask).compile()
-            compiled[(b, n)](self.encoder.state, np.zeros((b, n), np.int32), np.ones((b, n), bool)).block_until_ready()
+            compiled[(b, n)] = jax.jit(self._step).lower(self.model.state, ids, mask).compile()
+            compiled[(b, n)](self.model.state, np.zeros((b, n), np.int32), np.ones((b, n), bool)).block_until_ready()
         logger.info("compiled and ran %d embedding shapes in %.1f s", len(compiled), time.perf_counter() - t0)
         return compiled
 
     def embed(self, seqs: list[list[int]]) -> np.ndarray:
         """One float32 vector per sequence, in order (``check_inputs`` has admitted them)."""
-        out = np.empty((len(seqs), self.encoder.config.hidden_size), np.float32)
+        out = np.empty((len(seqs), self.model.hidden_size), np.float32)
         for take, (b, n) in self.buckets.plan([len(s) for s in seqs]):
-            ids = np.full((b, n), self.pad_id, np.int32)
+            ids = np.full((b, n), self.model.pad_id, np.int32)
             mask = np.zeros((b, n), bool)
             for row, i in enumerate(take):
                 ids[row, : len(seqs[i])] = seqs[i]
                 mask[row, : len(seqs[i])] = True
             mask[len(take):, 0] = True  # padding rows attend to one token (no all-masked softmax)
-            vecs = np.asarray(self._compiled[(b, n)](self.encoder.state, ids, mask))
+            vecs = np.asarray(self._compiled[(b, n)](self.model.state, ids, mask))
             out[take] = vecs[: len(take)]
         return out

@@ -47,19 +47,19 @@ def test_tanh_gelu_or_no_padding_mask_would_fail(minilm_engine, reference, token
 
     from jaxserve.models.bert import pool
 
-    enc = minilm_engine.encoder
+    enc = minilm_engine.model
     b, n = 4, 64
     ids = np.zeros((b, n), np.int32)
     mask = np.zeros((b, n), bool)
     for row, t in enumerate(token_ids[:b]):
         ids[row, : len(t)], mask[row, : len(t)] = t, True
     unmasked = pool(nnx.merge(enc.graphdef, enc.state)(jnp.asarray(ids), jnp.ones_like(mask)), jnp.asarray(mask),
-                    minilm_engine.pooling)
+                    minilm_engine.model.pooling)
     with pytest.raises(AssertionError):
         _check(np.asarray(unmasked), reference[:b])
     exact = jax.nn.gelu
     monkeypatch.setattr(jax.nn, "gelu", lambda x, approximate=True: exact(x, approximate=True))  # jax's default
     tanh = pool(nnx.merge(enc.graphdef, enc.state)(jnp.asarray(ids), jnp.asarray(mask)), jnp.asarray(mask),
-                minilm_engine.pooling)
+                minilm_engine.model.pooling)
     with pytest.raises(AssertionError):
         _check(np.asarray(tanh), reference[:b])
