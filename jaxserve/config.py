@@ -115,6 +115,14 @@ class ServeConfig:
         None, "Most requests allowed to wait for the engine; more get 503 (default: unbounded)."
     )
     max_request_body_bytes: int = _field(32 << 20, "Largest accepted request body; larger ones get 413.")
+    max_undelivered_chunks: int = _field(
+        1000, "Outputs a stream may have waiting for a slow client; one that falls this far behind is dropped "
+        "and its request aborted (the engine never waits for a reader)."
+    )
+    shutdown_timeout: float = _field(
+        30.0, "On SIGTERM or Ctrl-C: seconds running requests may take to finish (new ones get 503) before the "
+        "rest are aborted with an error; the process then exits 0."
+    )
     log_level: str = _field("info", "Log level.", choices=("debug", "info", "warning", "error"))
     enable_log_requests: bool = _field(
         False, "Log each request as it reaches the engine: id, prompt tokens, sampling parameters "
@@ -142,6 +150,10 @@ class ServeConfig:
             raise ConfigError(f"max_model_len must be a positive integer, got {self.max_model_len}")
         if self.max_queue_size is not None and self.max_queue_size < 0:
             raise ConfigError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
+        if self.max_undelivered_chunks < 1:
+            raise ConfigError(f"max_undelivered_chunks must be a positive integer, got {self.max_undelivered_chunks}")
+        if self.shutdown_timeout < 0:
+            raise ConfigError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.max_request_body_bytes < 1024:
             raise ConfigError(f"max_request_body_bytes must be at least 1024, got {self.max_request_body_bytes}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
@@ -322,7 +334,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 # With a YAML ``models:`` list, these are the process's (top level only); the rest may differ per model.
 SERVER_KEYS = (
     "host", "port", "api_key", "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
-    "max_request_body_bytes", "log_level", "disable_uvicorn_access_log", "disable_log_stats",
+    "max_request_body_bytes", "shutdown_timeout", "log_level", "disable_uvicorn_access_log", "disable_log_stats",
     "compilation_cache_dir", "num_processes", "process_id", "coordinator_address",
 )
 ENTRY_KEYS = ("model", "served_model_name", "task", "runner", "convert", "pooling", "tokenizer")  # per entry only

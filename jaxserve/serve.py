@@ -186,10 +186,10 @@ def main(argv: list[str] | None = None) -> int:
         shutdown()
 
     app = build_app(configs, engines, on_shutdown=stop)
-    server = uvicorn.Server(uvicorn.Config(
+    server = draining_server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
         access_log=not config.disable_uvicorn_access_log,
-    ))
+    ), config.shutdown_timeout)
     logging.getLogger("uvicorn.access").addFilter(_drop_health_polls)  # after uvicorn configured logging
     threading.Thread(target=watch_engines, args=(engines, server, configs), name="jaxserve-watch", daemon=True).start()
     logger.info("serving %s on http://%s:%d (loading in the background)", ", ".join(c.model_name for c in configs),
@@ -200,6 +200,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failed.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def draining_server(uv_config: uvicorn.Config, timeout: float) -> uvicorn.Server:
+    """uvicorn's server, except that the first SIGTERM or Ctrl-C runs the app's ``Drain`` (up to
+    ``timeout`` s) before the server stops, and a second one stops it at once. The signal is not
+    re-raised afterwards (uvicorn's default), so a drained shutdown exits 0."""
+    import asyncio
+
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        loop: asyncio.AbstractEventLoop | None = None
+        drain_started = False
+        drain_task: asyncio.Task | None = None
+
+        async def startup(self, sockets: list | None = None) -> None:
+            self.loop = asyncio.get_running_loop()
+            await super().startup(sockets)
+
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if self.loop is None or self.drain_started:
+                self.force_exit = self.should_exit
+                self.should_exit = True
+                return
+            self.drain_started = True
+            self.loop.call_soon_threadsafe(self._start_drain)
+
+        def _start_drain(self) -> None:
+            self.drain_task = asyncio.get_running_loop().create_task(self._drain_then_stop())
+
+        async def _drain_then_stop(self) -> None:
+            try:
+                await self.config.app.state.drain.run(timeout)
+            finally:
+                self.should_exit = True
+
+    return DrainingServer(uv_config)
 
 
 def make_engine(config: ServeConfig, task: str) -> Engine:
@@ -213,7 +250,8 @@ def make_engine(config: ServeConfig, task: str) -> Engine:
     from jaxserve.engine.llm_engine import LLMEngine
 
     return AsyncEngine(
-        lambda: LLMEngine(config), max_queue_size=config.max_queue_size, log_requests=config.enable_log_requests
+        lambda: LLMEngine(config), max_queue_size=config.max_queue_size, log_requests=config.enable_log_requests,
+        max_undelivered=config.max_undelivered_chunks,
     )
 
 

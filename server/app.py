@@ -25,6 +25,7 @@ from jaxserve.server.errors import OpenAIError, error_body, install_error_handle
 from jaxserve.server.limits import RequestLimitsMiddleware
 from jaxserve.server.metrics import metrics_text
 from jaxserve.server.score import create_score
+from jaxserve.server.shutdown import Drain, DrainMiddleware
 from jaxserve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -95,6 +96,7 @@ def build_app(
     _add_status_routes(app, router)
     _add_generation_routes(app, router)
     _add_embedding_routes(app, router)
+    app.state.drain = Drain(engines)  # serve.py starts it on SIGTERM / Ctrl-C
     _add_middleware(app, configs[0])
     return app
 
@@ -198,10 +200,11 @@ def _add_embedding_routes(app: FastAPI, router: Router) -> None:
 
 
 def _add_middleware(app: FastAPI, config: ServeConfig) -> None:
-    """Middleware added last runs first: CORS, then the API key, then body limits."""
+    """Middleware added last runs first: CORS, then the shutdown gate, the API key, body limits."""
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, keys=list(config.api_key))
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)
     if config.allowed_origins:
         app.add_middleware(
             CORSMiddleware,

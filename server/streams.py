@@ -18,7 +18,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, Submission
+from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, SlowReaderError, Submission
 from jaxserve.engine.output_processor import RequestOutput, TokenLogprob
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
 from jaxserve.server.errors import OpenAIError, error_body
@@ -142,6 +142,8 @@ def _as_openai_error(e: BaseException) -> BaseException:
         return OpenAIError(400, str(e), param=e.param)
     if isinstance(e, QueueFullError | EngineDeadError):
         return OpenAIError(503, str(e))
+    if isinstance(e, SlowReaderError):
+        return OpenAIError(408, str(e), type="ClientTooSlowError")
     return e
 
 

@@ -5,8 +5,10 @@ the engine thread publishes after every loop turn) and ``submit`` (admission: va
 choice and apply the queue rule, then queue them). Typed commands (``AddRequest``, ``Shutdown``)
 reach the thread through a queue drained before every step; so do ended submissions, whose
 unfinished choices it aborts. The engine thread never waits on a client: outputs are handed to the event loop with
-``call_soon_threadsafe`` into one unbounded queue per submission, so a slow reader only grows its
-own queue.
+``call_soon_threadsafe`` into one bounded outbox per submission; a reader that falls
+``max_undelivered`` outputs behind is dropped (its backlog discarded, its choices aborted, a
+``SlowReaderError`` left for it) and logged. ``fail_all`` ends every open submission with an error
+(the server's shutdown after its drain timeout).
 """
 
 from __future__ import annotations
@@ -38,7 +40,13 @@ from jaxserve.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineState", "QueueFullError", "Submission"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineState", "QueueFullError", "SlowReaderError", "Submission"]
+
+MAX_UNDELIVERED = 1000  # outputs a stream may have waiting for its reader (--max-undelivered-chunks)
+
+
+class SlowReaderError(RuntimeError):
+    """A client fell too far behind its stream; its request was aborted."""
 
 
 class EngineState(enum.Enum):
@@ -63,6 +71,34 @@ class Shutdown:
 Command = AddRequest | Shutdown
 
 
+class Outbox:
+    """One submission's undelivered outputs, filled on the event loop; never more than ``limit``.
+
+    Overflowing drops the reader: the backlog is discarded, a SlowReaderError is all that is left
+    to read, and the unfinished choices are aborted (their KV blocks freed) without waiting for it.
+    """
+
+    def __init__(self, engine: AsyncEngine, ids: list[str], unfinished: set[int], limit: int) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.dropped = False
+        self._engine, self._ids, self._unfinished, self._limit = engine, ids, unfinished, limit
+
+    def put(self, index: int, item: RequestOutput | BaseException) -> None:
+        if self.dropped:
+            return
+        if self.queue.qsize() < self._limit:
+            self.queue.put_nowait((index, item))
+            return
+        self.dropped = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        rid = self._ids[0].rsplit("-", 1)[0]
+        logger.warning("request %s: the client fell %d outputs behind; dropped and aborted", rid, self._limit)
+        self.queue.put_nowait((index, SlowReaderError(
+            f"the client fell {self._limit} outputs behind the stream; the request was aborted")))
+        self._engine._release(self._ids, self._unfinished)
+
+
 class Submission:
     """The engine requests behind one client request (choice ``i`` is ``{request_id}-{i}``).
 
@@ -70,10 +106,10 @@ class Submission:
     early, ``close()``, or dropping the object aborts every unfinished choice (frees its blocks).
     """
 
-    def __init__(self, engine: AsyncEngine, ids: list[str], q: asyncio.Queue) -> None:
+    def __init__(self, engine: AsyncEngine, ids: list[str], outbox: Outbox, unfinished: set[int]) -> None:
         self.ids = ids
-        self._queue = q
-        self._open = set(range(len(ids)))  # shared with the finalizer: choices not finished yet
+        self._queue = outbox.queue
+        self._open = unfinished  # shared with the outbox and the finalizer: choices not finished yet
         self._finalizer = weakref.finalize(self, engine._release, ids, self._open)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -98,9 +134,11 @@ class AsyncEngine:
     task = "generate"  # the endpoints it serves (AsyncEmbeddingEngine: "embed")
 
     def __init__(
-        self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None, log_requests: bool = False
+        self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None, log_requests: bool = False,
+        max_undelivered: int = MAX_UNDELIVERED,
     ) -> None:
         self._factory = factory
+        self.max_undelivered = max_undelivered
         self.log_requests = log_requests
         self.state = EngineState.LOADING
         self.error: str | None = None
@@ -109,7 +147,7 @@ class AsyncEngine:
         self._metrics: EngineMetrics | None = None
         self._unpublished_adds = 0  # adds submitted that the last metrics snapshot does not count
         self._commands: queue.Queue[Command] = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, int]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Outbox, int]] = {}
         # Ended submissions (ids, unfinished choices). A deque, not the command queue: a submission
         # can end inside garbage collection on any thread, where taking a lock could deadlock.
         self._ended: collections.deque[tuple[list[str], set[int]]] = collections.deque()
@@ -191,20 +229,21 @@ class AsyncEngine:
         if grammars is not None:
             admitted = [dataclasses.replace(a, grammar=g) for a, g in zip(admitted, grammars, strict=True)]
         loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
         ids = [f"{request_id}-{i}" for i in range(len(admitted))]
+        unfinished = set(range(len(ids)))
+        outbox = Outbox(self, ids, unfinished, self.max_undelivered)
         with self._lock:
             waiting = (self._metrics.num_waiting if self._metrics else 0) + self._unpublished_adds
             check_queue(waiting, len(admitted), self.max_queue_size)
             self._unpublished_adds += len(admitted)
             for i, rid in enumerate(ids):
-                self._streams[rid] = (loop, q, i)
+                self._streams[rid] = (loop, outbox, i)
         if self.log_requests:
             logger.info("request %s: %d prompt tokens, %d choice(s), %s", request_id, len(prompts[0]), len(prompts),
                         params[0])
         for rid, req in zip(ids, admitted, strict=True):
             self._commands.put(AddRequest(rid, req))
-        return Submission(self, ids, q)
+        return Submission(self, ids, outbox, unfinished)
 
     def _release(self, ids: list[str], unfinished: set[int]) -> None:
         """A submission ended (any thread): the engine thread aborts its unfinished choices."""
@@ -215,9 +254,9 @@ class AsyncEngine:
         with self._lock:
             target = self._streams.get(request_id)
         if target is not None:
-            loop, q, index = target
+            loop, outbox, index = target
             try:
-                loop.call_soon_threadsafe(q.put_nowait, (index, item))
+                loop.call_soon_threadsafe(outbox.put, index, item)
             except RuntimeError:  # loop closed
                 pass
 
@@ -241,7 +280,7 @@ class AsyncEngine:
             self.error = f"engine loop crashed: {e}"
             logger.error("%s\n%s", self.error, traceback.format_exc())
             self.state = EngineState.DEAD
-            self._fail_all(EngineDeadError(self.error))
+            self.fail_all(EngineDeadError(self.error))
 
     def _loop(self, engine: LLMEngine) -> None:
         """Drain commands (waiting for one when idle), step, publish metrics; until Shutdown."""
@@ -255,7 +294,7 @@ class AsyncEngine:
             while cmd is not None:
                 if isinstance(cmd, Shutdown):
                     self.state = EngineState.STOPPED
-                    self._fail_all(EngineDeadError("the engine is shutting down"))
+                    self.fail_all(EngineDeadError("the engine is shutting down"))
                     engine.close()
                     return
                 adds += self._handle(engine, cmd)
@@ -292,7 +331,8 @@ class AsyncEngine:
             self._deliver(cmd.request_id, e)
         return 1
 
-    def _fail_all(self, err: Exception) -> None:
+    def fail_all(self, err: Exception) -> None:
+        """End every open submission with ``err`` (any thread); each aborts its choices as it ends."""
         with self._lock:
             ids = list(self._streams)
         for rid in ids:

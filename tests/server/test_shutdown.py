@@ -1,0 +1,140 @@
+"""A reader that stops reading is dropped (its request aborted, its KV blocks freed), and SIGTERM
+drains: running streams finish, new requests get 503, what outlasts --shutdown-timeout is
+aborted with an error event, the process exits 0. One real lookback server serves the module;
+the SIGTERM test ends it, so it comes last."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.server.conftest import SMALL, ServerProcess, start_server
+
+LONG = 1000  # tokens: seconds of decoding on CPU, more SSE bytes than the socket buffers hold
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, lookback_model) -> Iterator[ServerProcess]:
+    s = start_server(tmp_path_factory, "shutdown", [
+        "--model", str(lookback_model), "--served-model-name", "lookback", *SMALL, "--max-model-len", "1024",
+        "--max-undelivered-chunks", "8", "--shutdown-timeout", "1",
+    ])
+    yield s
+    s.stop()
+
+
+def _metric(base_url: str, name: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=5).text
+    return float(re.search(rf"^jaxserve:{name}\{{[^}}]*\}} (\S+)$", text, re.M).group(1))
+
+
+def _body(max_tokens: int) -> dict:
+    return {"model": "lookback", "prompt": [5, 6], "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+
+
+def test_slow_reader_is_dropped_and_its_blocks_freed(server):
+    aborted_before = _metric(server.base_url, "request_aborted_total")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill
+    sock.connect(("127.0.0.1", server.port))
+    body = json.dumps(_body(LONG)).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # then the reader stops reading
+    deadline = time.monotonic() + 30
+    while _metric(server.base_url, "request_aborted_total") == aborted_before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        assert _metric(server.base_url, "request_aborted_total") == aborted_before + 1
+        assert _metric(server.base_url, "num_requests_running") == 0
+        assert _metric(server.base_url, "kv_cache_used_blocks") == 0
+        assert _metric(server.base_url, "generation_tokens_total") < LONG  # dropped long before the end
+        assert "fell 8 outputs behind; dropped and aborted" in server.log.read_text()
+    finally:
+        sock.close()
+
+
+def _request(base_url: str, max_tokens: int, stream: bool, out: dict, started: threading.Event) -> None:
+    events = []
+    body = {**_body(max_tokens), "stream": stream}
+    with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as r:
+        out["status"] = r.status_code
+        if not stream:
+            out["body"] = json.loads(r.read())
+            return
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                started.set()
+    out["events"] = events
+
+
+def _outcome(out: dict) -> str:
+    """"done" (all LONG tokens, finish_reason length) or "aborted" (the shutdown's error), else a failure."""
+    if "body" in out:
+        body = out["body"]
+        if out["status"] == 200 and body["usage"]["completion_tokens"] == LONG:
+            return "done"
+        error = body["error"]
+        assert out["status"] == 503 and error["message"] == SHUTDOWN_ERROR and error["code"] == 503, body
+        return "aborted"
+    events = out["events"]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    if "error" in last:
+        assert last["error"]["message"] == SHUTDOWN_ERROR and last["error"]["code"] == 503, last
+        return "aborted"
+    assert last["choices"][0]["finish_reason"] == "length"
+    return "done"
+
+
+def _in_engine(base_url: str) -> float:
+    """Requests the engine has seen: finished, running or waiting."""
+    return sum(_metric(base_url, m) for m in ("request_success_total", "num_requests_running", "num_requests_waiting"))
+
+
+SHUTDOWN_ERROR = "the server is shutting down: the request was aborted after 1s"
+
+
+def test_sigterm_drains_new_requests_503_then_aborts_and_exits_0(server):
+    """A stream in flight at SIGTERM finishes; of 20 long requests queued behind 4 slots, those done
+    within --shutdown-timeout 1 finish and the rest end with the shutdown's error; exit 0."""
+    short: dict = {}
+    started = threading.Event()
+    long = [{} for _ in range(20)]
+    threads = [threading.Thread(target=_request, args=(server.base_url, 300, True, short, started))]
+    threads += [threading.Thread(target=_request, args=(server.base_url, LONG, i % 2 == 0, out, threading.Event()))
+                for i, out in enumerate(long)]
+    finished_before = _metric(server.base_url, "request_success_total")
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while _in_engine(server.base_url) - finished_before < len(threads) and time.monotonic() < deadline:
+        time.sleep(0.02)  # every request reached the engine (SIGTERM would refuse those still connecting)
+    assert started.wait(30)  # the short stream is running: 300 tokens take far longer than the signal
+    sent = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    health = httpx.get(f"{server.base_url}/health", timeout=5)
+    assert health.status_code == 503 and health.json()["error"]["message"] == "draining"
+    r = httpx.post(f"{server.base_url}/v1/completions", json={"prompt": [5], "max_tokens": 2}, timeout=5)
+    assert r.status_code == 503
+    assert r.json()["error"] == {"message": "the server is shutting down", "type": "ServiceUnavailableError",
+                                 "param": None, "code": 503}
+    for t in threads:
+        t.join(30)
+    events = short["events"]
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])  # it streamed text
+    outcomes = [_outcome(out) for out in long]
+    assert "aborted" in outcomes and "done" in outcomes, outcomes
+    assert server.proc.wait(timeout=30) == 0
+    assert 1 <= time.monotonic() - sent < 15
