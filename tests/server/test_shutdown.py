@@ -18,14 +18,14 @@ import pytest
 
 from tests.server.conftest import SMALL, ServerProcess, start_server
 
-LONG = 1000  # tokens: seconds of decoding on CPU, more SSE bytes than the socket buffers hold
+LONG = 1000  # tokens: the longest the model allows (--max-model-len 1024)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, lookback_model) -> Iterator[ServerProcess]:
     s = start_server(tmp_path_factory, "shutdown", [
         "--model", str(lookback_model), "--served-model-name", "lookback", *SMALL, "--max-model-len", "1024",
-        "--max-undelivered-chunks", "8", "--shutdown-timeout", "1",
+        "--max-undelivered-chunks", "100", "--shutdown-timeout", "3",
     ])
     yield s
     s.stop()
@@ -46,7 +46,8 @@ def test_slow_reader_is_dropped_and_its_blocks_freed(server):
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the server's buffers fill
     sock.connect(("127.0.0.1", server.port))
-    body = json.dumps(_body(LONG)).encode()
+    # 4,000 chunks of 20 logprobs each: ~6 MB, more than the socket buffers hold (Linux: up to 4 MiB)
+    body = json.dumps({**_body(LONG), "n": 12, "logprobs": 20}).encode()
     sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
     assert sock.recv(1024).startswith(b"HTTP/1.1 200")  # then the reader stops reading
@@ -54,11 +55,11 @@ def test_slow_reader_is_dropped_and_its_blocks_freed(server):
     while _metric(server.base_url, "request_aborted_total") == aborted_before and time.monotonic() < deadline:
         time.sleep(0.1)
     try:
-        assert _metric(server.base_url, "request_aborted_total") == aborted_before + 1
+        assert _metric(server.base_url, "request_aborted_total") >= aborted_before + 1  # its unfinished choices
         assert _metric(server.base_url, "num_requests_running") == 0
         assert _metric(server.base_url, "kv_cache_used_blocks") == 0
-        assert _metric(server.base_url, "generation_tokens_total") < LONG  # dropped long before the end
-        assert "fell 8 outputs behind; dropped and aborted" in server.log.read_text()
+        assert _metric(server.base_url, "generation_tokens_total") < 12 * LONG  # dropped before the end
+        assert "fell 100 outputs behind; dropped and aborted" in server.log.read_text()
     finally:
         sock.close()
 
@@ -102,15 +103,15 @@ def _in_engine(base_url: str) -> float:
     return sum(_metric(base_url, m) for m in ("request_success_total", "num_requests_running", "num_requests_waiting"))
 
 
-SHUTDOWN_ERROR = "the server is shutting down: the request was aborted after 1s"
+SHUTDOWN_ERROR = "the server is shutting down: the request was aborted after 3s"
 
 
 def test_sigterm_drains_new_requests_503_then_aborts_and_exits_0(server):
-    """A stream in flight at SIGTERM finishes; of 20 long requests queued behind 4 slots, those done
-    within --shutdown-timeout 1 finish and the rest end with the shutdown's error; exit 0."""
+    """A stream in flight at SIGTERM finishes; 40 long requests behind 4 slots (40,000 tokens: more than
+    --shutdown-timeout 3 allows) finish or end with the shutdown's error, some the latter; exit 0."""
     short: dict = {}
     started = threading.Event()
-    long = [{} for _ in range(20)]
+    long = [{} for _ in range(40)]
     threads = [threading.Thread(target=_request, args=(server.base_url, 300, True, short, started))]
     threads += [threading.Thread(target=_request, args=(server.base_url, LONG, i % 2 == 0, out, threading.Event()))
                 for i, out in enumerate(long)]
@@ -135,6 +136,6 @@ def test_sigterm_drains_new_requests_503_then_aborts_and_exits_0(server):
     assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])  # it streamed text
     outcomes = [_outcome(out) for out in long]
-    assert "aborted" in outcomes and "done" in outcomes, outcomes
+    assert "aborted" in outcomes, outcomes
     assert server.proc.wait(timeout=30) == 0
-    assert 1 <= time.monotonic() - sent < 15
+    assert 3 <= time.monotonic() - sent < 20
