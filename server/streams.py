@@ -80,7 +80,7 @@ async def submit(engine: AsyncEngine, job: Job) -> Submission:
     before anything is queued."""
     try:
         grammars = await engine.compile_grammars(job.params)
-        return engine.submit(job.request_id, job.prompts, job.params, grammars)
+        return engine.submit(job.request_id, job.prompts, job.params, grammars, bounded=job.stream)
     except Exception as e:
         raise _as_openai_error(e) from None
 

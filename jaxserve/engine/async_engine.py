@@ -72,13 +72,14 @@ Command = AddRequest | Shutdown
 
 
 class Outbox:
-    """One submission's undelivered outputs, filled on the event loop; never more than ``limit``.
+    """One submission's undelivered outputs, filled on the event loop; never more than ``limit``
+    (None: unbounded, for a reader that collects in-process, a non-streaming request).
 
     Overflowing drops the reader: the backlog is discarded, a SlowReaderError is all that is left
     to read, and the unfinished choices are aborted (their KV blocks freed) without waiting for it.
     """
 
-    def __init__(self, engine: AsyncEngine, ids: list[str], unfinished: set[int], limit: int) -> None:
+    def __init__(self, engine: AsyncEngine, ids: list[str], unfinished: set[int], limit: int | None) -> None:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.dropped = False
         self._engine, self._ids, self._unfinished, self._limit = engine, ids, unfinished, limit
@@ -86,7 +87,7 @@ class Outbox:
     def put(self, index: int, item: RequestOutput | BaseException) -> None:
         if self.dropped:
             return
-        if self.queue.qsize() < self._limit:
+        if self._limit is None or self.queue.qsize() < self._limit or isinstance(item, BaseException):
             self.queue.put_nowait((index, item))
             return
         self.dropped = True
@@ -216,13 +217,14 @@ class AsyncEngine:
 
     def submit(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-        grammars: list[CompiledGrammar | None] | None = None,
+        grammars: list[CompiledGrammar | None] | None = None, *, bounded: bool = True,
     ) -> Submission:
         """Admit and queue one engine request per choice, or raise before anything is queued.
 
         ``grammars``: each choice's compiled structured output (``compile_grammars``); without
-        them the engine thread compiles. Raises SamplingParamError (a bad choice), QueueFullError
-        or EngineDeadError.
+        them the engine thread compiles. ``bounded``: a reader that falls ``max_undelivered`` outputs
+        behind is dropped (a stream's; a non-streaming request collects them as they arrive).
+        Raises SamplingParamError (a bad choice), QueueFullError or EngineDeadError.
         """
         info = self.info
         admitted = [admit(p, sp, info) for p, sp in zip(prompts, params, strict=True)]
@@ -231,7 +233,7 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         ids = [f"{request_id}-{i}" for i in range(len(admitted))]
         unfinished = set(range(len(ids)))
-        outbox = Outbox(self, ids, unfinished, self.max_undelivered)
+        outbox = Outbox(self, ids, unfinished, self.max_undelivered if bounded else None)
         with self._lock:
             waiting = (self._metrics.num_waiting if self._metrics else 0) + self._unpublished_adds
             check_queue(waiting, len(admitted), self.max_queue_size)
