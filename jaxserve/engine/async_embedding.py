@@ -1,6 +1,6 @@
 """Runs the EmbeddingEngine in its own thread, off the event loop; the client the server talks to.
 
-Same lifecycle as ``AsyncEngine`` (``state``, ``info``, ``start``/``wait_ready``/``join``/``shutdown``)
+The lifecycle of ``AsyncEngine`` (``engine_thread.EngineThread``: ``state``, ``start``, ``wait_ready``, ``join``)
 so ``serve.py`` and the app treat both alike; ``task`` says which endpoints it serves. Each
 ``embed`` call is admitted on the event loop (``check_inputs``), then queued; the engine thread
 takes every queued call at once and embeds their sequences together (batched by length bucket),
@@ -13,13 +13,11 @@ import asyncio
 import dataclasses
 import logging
 import queue
-import threading
-import traceback
 from collections.abc import Callable
 
 import numpy as np
 
-from jaxserve.engine.async_engine import EngineState
+from jaxserve.engine.engine_thread import EngineState, EngineThread
 from jaxserve.engine.embedding_engine import EmbeddingEngine, EmbedInfo, check_inputs
 from jaxserve.engine.interface import EngineDeadError, EngineMetrics
 
@@ -42,42 +40,22 @@ def _resolve(future: asyncio.Future, result: np.ndarray | BaseException) -> None
         future.set_result(result)
 
 
-class AsyncEmbeddingEngine:
+class AsyncEmbeddingEngine(EngineThread):
     """Thread-hosted encoder with an asyncio ``embed``."""
 
     task = "embed"
+    thread_name = "jaxserve-embed"
 
     def __init__(self, factory: Callable[[], EmbeddingEngine], *, log_requests: bool = False) -> None:
-        self._factory = factory
+        super().__init__(factory)
         self.log_requests = log_requests
-        self.state = EngineState.LOADING
-        self.error: str | None = None
         self._info: EmbedInfo | None = None
         self._calls: queue.Queue[_Call | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="jaxserve-embed", daemon=True)
-        self._thread.start()
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        self._ready.wait(timeout)
-        if self.state is not EngineState.READY:
-            raise EngineDeadError(self.error or f"engine is {self.state.value}")
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     def shutdown(self) -> None:
         self._calls.put(None)
         if self._thread is not None:
             self._thread.join(timeout=30)
-
-    @property
-    def is_ready(self) -> bool:
-        return self.state is EngineState.READY
 
     @property
     def info(self) -> EmbedInfo:
@@ -98,26 +76,11 @@ class AsyncEmbeddingEngine:
         self._calls.put(_Call(seqs, loop, future))
         return await future
 
-    def _run(self) -> None:
-        try:
-            engine = self._factory()
-        except BaseException as e:  # noqa: BLE001 - report any start-up failure
-            self.error = f"engine start-up failed: {type(e).__name__}: {' '.join(str(e).split())[:500]}"
-            logger.error("%s (the traceback is logged at --log-level debug)", self.error)
-            logger.debug("engine start-up traceback:\n%s", traceback.format_exc())
-            self.state = EngineState.FAILED
-            self._ready.set()
-            return
+    def _on_ready(self, engine: EmbeddingEngine) -> None:
         self._info = engine.info
-        self.state = EngineState.READY
-        self._ready.set()
-        try:
-            self._loop(engine)
-        except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
-            self.error = f"engine loop crashed: {e}"
-            logger.error("%s\n%s", self.error, traceback.format_exc())
-            self.state = EngineState.DEAD
-        self._fail_pending(EngineDeadError(self.error or "the engine is shutting down"))
+
+    def _on_crash(self, err: EngineDeadError) -> None:
+        self._fail_pending(err)
 
     def _loop(self, engine: EmbeddingEngine) -> None:
         """Wait for a call, take every queued one, embed them together; until shutdown (None)."""
@@ -140,6 +103,7 @@ class AsyncEmbeddingEngine:
                     c.loop.call_soon_threadsafe(_resolve, c.future, rows)
             if calls[-1] is None:
                 self.state = EngineState.STOPPED
+                self._fail_pending(EngineDeadError("the engine is shutting down"))
                 return
 
     def _fail_pending(self, err: Exception) -> None:

@@ -16,14 +16,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-import enum
 import logging
 import queue
 import threading
-import traceback
 import weakref
 from collections.abc import AsyncIterator, Callable
 
+from jaxserve.engine.engine_thread import EngineState, EngineThread
 from jaxserve.engine.grammar import COMPILE_TIMEOUT_S, CompiledGrammar, GrammarError
 from jaxserve.engine.interface import (
     AdmittedRequest,
@@ -47,14 +46,6 @@ MAX_UNDELIVERED = 1000  # outputs a stream may have waiting for its reader (--ma
 
 class SlowReaderError(RuntimeError):
     """A client fell too far behind its stream; its request was aborted."""
-
-
-class EngineState(enum.Enum):
-    LOADING = "loading"
-    READY = "ready"
-    FAILED = "failed"  # start-up failed
-    DEAD = "dead"  # the loop crashed after start-up
-    STOPPED = "stopped"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +120,7 @@ class Submission:
         self._finalizer()
 
 
-class AsyncEngine:
+class AsyncEngine(EngineThread):
     """Thread-hosted engine with an asyncio API (``submit`` -> ``Submission``)."""
 
     task = "generate"  # the endpoints it serves (AsyncEmbeddingEngine: "embed")
@@ -138,11 +129,9 @@ class AsyncEngine:
         self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None, log_requests: bool = False,
         max_undelivered: int = MAX_UNDELIVERED,
     ) -> None:
-        self._factory = factory
+        super().__init__(factory)
         self.max_undelivered = max_undelivered
         self.log_requests = log_requests
-        self.state = EngineState.LOADING
-        self.error: str | None = None
         self.max_queue_size = max_queue_size
         self._info: EngineInfo | None = None
         self._metrics: EngineMetrics | None = None
@@ -153,33 +142,12 @@ class AsyncEngine:
         # can end inside garbage collection on any thread, where taking a lock could deadlock.
         self._ended: collections.deque[tuple[list[str], set[int]]] = collections.deque()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
 
-    # ------------------------------------------------------------------ lifecycle
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
-        self._thread.start()
-
-    def wait_ready(self, timeout: float | None = None) -> None:
-        """Block until start-up finished; raise EngineDeadError if it failed."""
-        self._ready.wait(timeout)
-        if self.state is not EngineState.READY:
-            raise EngineDeadError(self.error or f"engine is {self.state.value}")
-
-    def join(self, timeout: float | None = None) -> None:
-        """Block until the engine thread ended (stopped, failed to start, or crashed)."""
-        if self._thread is not None:
-            self._thread.join(timeout)
-
+    # ------------------------------------------------------------------ lifecycle (start, wait_ready, join: EngineThread)
     def shutdown(self) -> None:
         self._commands.put(Shutdown())
         if self._thread is not None:
             self._thread.join(timeout=30)
-
-    @property
-    def is_ready(self) -> bool:
-        return self.state is EngineState.READY
 
     # ------------------------------------------------------------------ client API (event loop)
     @property
@@ -262,27 +230,11 @@ class AsyncEngine:
             except RuntimeError:  # loop closed
                 pass
 
-    def _run(self) -> None:
-        try:
-            engine = self._factory()
-        except BaseException as e:  # noqa: BLE001 - report any start-up failure
-            cause = " ".join(str(e).split())  # one line, however the exception spells it
-            self.error = f"engine start-up failed: {type(e).__name__}: {cause[:500]}"
-            logger.error("%s (the traceback is logged at --log-level debug)", self.error)
-            logger.debug("engine start-up traceback:\n%s", traceback.format_exc())
-            self.state = EngineState.FAILED
-            self._ready.set()
-            return
+    def _on_ready(self, engine: LLMEngine) -> None:
         self._info, self._metrics = engine.info, engine.metrics()
-        self.state = EngineState.READY
-        self._ready.set()
-        try:
-            self._loop(engine)
-        except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
-            self.error = f"engine loop crashed: {e}"
-            logger.error("%s\n%s", self.error, traceback.format_exc())
-            self.state = EngineState.DEAD
-            self.fail_all(EngineDeadError(self.error))
+
+    def _on_crash(self, err: EngineDeadError) -> None:
+        self.fail_all(err)
 
     def _loop(self, engine: LLMEngine) -> None:
         """Drain commands (waiting for one when idle), step, publish metrics; until Shutdown."""
