@@ -61,19 +61,27 @@ def _from_response_format(req: SamplingFields) -> StructuredOutput | None:
     return _schema("response_format.json_schema.schema", rf.json_schema.schema_)
 
 
+def _constraints(
+    prefix: str, json_: str | dict[str, Any] | None, regex: str | None, choice: list[str] | None, grammar: str | None
+) -> list[StructuredOutput]:
+    """The json / regex / choice / grammar constraints that are set, named ``prefix`` + kind."""
+    found = []
+    if json_ is not None:
+        found.append(_schema(f"{prefix}json", json_))
+    if regex is not None:
+        found.append(_text(f"{prefix}regex", "regex", regex))
+    if choice is not None:
+        found.append(_choice(f"{prefix}choice", choice))
+    if grammar is not None:
+        found.append(_text(f"{prefix}grammar", "grammar", grammar))
+    return found
+
+
 def _from_structured_outputs(req: SamplingFields) -> list[StructuredOutput]:
     so = req.structured_outputs
     if so is None:
         return []
-    found = []
-    if so.json_ is not None:
-        found.append(_schema("structured_outputs.json", so.json_))
-    if so.regex is not None:
-        found.append(_text("structured_outputs.regex", "regex", so.regex))
-    if so.choice is not None:
-        found.append(_choice("structured_outputs.choice", so.choice))
-    if so.grammar is not None:
-        found.append(_text("structured_outputs.grammar", "grammar", so.grammar))
+    found = _constraints("structured_outputs.", so.json_, so.regex, so.choice, so.grammar)
     if so.json_object:
         found.append(StructuredOutput("json_object", param="structured_outputs.json_object"))
     if not found:
@@ -86,14 +94,7 @@ def structured_output(req: SamplingFields) -> StructuredOutput | None:
     found = _from_structured_outputs(req)
     if (rf := _from_response_format(req)) is not None:
         found.append(rf)
-    if req.guided_json is not None:
-        found.append(_schema("guided_json", req.guided_json))
-    if req.guided_regex is not None:
-        found.append(_text("guided_regex", "regex", req.guided_regex))
-    if req.guided_choice is not None:
-        found.append(_choice("guided_choice", req.guided_choice))
-    if req.guided_grammar is not None:
-        found.append(_text("guided_grammar", "grammar", req.guided_grammar))
+    found += _constraints("guided_", req.guided_json, req.guided_regex, req.guided_choice, req.guided_grammar)
     if len(found) > 1:
         raise _reject(found[1].param, f"conflicts with {found[0].param}: set only one structured output constraint")
     return found[0] if found else None
