@@ -15,6 +15,7 @@ from jaxserve.pallas_kernels.ragged_paged_attention import kernel as _kernel
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata
 from jaxserve.pallas_kernels.ragged_paged_attention.reference import (
     gather_rows,
+    pad_block_table,
     row_layout,
     scatter_rows,
     validate_inputs,
@@ -75,11 +76,7 @@ def ragged_paged_attention(
     Returns:
       [T, N, H] in q's dtype; tokens without a row are zero.
     """
-    validate_inputs(q_TNH, k_pages_PSKH, v_pages_PSKH, meta)
-    if sliding_window is not None and sliding_window < 1:
-        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
-    if soft_cap is not None and soft_cap <= 0:
-        raise ValueError(f"soft_cap must be positive, got {soft_cap}")
+    validate_inputs(q_TNH, k_pages_PSKH, v_pages_PSKH, meta, sliding_window, soft_cap)
     t, n, h = q_TNH.shape
     num_pages, page, kh, _ = k_pages_PSKH.shape
     g = n // kh
@@ -99,11 +96,8 @@ def ragged_paged_attention(
         [rows.kv_len, jnp.maximum(q_pos0, 0), meta.row_q_len, jnp.zeros_like(q_pos0)], axis=1
     ).astype(jnp.int32)
     info = info.at[:, 0].set(jnp.where(meta.row_q_len > 0, info[:, 0], 0))  # padding rows do nothing
-    bt = meta.block_tables[meta.row_seq]
-    w = bt.shape[1]
-    wp = -(-w // pages_per_block) * pages_per_block
-    if wp != w:
-        bt = jnp.pad(bt, ((0, 0), (0, wp - w)))
+    bt = pad_block_table(meta.block_tables, pages_per_block)[meta.row_seq]
+    wp = bt.shape[1]
 
     warps, stages = default_launch(qw)
     call = _kernel.build_call(

@@ -12,6 +12,7 @@ S page size, B sequences, W pages per sequence, R rows, Q queries per row, C KV 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -22,9 +23,18 @@ DEFAULT_KV_CHUNK = 128
 
 
 def validate_inputs(
-    q_TNH: jax.Array, k_pages_PSKH: jax.Array, v_pages_PSKH: jax.Array, meta: RaggedMetadata
+    q_TNH: jax.Array,
+    k_pages_PSKH: jax.Array,
+    v_pages_PSKH: jax.Array,
+    meta: RaggedMetadata,
+    sliding_window: int | None = None,
+    soft_cap: float | None = None,
 ) -> None:
-    """Shape/dtype checks shared by the reference and the kernels (trace-time, static shapes)."""
+    """Shape and option checks shared by the reference and the kernels (trace-time, static shapes)."""
+    if sliding_window is not None and sliding_window < 1:
+        raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+    if soft_cap is not None and soft_cap <= 0:
+        raise ValueError(f"soft_cap must be positive, got {soft_cap}")
     if q_TNH.ndim != 3:
         raise ValueError(f"q must be [T, N, H], got shape {q_TNH.shape}")
     if k_pages_PSKH.ndim != 4 or k_pages_PSKH.shape != v_pages_PSKH.shape:
@@ -46,6 +56,13 @@ def validate_inputs(
         raise ValueError("row_seq, row_q_start and row_q_len must have the same shape [R]")
     if meta.row_width < 1:
         raise ValueError(f"row_width must be >= 1, got {meta.row_width}")
+
+
+def pad_block_table(bt_BW: jax.Array, pages_per_block: int) -> jax.Array:
+    """Pads the table to whole blocks of pages, so every block's slice stays in bounds (no clamping)."""
+    w = bt_BW.shape[1]
+    wp = -(-w // pages_per_block) * pages_per_block
+    return bt_BW if wp == w else jnp.pad(bt_BW, ((0, 0), (0, wp - w)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +133,7 @@ def ref_ragged_paged_attention(
     Returns:
       [T, N, H] in q's dtype; rows of padding tokens are zero.
     """
-    validate_inputs(q_TNH, k_pages_PSKH, v_pages_PSKH, meta)
+    validate_inputs(q_TNH, k_pages_PSKH, v_pages_PSKH, meta, sliding_window, soft_cap)
     q_TNH, k_pages_PSKH, v_pages_PSKH = map(jnp.asarray, (q_TNH, k_pages_PSKH, v_pages_PSKH))
     t, n, h = q_TNH.shape
     _, page, kh, _ = k_pages_PSKH.shape
@@ -125,46 +142,16 @@ def ref_ragged_paged_attention(
     pages_per_chunk = max(1, -(-kv_chunk // page))
     c = pages_per_chunk * page
 
-    # Pad the block table so every chunk's dynamic slice stays in bounds (no start clamping).
-    bt = meta.block_tables
-    w = bt.shape[1]
-    w_pad = -(-w // pages_per_chunk) * pages_per_chunk
-    if w_pad != w:
-        bt = jnp.pad(bt, ((0, 0), (0, w_pad - w)))
-
     rows = row_layout(meta, t)
-    q_pos, row_kv_len = rows.q_pos, rows.kv_len
-    row_bt = bt[meta.row_seq]  # [R, Wp]
-    r = q_pos.shape[0]
+    row_bt = pad_block_table(meta.block_tables, pages_per_chunk)[meta.row_seq]  # [R, Wp]
+    r = rows.q_pos.shape[0]
     q_RQKGH = gather_rows(q_TNH, rows).reshape(r, qw, kh, g, h).astype(jnp.float32) * sm_scale
 
-    num_chunks = (jnp.max(row_kv_len, initial=0) + c - 1) // c
-
-    def body(ci, carry):
-        m_i, l_i, acc = carry  # [R, K, G, Q], [R, K, G, Q], [R, K, G, Q, H]
-        pages = jax.lax.dynamic_slice_in_dim(row_bt, ci * pages_per_chunk, pages_per_chunk, axis=1)
-        k_RCKH = k_pages_PSKH[pages].reshape(r, c, kh, h).astype(jnp.float32)
-        v_RCKH = v_pages_PSKH[pages].reshape(r, c, kh, h).astype(jnp.float32)
-        kv_pos = ci * c + jnp.arange(c, dtype=jnp.int32)  # [C]
-        kv_valid = kv_pos[None, :] < row_kv_len[:, None]  # [R, C]
-        # Unused pages may hold anything (NaN in tests): zero them so 0 * NaN never reaches acc.
-        k_RCKH = jnp.where(kv_valid[:, :, None, None], k_RCKH, 0.0)
-        v_RCKH = jnp.where(kv_valid[:, :, None, None], v_RCKH, 0.0)
-        s = jnp.einsum("rqkgh,rckh->rkgqc", q_RQKGH, k_RCKH)
-        if soft_cap is not None:
-            s = soft_cap * jnp.tanh(s / soft_cap)
-        mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= q_pos[:, :, None])  # [R, Q, C]
-        if sliding_window is not None:
-            mask &= kv_pos[None, None, :] > q_pos[:, :, None] - sliding_window
-        s = jnp.where(mask[:, None, None], s, -jnp.inf)
-        m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
-        p = jnp.exp(s - m_safe[..., None])
-        alpha = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, m_safe) - m_safe)
-        l_new = alpha * l_i + jnp.sum(p, axis=-1)
-        acc_new = alpha[..., None] * acc + jnp.einsum("rkgqc,rckh->rkgqh", p, v_RCKH)
-        return m_new, l_new, acc_new
-
+    num_chunks = (jnp.max(rows.kv_len, initial=0) + c - 1) // c
+    body = functools.partial(
+        _attend_chunk, q_RQKGH=q_RQKGH, k_pages_PSKH=k_pages_PSKH, v_pages_PSKH=v_pages_PSKH, row_bt=row_bt,
+        rows=rows, pages_per_chunk=pages_per_chunk, sliding_window=sliding_window, soft_cap=soft_cap,
+    )
     init = (
         jnp.full((r, kh, g, qw), -jnp.inf, jnp.float32),
         jnp.zeros((r, kh, g, qw), jnp.float32),
@@ -174,6 +161,48 @@ def ref_ragged_paged_attention(
     out = acc / jnp.where(l_f > 0, l_f, 1.0)[..., None]  # [R, K, G, Q, H]
     out_RQNH = out.transpose(0, 3, 1, 2, 4).reshape(r, qw, n, h).astype(q_TNH.dtype)
     return scatter_rows(out_RQNH, rows, t)
+
+
+def _attend_chunk(
+    ci: jax.Array,
+    carry: tuple[jax.Array, jax.Array, jax.Array],
+    *,
+    q_RQKGH: jax.Array,
+    k_pages_PSKH: jax.Array,
+    v_pages_PSKH: jax.Array,
+    row_bt: jax.Array,
+    rows: RowLayout,
+    pages_per_chunk: int,
+    sliding_window: int | None,
+    soft_cap: float | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One online-softmax step over KV chunk ``ci`` of every row: carry is (max, sum, acc),
+    [R, K, G, Q], [R, K, G, Q], [R, K, G, Q, H], all float32."""
+    m_i, l_i, acc = carry
+    r, _, kh, _, h = q_RQKGH.shape
+    c = pages_per_chunk * k_pages_PSKH.shape[1]
+    pages = jax.lax.dynamic_slice_in_dim(row_bt, ci * pages_per_chunk, pages_per_chunk, axis=1)
+    k_RCKH = k_pages_PSKH[pages].reshape(r, c, kh, h).astype(jnp.float32)
+    v_RCKH = v_pages_PSKH[pages].reshape(r, c, kh, h).astype(jnp.float32)
+    kv_pos = ci * c + jnp.arange(c, dtype=jnp.int32)  # [C]
+    kv_valid = kv_pos[None, :] < rows.kv_len[:, None]  # [R, C]
+    # Unused pages may hold anything (NaN in tests): zero them so 0 * NaN never reaches acc.
+    k_RCKH = jnp.where(kv_valid[:, :, None, None], k_RCKH, 0.0)
+    v_RCKH = jnp.where(kv_valid[:, :, None, None], v_RCKH, 0.0)
+    s = jnp.einsum("rqkgh,rckh->rkgqc", q_RQKGH, k_RCKH)
+    if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+    mask = kv_valid[:, None, :] & (kv_pos[None, None, :] <= rows.q_pos[:, :, None])  # [R, Q, C]
+    if sliding_window is not None:
+        mask &= kv_pos[None, None, :] > rows.q_pos[:, :, None] - sliding_window
+    s = jnp.where(mask[:, None, None], s, -jnp.inf)
+    m_new = jnp.maximum(m_i, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+    p = jnp.exp(s - m_safe[..., None])
+    alpha = jnp.exp(jnp.where(jnp.isfinite(m_i), m_i, m_safe) - m_safe)
+    l_new = alpha * l_i + jnp.sum(p, axis=-1)
+    acc_new = alpha[..., None] * acc + jnp.einsum("rkgqc,rckh->rkgqh", p, v_RCKH)
+    return m_new, l_new, acc_new
 
 
 def ref_attention_dense(
