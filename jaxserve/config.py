@@ -101,6 +101,25 @@ class ServeConfig:
         str(Path.home() / ".cache" / "jaxserve" / "xla"),
         "Persistent XLA compilation cache directory ('' disables it).",
     )
+    # --- chat: templates, tool calls, reasoning --------------------------------------------------
+    chat_template: str | None = _field(
+        None, "Chat template to use instead of the tokenizer's: a Jinja file, a shipped one by bare name "
+        "(hermes_tool_chat.jinja: Qwen2.5-style tools for models such as SmolLM2) or the template text itself.",
+    )
+    enable_auto_tool_choice: bool = _field(
+        False, "Let the model decide when to call tools (tool_choice 'auto', the default when tools are sent); "
+        "needs --tool-call-parser."
+    )
+    tool_call_parser: str | None = _field(
+        None, "The model's tool-call format: hermes (Qwen2.5/Qwen3: <tool_call>{...}</tool_call>) or llama3_json "
+        "(Llama 3.x: {\"name\": ..., \"parameters\": ...}); required for any tool_choice but 'none'.",
+        choices=(None, "hermes", "llama3_json"),
+    )
+    reasoning_parser: str | None = _field(
+        None, "Split the model's thinking into reasoning_content: qwen3 (<think>...</think> at the start of the "
+        "output) or deepseek_r1 (the output is reasoning up to </think>; the template opened <think>).",
+        choices=(None, "qwen3", "deepseek_r1"),
+    )
     # --- server ----------------------------------------------------------------------------
     host: str = _field("127.0.0.1", "Address to listen on.")
     port: int = _field(8000, "Port to listen on.")
@@ -174,6 +193,9 @@ class ServeConfig:
         if not self.model:
             raise ConfigError("model: required (a local checkpoint directory or .gguf file)")
         self.requested_task  # noqa: B018 - raises on conflicting task/runner/convert
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ConfigError("enable_auto_tool_choice: needs --tool-call-parser (hermes or llama3_json)")
+        self.chat_template_text  # noqa: B018 - raises when the file cannot be read
 
     @property
     def requested_task(self) -> str:
@@ -196,6 +218,23 @@ class ServeConfig:
             raise ConfigError(f"pooling: --pooling {self.pooling} applies only to a decoder served with --task embed "
                               "(an encoder's pooling is read from its modules.json)")
         return task
+
+    @property
+    def chat_template_text(self) -> str | None:
+        """``chat_template`` as template text: inline Jinja, a file, or a shipped template by bare name."""
+        value = self.chat_template
+        if value is None or "{{" in value or "{%" in value:
+            return value
+        path = Path(value).expanduser()
+        if not path.is_file() and path.name == value:
+            shipped = resources.files("jaxserve.configs") / value
+            if shipped.is_file():
+                return shipped.read_text(encoding="utf-8")
+        try:
+            return path.read_text(encoding="utf-8")
+        except OSError as e:
+            raise ConfigError(f"chat_template: cannot read {value!r} ({e.strerror or e}); give a Jinja file, "
+                              "a shipped template (hermes_tool_chat.jinja) or the template text") from None
 
     @property
     def model_name(self) -> str:

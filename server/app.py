@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
@@ -38,6 +39,7 @@ from jaxserve.server.protocol import (
     TokenizeRequest,
 )
 from jaxserve.server.tokenize import detokenize, tokenize
+from jaxserve.server.tool_calls import ChatOptions
 
 
 Engine = AsyncEngine | AsyncEmbeddingEngine  # what build_app serves (``task``: generate or embed)
@@ -48,6 +50,11 @@ TASK_ENDPOINTS = {"generate": "/v1/chat/completions and /v1/completions", "embed
 class ServedModel:
     config: ServeConfig
     engine: Engine
+
+    @functools.cached_property
+    def chat(self) -> ChatOptions:
+        """Chat template override, tool-call and reasoning parsers (read once)."""
+        return ChatOptions.from_config(self.config)
 
 
 class Router:
@@ -154,7 +161,7 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
     async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
         m, name = router.resolve(req.model, "generate")
         _ready_info(m.engine)
-        return await create_chat_completion(req, raw, m.engine, name)
+        return await create_chat_completion(req, raw, m.engine, name, m.chat)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
@@ -171,7 +178,7 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
         m = any_task(req.model)
         if req.messages is not None:  # an encoder has no chat template
             m, _ = router.resolve(m.config.model_name, "generate")
-        return tokenize(req, _ready_info(m.engine))
+        return tokenize(req, _ready_info(m.engine), m.chat.chat_template)
 
     @app.post("/detokenize")
     async def detokenize_route(req: DetokenizeRequest) -> dict:

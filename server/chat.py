@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -10,6 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.output_processor import RequestOutput
 from jaxserve.sampling_params import SamplingParams
+from jaxserve.server.chat_output import ChoiceParser, Parsed, finish_reason, whole_message
 from jaxserve.server.logprobs import TokenText, chat_logprobs
 from jaxserve.server.protocol import (
     ChatCompletionChoice,
@@ -24,14 +26,17 @@ from jaxserve.server.protocol import (
 )
 from jaxserve.server.requests import chat_max_tokens, chat_prompt_ids, check_unsupported, sampling_params
 from jaxserve.server.streams import Collected, Job, respond, submit
+from jaxserve.server.tool_calls import ChatOptions, plan_tools, thinking
 
 
 class ChatEndpoint:
     """Chat chunks and responses for one request (``Endpoint`` of ``server/streams.py``)."""
 
-    def __init__(self, job: Job, tt: TokenText, model_name: str) -> None:
+    def __init__(self, job: Job, tt: TokenText, model_name: str, parsers: Callable[[], ChoiceParser]) -> None:
         self.job, self.tt, self.model_name = job, tt, model_name
         self.created = int(time.time())
+        self.new_parser = parsers
+        self.parsers = [parsers() for _ in job.params]  # the stream's, one per choice
 
     def _wants_logprobs(self, i: int) -> bool:
         return self.job.params[i].logprobs is not None
@@ -42,13 +47,19 @@ class ChatEndpoint:
 
     def stream_choice(self, i: int, out: RequestOutput) -> ChatCompletionStreamChoice | None:
         want_lp = self._wants_logprobs(i) and bool(out.logprobs)
-        if not (out.new_text or out.finished or want_lp):
+        parser = self.parsers[i]
+        part = parser.feed(out.new_text)
+        if out.finished:
+            end = parser.finish()
+            part = Parsed(part.reasoning + end.reasoning, part.content + end.content, part.tool_calls + end.tool_calls)
+        if not (part.content or part.reasoning or part.tool_calls or out.finished or want_lp):
             return None
         return ChatCompletionStreamChoice(
             index=i,
-            delta=DeltaMessage(content=out.new_text) if out.new_text else DeltaMessage(),
+            delta=DeltaMessage(content=part.content or None, reasoning_content=part.reasoning or None,
+                               tool_calls=part.tool_calls or None),
             logprobs=chat_logprobs(self.tt, out.logprobs) if want_lp else None,
-            finish_reason=out.finish_reason if out.finished else None,
+            finish_reason=finish_reason(parser, out.finish_reason) if out.finished else None,
             stop_reason=out.stop_reason if out.finished else None,
         )
 
@@ -59,27 +70,33 @@ class ChatEndpoint:
     def response(self, choices: list[Collected], usage: UsageInfo) -> ChatCompletionResponse:
         return ChatCompletionResponse(
             id=self.job.request_id, created=self.created, model=self.model_name, usage=usage,
-            choices=[
-                ChatCompletionChoice(
-                    index=i, message=ChatResponseMessage(content=c.text),
-                    logprobs=chat_logprobs(self.tt, c.logprobs) if self._wants_logprobs(i) else None,
-                    finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                )
-                for i, c in enumerate(choices)
-            ],
+            choices=[self._choice(i, c) for i, c in enumerate(choices)],
+        )
+
+    def _choice(self, i: int, c: Collected) -> ChatCompletionChoice:
+        parser = self.new_parser()
+        content, reasoning, calls = whole_message(parser, c.text)
+        return ChatCompletionChoice(
+            index=i, message=ChatResponseMessage(content=content, reasoning_content=reasoning, tool_calls=calls),
+            logprobs=chat_logprobs(self.tt, c.logprobs) if self._wants_logprobs(i) else None,
+            finish_reason=finish_reason(parser, c.finish_reason), stop_reason=c.stop_reason,
         )
 
 
 async def create_chat_completion(
-    req: ChatCompletionRequest, raw: Request, engine: AsyncEngine, model_name: str
+    req: ChatCompletionRequest, raw: Request, engine: AsyncEngine, model_name: str, opts: ChatOptions
 ) -> JSONResponse | StreamingResponse:
     check_unsupported(req)
     info = engine.info
-    prompt = chat_prompt_ids(info.tokenizer, req)
+    plan = plan_tools(req, opts, opts.chat_template or info.tokenizer.chat_template)
+    prompt = chat_prompt_ids(info.tokenizer, req, tools=plan.template_tools, chat_template=opts.chat_template)
     max_tokens = chat_max_tokens(req)
     params: list[SamplingParams] = [
-        sampling_params(req, max_tokens=max_tokens, defaults=info.default_sampling, index=i) for i in range(req.n)
+        sampling_params(req, max_tokens=max_tokens, defaults=info.default_sampling, index=i,
+                        tool_constraint=plan.structured, reasoning_parser=thinking(req, opts))
+        for i in range(req.n)
     ]
     job = Job(random_id("chatcmpl-"), [prompt] * req.n, params, len(prompt), req.stream, req.stream_options)
-    endpoint = ChatEndpoint(job, TokenText(info.tokenizer, as_ids=req.return_tokens_as_token_ids), model_name)
+    endpoint = ChatEndpoint(job, TokenText(info.tokenizer, as_ids=req.return_tokens_as_token_ids), model_name,
+                            lambda: ChoiceParser(opts.reasoning_parser, plan.parse_format, plan.max_calls))
     return await respond(raw, await submit(engine, job), job, endpoint)

@@ -6,12 +6,14 @@ naming it; nothing is dropped silently.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
-from jaxserve.sampling_params import SamplingParamError, SamplingParams
+from jaxserve.sampling_params import SamplingParamError, SamplingParams, StructuredOutput
 from jaxserve.server.errors import OpenAIError
-from jaxserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from jaxserve.server.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields, ToolCallIn
+from jaxserve.server.reasoning import after_reasoning
 from jaxserve.server.structured import structured_output
 from jaxserve.tokenizer import Tokenizer
 
@@ -29,10 +31,6 @@ def check_unsupported(req: SamplingFields) -> None:
     if isinstance(req, ChatCompletionRequest):
         if req.top_logprobs and not req.logprobs:
             raise _reject("top_logprobs", "requires logprobs to be true")
-        for name in ("tools", "tool_choice", "parallel_tool_calls"):
-            value = getattr(req, name)
-            if value is not None and not (name == "tool_choice" and value == "none"):
-                raise _reject(name, "tools are not supported yet")
     else:
         if req.echo and req.logprobs is not None:
             raise _reject("logprobs", "logprobs together with echo (prompt logprobs) are not supported yet")
@@ -62,11 +60,22 @@ def requested_logprobs(req: SamplingFields) -> int | None:
 
 
 def sampling_params(
-    req: SamplingFields, *, max_tokens: int | None, defaults: Mapping[str, Any], index: int = 0
+    req: SamplingFields, *, max_tokens: int | None, defaults: Mapping[str, Any], index: int = 0,
+    tool_constraint: StructuredOutput | None = None, reasoning_parser: str | None = None,
 ) -> SamplingParams:
-    """SamplingParams for choice ``index`` (seeded requests get seed + index so choices differ)."""
+    """SamplingParams for choice ``index`` (seeded requests get seed + index so choices differ).
+
+    ``tool_constraint``: the grammar of the request's tool calls (``server/tool_calls.py``);
+    ``reasoning_parser``: a structured output applies after the thinking section."""
     stop = req.stop if isinstance(req.stop, list) else ([req.stop] if req.stop else [])
     structured = structured_output(req)
+    if tool_constraint is not None:
+        if structured is not None:
+            raise _reject(structured.param, "cannot be combined with tool_choice 'required', a named tool "
+                          "or strict tools (their calls are constrained already)")
+        structured = tool_constraint
+    else:
+        structured = after_reasoning(structured, reasoning_parser)
 
     def pick(name: str, fallback: Any) -> Any:
         v = getattr(req, name)
@@ -105,28 +114,54 @@ def _message_text(content: Any) -> str:
     return "".join(part.text for part in content)
 
 
-def chat_prompt_ids(tok: Tokenizer, req: ChatCompletionRequest) -> list[int]:
-    """Render the chat template and tokenize (the template places any special tokens itself)."""
+def _tool_calls(i: int, calls: list[ToolCallIn]) -> list[dict[str, Any]]:
+    """An assistant message's tool calls for the template, arguments as JSON values (templates
+    serialise them with ``tojson``)."""
+    out = []
+    for j, c in enumerate(calls):
+        try:
+            arguments = json.loads(c.function.arguments) if c.function.arguments.strip() else {}
+        except json.JSONDecodeError as e:
+            raise _reject(f"messages[{i}].tool_calls[{j}].function.arguments", f"not valid JSON: {e}") from None
+        out.append({"id": c.id, "type": "function", "function": {"name": c.function.name, "arguments": arguments}})
+    return out
+
+
+def _template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    messages = []
+    for i, m in enumerate(req.messages):
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
+                               "content": _message_text(m.content)}
+        if m.tool_calls:
+            if m.role != "assistant":
+                raise _reject(f"messages[{i}].tool_calls", "only assistant messages have tool_calls")
+            msg["tool_calls"] = _tool_calls(i, m.tool_calls)
+        for key in ("name", "tool_call_id", "reasoning_content"):
+            if getattr(m, key) is not None:
+                msg[key] = getattr(m, key)
+        messages.append(msg)
+    return messages
+
+
+def chat_prompt_ids(
+    tok: Tokenizer, req: ChatCompletionRequest, *, tools: list[dict[str, Any]] | None = None,
+    chat_template: str | None = None,
+) -> list[int]:
+    """Render the chat template (``chat_template`` overrides the tokenizer's) and tokenize (the
+    template places any special tokens itself)."""
     if req.continue_final_message and req.add_generation_prompt:
         raise _reject("continue_final_message", "cannot be combined with add_generation_prompt=true")
     if req.continue_final_message and req.messages[-1].role != "assistant":
         raise _reject("continue_final_message", "the last message must be an assistant message")
-    messages = []
-    for m in req.messages:
-        if m.tool_calls:
-            raise _reject("messages", "assistant tool_calls are not supported yet")
-        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role,
-                               "content": _message_text(m.content)}
-        if m.name is not None:
-            msg["name"] = m.name
-        if m.tool_call_id is not None:
-            msg["tool_call_id"] = m.tool_call_id
-        messages.append(msg)
-    if tok.chat_template is None:
-        raise OpenAIError(400, "this model has no chat template; use /v1/completions", param="messages")
+    messages = _template_messages(req)
+    if chat_template is None and tok.chat_template is None:
+        raise OpenAIError(400, "this model has no chat template; use /v1/completions or start the server "
+                          "with --chat-template", param="messages")
     try:
         text = tok.apply_chat_template(
             messages,
+            tools=tools,
+            chat_template=chat_template,
             tokenize=False,
             add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message,

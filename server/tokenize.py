@@ -10,8 +10,9 @@ from jaxserve.server.protocol import ChatCompletionRequest, DetokenizeRequest, T
 from jaxserve.server.requests import chat_prompt_ids
 
 
-def tokenize(req: TokenizeRequest, info: EngineInfo) -> dict[str, Any]:
-    """Token ids of a prompt, or of chat messages rendered with the chat template."""
+def tokenize(req: TokenizeRequest, info: EngineInfo, chat_template: str | None = None) -> dict[str, Any]:
+    """Token ids of a prompt, or of chat messages rendered with the chat template (``chat_template``:
+    the server's ``--chat-template``)."""
     tok = info.tokenizer
     if (req.prompt is None) == (req.messages is None):
         raise OpenAIError(400, "send exactly one of prompt or messages", param="prompt")
@@ -20,7 +21,7 @@ def tokenize(req: TokenizeRequest, info: EngineInfo) -> dict[str, Any]:
             messages=req.messages, add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message, chat_template_kwargs=req.chat_template_kwargs,
         )
-        tokens = chat_prompt_ids(tok, chat)
+        tokens = chat_prompt_ids(tok, chat, chat_template=chat_template)
         if req.add_special_tokens:
             tokens = tok.build_inputs_with_special_tokens(tokens)
     else:
