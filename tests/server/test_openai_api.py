@@ -122,7 +122,7 @@ def test_errors_have_openai_shape(client, lookback_server):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="lookback", messages=MESSAGES,
                                        tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
-    assert e.value.body["param"] == "tools" and "not supported yet" in e.value.body["message"]
+    assert e.value.body["param"] == "tool_choice" and "--enable-auto-tool-choice" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="lookback", messages=MESSAGES, extra_body={"bogus_field": 1})
     assert "bogus_field" in e.value.body["param"]
