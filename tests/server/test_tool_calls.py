@@ -96,6 +96,10 @@ def test_two_parallel_calls_nested_braces_and_empty_arguments(sdk):
     assert _calls(msg) == [("get_weather", NESTED), ("now", "{}")]  # vLLM #22885 lost braces, #28806 dropped {}
     assert len({c.id for c in msg.tool_calls}) == 2 and all(c.id.startswith("call_") for c in msg.tool_calls)
     _same(whole, streamed)
+    # the SDK's message object goes back into the conversation as is, followed by the tool results
+    history = [*MSG, msg, *({"role": "tool", "tool_call_id": c.id, "content": "ok"} for c in msg.tool_calls)]
+    again = sdk.chat.completions.create(model="tools", messages=history, tools=TOOLS, tool_choice="none", max_tokens=2)
+    assert again.usage.prompt_tokens > whole.usage.prompt_tokens + 60
 
 
 def test_parallel_tool_calls_false_keeps_the_first_call(sdk):
