@@ -133,7 +133,7 @@ def minilm_server(tmp_path_factory) -> Iterator[ServerProcess]:
 def tools_server(tmp_path_factory, lookback_model) -> Iterator[ServerProcess]:
     """The lookback model with the shipped hermes tool template, auto tool choice and Qwen3 reasoning
     parsing (longer prompts: the template's tool preamble is ~500 tiny-vocabulary tokens)."""
-    args = ["--max-num-seqs", "2", "--max-num-batched-tokens", "32", "--block-size", "4", "--max-model-len",
+    args = ["--max-num-seqs", "2", "--max-num-batched-tokens", "16", "--block-size", "4", "--max-model-len",
             "1024", "--kv-cache-memory-gib", "0.0625", "--dtype", "float32"]
     server = start_server(
         tmp_path_factory, "tools",
