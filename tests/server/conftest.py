@@ -129,10 +129,11 @@ def minilm_server(tmp_path_factory) -> Iterator[ServerProcess]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def tools_server(tmp_path_factory, lookback_model) -> Iterator[ServerProcess]:
     """The lookback model with the shipped hermes tool template, auto tool choice and Qwen3 reasoning
-    parsing (longer prompts: the template's tool preamble is ~500 tiny-vocabulary tokens)."""
+    parsing (longer prompts: the template's tool preamble is ~500 tiny-vocabulary tokens). One module
+    uses it: it stops when that module ends."""
     args = ["--max-num-seqs", "2", "--max-num-batched-tokens", "16", "--block-size", "4", "--max-model-len",
             "1024", "--kv-cache-memory-gib", "0.0625", "--dtype", "float32"]
     server = start_server(
