@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.engine.output_processor import RequestOutput
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.server.chat_output import ChoiceParser, Parsed, finish_reason, whole_message
+from jaxserve.server.chat_output import ChoiceParser, Parsed, coalesce, finish_reason, whole_message
 from jaxserve.server.logprobs import TokenText, chat_logprobs
 from jaxserve.server.protocol import (
     ChatCompletionChoice,
@@ -45,23 +45,27 @@ class ChatEndpoint:
         return [ChatCompletionStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                 for i in range(len(self.job.params))]
 
-    def stream_choice(self, i: int, out: RequestOutput) -> ChatCompletionStreamChoice | None:
+    def stream_choice(self, i: int, out: RequestOutput) -> list[ChatCompletionStreamChoice]:
+        """One choice per delta: text first, then each tool-call piece on its own (OpenAI sends a
+        call's opening and its argument fragments in separate chunks); logprobs and the finish
+        reason ride on the last."""
         want_lp = self._wants_logprobs(i) and bool(out.logprobs)
         parser = self.parsers[i]
         part = parser.feed(out.new_text)
         if out.finished:
             end = parser.finish()
             part = Parsed(part.reasoning + end.reasoning, part.content + end.content, part.tool_calls + end.tool_calls)
+        deltas = [DeltaMessage(tool_calls=[call]) for call in coalesce(part.tool_calls)]
+        if part.content or part.reasoning or not deltas:
+            deltas.insert(0, DeltaMessage(content=part.content or None, reasoning_content=part.reasoning or None))
         if not (part.content or part.reasoning or part.tool_calls or out.finished or want_lp):
-            return None
-        return ChatCompletionStreamChoice(
-            index=i,
-            delta=DeltaMessage(content=part.content or None, reasoning_content=part.reasoning or None,
-                               tool_calls=part.tool_calls or None),
-            logprobs=chat_logprobs(self.tt, out.logprobs) if want_lp else None,
-            finish_reason=finish_reason(parser, out.finish_reason) if out.finished else None,
-            stop_reason=out.stop_reason if out.finished else None,
-        )
+            return []
+        choices = [ChatCompletionStreamChoice(index=i, delta=d) for d in deltas]
+        last = choices[-1]
+        last.logprobs = chat_logprobs(self.tt, out.logprobs) if want_lp else None
+        if out.finished:
+            last.finish_reason, last.stop_reason = finish_reason(parser, out.finish_reason), out.stop_reason
+        return choices
 
     def chunk(self, choices: list[ChatCompletionStreamChoice], usage: UsageInfo | None) -> ChatCompletionChunk:
         return ChatCompletionChunk(id=self.job.request_id, created=self.created, model=self.model_name,

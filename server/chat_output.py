@@ -67,6 +67,18 @@ class ChoiceParser:
         return {"index": d.index, "function": {"arguments": d.arguments}} if d.arguments else None
 
 
+def coalesce(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Consecutive argument fragments of one call joined (a call's opening stays on its own)."""
+    out: list[dict[str, Any]] = []
+    for d in deltas:
+        prev = out[-1] if out else None
+        if prev is not None and "id" not in d and "id" not in prev and prev["index"] == d["index"]:
+            prev["function"]["arguments"] += d["function"]["arguments"]
+        else:
+            out.append({**d, "function": dict(d["function"])})
+    return out
+
+
 def whole_message(parser: ChoiceParser, text: str) -> tuple[str | None, str | None, list[ToolCall] | None]:
     """(content, reasoning_content, tool_calls) of a complete output."""
     parts = [parser.feed(text), parser.finish()]

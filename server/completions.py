@@ -38,7 +38,7 @@ class CompletionEndpoint:
     def opening(self) -> list[CompletionChoice]:
         return []
 
-    def stream_choice(self, i: int, out: RequestOutput) -> CompletionChoice | None:
+    def stream_choice(self, i: int, out: RequestOutput) -> list[CompletionChoice]:
         text = out.new_text
         if self.pending_echo[i]:
             text, self.pending_echo[i] = self.echoes[i] + text, False
@@ -47,12 +47,12 @@ class CompletionEndpoint:
             lp = completion_logprobs(self.tt, out.logprobs, self.text_offset[i])
             self.text_offset[i] = lp["text_offset"][-1] + len(lp["tokens"][-1])
         if not (text or out.finished or lp):
-            return None
-        return CompletionChoice(
+            return []
+        return [CompletionChoice(
             index=i, text=text, logprobs=lp,
             finish_reason=out.finish_reason if out.finished else None,
             stop_reason=out.stop_reason if out.finished else None,
-        )
+        )]
 
     def chunk(self, choices: list[CompletionChoice], usage: UsageInfo | None) -> CompletionStreamResponse:
         return CompletionStreamResponse(id=self.job.request_id, created=self.created, model=self.model_name,

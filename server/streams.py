@@ -51,8 +51,8 @@ class Endpoint(Protocol):
     def opening(self) -> list[BaseModel]:
         """Stream choices sent (one chunk each) before any output (chat: the role deltas)."""
 
-    def stream_choice(self, i: int, out: RequestOutput) -> BaseModel | None:
-        """The stream choice for one output of choice ``i`` (None: nothing to send)."""
+    def stream_choice(self, i: int, out: RequestOutput) -> list[BaseModel]:
+        """The stream choices for one output of choice ``i``, one chunk each (none: nothing to send)."""
 
     def chunk(self, choices: list[BaseModel], usage: UsageInfo | None) -> BaseModel: ...
 
@@ -121,8 +121,7 @@ async def _sse(sub: Submission, job: Job, endpoint: Endpoint) -> AsyncIterator[s
             yield chunk([choice])
         async for i, out in sub.outputs():
             tokens[i] = out.num_output_tokens
-            choice = endpoint.stream_choice(i, out)
-            if choice is not None:
+            for choice in endpoint.stream_choice(i, out):
                 yield chunk([choice])
         if include_usage:
             yield sse(endpoint.chunk([], job.usage(tokens)))

@@ -102,6 +102,29 @@ def test_two_parallel_calls_nested_braces_and_empty_arguments(sdk):
     assert again.usage.prompt_tokens > whole.usage.prompt_tokens + 60
 
 
+def test_raw_stream_chunks_have_openai_tool_call_shape(tools_server):
+    text = "Hi.\n" + _hermes("get_weather", NESTED) + "\n" + _hermes("now", "{}")
+    body = {"model": "tools", "messages": MSG, "tools": TOOLS, "max_tokens": 200, "stream": True,
+            "guided_grammar": "start: " + json.dumps(text)}
+    deltas, finish = [], []
+    with httpx.stream("POST", f"{tools_server.base_url}/v1/chat/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                (choice,) = json.loads(line[6:])["choices"]
+                deltas.append(choice["delta"])
+                finish.append(choice["finish_reason"])
+    calls = [d["tool_calls"] for d in deltas if d.get("tool_calls")]
+    assert all(len(c) == 1 for c in calls)  # one piece per chunk, as OpenAI sends them
+    opening = [c[0] for c in calls if "id" in c[0]]
+    assert [(o["index"], o["type"], o["function"]) for o in opening] == [
+        (0, "function", {"name": "get_weather", "arguments": ""}), (1, "function", {"name": "now", "arguments": ""})]
+    fragments = [c[0] for c in calls if "id" not in c[0]]
+    assert all(set(f) == {"index", "function"} and set(f["function"]) == {"arguments"} for f in fragments)
+    assert "".join(f["function"]["arguments"] for f in fragments if f["index"] == 0) == NESTED
+    assert "".join(d.get("content") or "" for d in deltas) == "Hi."  # no markup in content
+    assert finish[-1] == "tool_calls" and not any(finish[:-1])
+
+
 def test_parallel_tool_calls_false_keeps_the_first_call(sdk):
     whole, streamed = _scripted(sdk, _hermes("now", "{}") + "\n" + _hermes("now", "{}"), parallel_tool_calls=False)
     assert _calls(whole.choices[0].message) == [("now", "{}")]

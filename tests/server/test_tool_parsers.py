@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from jaxserve.server.chat_output import ChoiceParser, finish_reason, whole_message
+from jaxserve.server.chat_output import ChoiceParser, coalesce, finish_reason, whole_message
 from jaxserve.server.reasoning import ReasoningSplitter, held_suffix
 from jaxserve.server.tool_parsers import JsonValueScanner, ToolCallParser
 
@@ -125,3 +125,13 @@ def test_stream_deltas_have_openai_shape_and_parallel_false_keeps_one_call():
 
 def test_held_suffix():
     assert [held_suffix(t, "</think>") for t in ("ab<", "ab</th", "ab</think", "ab", "<x")] == [1, 4, 7, 0, 0]
+
+
+def test_coalesce_joins_fragments_but_keeps_each_opening_apart():
+    head = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
+    frag = [{"index": 0, "function": {"arguments": a}} for a in ('{"a"', ": 1", "}")]
+    head1 = {**head, "index": 1, "id": "call_2"}
+    out = coalesce([head, *frag, head1, {"index": 1, "function": {"arguments": "{}"}}])
+    assert out == [head, {"index": 0, "function": {"arguments": '{"a": 1}'}}, head1,
+                   {"index": 1, "function": {"arguments": "{}"}}]
+    assert frag[0]["function"]["arguments"] == '{"a"'  # inputs untouched
