@@ -245,6 +245,7 @@ class TokenizeRequest(StrictModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[ToolDefinition] | None = None  # rendered by the template, as in a chat request
 
 
 class DetokenizeRequest(StrictModel):

@@ -21,7 +21,8 @@ def tokenize(req: TokenizeRequest, info: EngineInfo, chat_template: str | None =
             messages=req.messages, add_generation_prompt=req.add_generation_prompt,
             continue_final_message=req.continue_final_message, chat_template_kwargs=req.chat_template_kwargs,
         )
-        tokens = chat_prompt_ids(tok, chat, chat_template=chat_template)
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
+        tokens = chat_prompt_ids(tok, chat, tools=tools, chat_template=chat_template)
         if req.add_special_tokens:
             tokens = tok.build_inputs_with_special_tokens(tokens)
     else:

@@ -152,6 +152,10 @@ def test_tool_turns_render_through_the_template(tools_server):
     assert ('<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n'
             "</tool_call><|im_end|>\n<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>\n"
             "<|im_start|>assistant\n") in text["prompt"]
+    r = httpx.post(f"{tools_server.base_url}/tokenize", json={"model": "tools", "messages": MSG, "tools": TOOLS},
+                   timeout=30)
+    text = httpx.post(f"{tools_server.base_url}/detokenize", json={"tokens": r.json()["tokens"]}, timeout=30).json()
+    assert "<tools>\n" + json.dumps(TOOLS[0]) + "\n" in text["prompt"]  # the template's tool list
     bad = [*MSG, {"role": "assistant", "tool_calls": [
         {"id": "c", "type": "function", "function": {"name": "now", "arguments": "{oops"}}]}]
     r = httpx.post(f"{tools_server.base_url}/v1/chat/completions", json={"messages": bad}, timeout=30)
