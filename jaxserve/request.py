@@ -118,8 +118,16 @@ class Request:
         return self.num_tokens - self.num_pending
 
     @property
+    def prefill_only(self) -> bool:
+        """An embedding (``max_tokens`` 0): its prompt is computed, never sampled from."""
+        return self.max_tokens == 0
+
+    @property
     def reached_max_tokens(self) -> bool:
-        """Every output slot is taken (some may still be in flight): schedule no more steps."""
+        """Schedule no more steps: every output slot is taken (some may still be in flight), or a
+        prefill-only request's prompt is all computed (its last chunk may still be in flight)."""
+        if self.prefill_only:
+            return self.num_computed_tokens >= self.num_tokens
         return len(self.output_token_ids) >= self.max_tokens
 
     def add_placeholder(self) -> int:

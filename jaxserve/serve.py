@@ -243,9 +243,9 @@ def make_engine(config: ServeConfig, task: str) -> Engine:
     """The thread-hosted engine for ``task`` (not started)."""
     if task == "embed":
         from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
-        from jaxserve.engine.embedding_engine import EmbeddingEngine
+        from jaxserve.engine.pooling_engine import build_embedding_engine
 
-        return AsyncEmbeddingEngine(lambda: EmbeddingEngine(config), log_requests=config.enable_log_requests)
+        return AsyncEmbeddingEngine(lambda: build_embedding_engine(config), log_requests=config.enable_log_requests)
     from jaxserve.engine.async_engine import AsyncEngine
     from jaxserve.engine.llm_engine import LLMEngine
 

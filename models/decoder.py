@@ -131,13 +131,25 @@ class DecoderForCausalLM(nnx.Module):
         ``kv_caches`` holds one cache per layer, laid out by the attention backend; the updated list
         is returned.
         """
+        h, new_caches = self.final_hidden(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
+        return self.lm_head(h.astype(jnp.float32)), new_caches
+
+    def final_hidden(
+        self,
+        tokens_T: jax.Array,
+        positions_T: jax.Array,
+        kv_caches: list[KVCache],
+        meta: AttentionMetadata,
+        indices_B: jax.Array,
+    ) -> tuple[jax.Array, list[KVCache]]:
+        """Run every token of the batch; return the final-norm hidden states [B, D] at ``indices_B``
+        (the LM head's input; a paged embedder's last-token state) and the updated caches."""
         x = self.embed_tokens(tokens_T).astype(self.compute_dtype)
         new_caches = []
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             x, cache = layer(x, positions_T, cache, meta)
             new_caches.append(cache)
-        h = self.norm(x[logits_indices_B])
-        return self.lm_head(h.astype(jnp.float32)), new_caches
+        return self.norm(x[indices_B]), new_caches
 
     def hidden_states(self, tokens_BL: jax.Array, mask_BL: jax.Array) -> jax.Array:
         """Final-norm hidden states [B, L, D] of right-padded rows, without a KV cache (embedders).

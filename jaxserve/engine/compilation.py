@@ -10,7 +10,8 @@ step's shape.
 Steps with a request that needs logit bias or penalties carry per-row token histories
 (``extras``); to keep compiles few, such steps use the largest bucket of their family. Steps with
 a grammar-constrained row (structured outputs) also carry the packed token mask (``grammar``): the
-largest bucket of their family with extras and mask, two more compiles.
+largest bucket of their family with extras and mask, two more compiles. A pooling engine (a
+decoder embedder: no sampling) has neither (``sampling=False``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class BucketPolicy:
     max_num_batched_tokens: int
     min_prefill_tokens: int = 16
     min_decode_batch: int = 1
+    sampling: bool = True  # False: no extras or grammar shapes (a pooling engine never samples)
 
     def __post_init__(self) -> None:
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -89,6 +91,8 @@ class BucketPolicy:
     def all_shapes(self) -> list[StepShape]:
         shapes = {self.decode_shape(b) for b in self.decode_sizes}
         shapes |= {self.mixed_shape(t) for t in self.prefill_sizes}
+        if not self.sampling:
+            return sorted(shapes)
         shapes |= {self._extras_shape(True), self._extras_shape(False)}
         shapes |= {dataclasses.replace(s, grammar=True) for s in (self._extras_shape(True), self._extras_shape(False))}
         return sorted(shapes)

@@ -2,9 +2,11 @@
 as an embedder. Either is a graph, its parameters, a forward over right-padded ``[B, L]`` rows
 giving token states, and the pooling read from the checkpoint (or ``--pooling`` for a decoder).
 
-A decoder embedder runs its causal forward without a KV cache (``DecoderForCausalLM.hidden_states``:
-dense causal attention under a key padding mask, positions 0..len-1), so it shares the encoder's
-bucketed, compiled-at-start-up path.
+A decoder embedder with last-token pooling runs on the paged engine instead
+(``engine/pooling_engine.py``: prefill-only requests, prefix caching); one with another pooling
+(mean, cls, max: every token's state is needed) runs its causal forward here without a KV cache
+(``DecoderForCausalLM.hidden_states``: dense causal attention under a key padding mask, positions
+0..len-1), sharing the encoder's bucketed, compiled-at-start-up path.
 """
 
 from __future__ import annotations
@@ -78,7 +80,16 @@ def decoder_pooling(config: ServeConfig, source: ModelSource) -> tuple[PoolingCo
     return PoolingConfig("lasttoken", normalize=True), None
 
 
-def _matryoshka(source: ModelSource) -> tuple[int, ...] | None:
+def uses_paged_engine(config: ServeConfig, source: ModelSource) -> bool:
+    """Whether an ``embed`` model runs on the paged engine (a decoder with last-token pooling: its KV
+    cache and prefix caching) rather than the cache-free bucketed path."""
+    if source.kind == "hf" and is_encoder_checkpoint(source.path):
+        return False
+    return decoder_pooling(config, source)[0].mode == "lasttoken"
+
+
+def matryoshka_dimensions(source: ModelSource) -> tuple[int, ...] | None:
+    """A decoder checkpoint's Matryoshka declaration (config.json), as ``EmbedInfo`` wants it."""
     path = source.path / "config.json" if source.kind == "hf" else None
     hf = json.loads(path.read_text()) if path is not None and path.is_file() else {}
     dims = hf.get("matryoshka_dimensions")
@@ -98,4 +109,4 @@ def _load_decoder(config: ServeConfig, source: ModelSource) -> Embedder:
     positions = cfg.max_position_embeddings
     return Embedder(loaded.graphdef, loaded.state, lambda m, ids, mask: m.hidden_states(ids, mask), pooling,
                     positions, st_len or min(positions, DECODER_DEFAULT_MAX_LEN), cfg.vocab_size, cfg.hidden_size, 0,
-                    _matryoshka(source))
+                    matryoshka_dimensions(source))

@@ -70,6 +70,10 @@ def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
     return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * jnp.dtype(loaded.compute_dtype).itemsize
 
 
+def _abstract(a: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
+
+
 def _local(x: jax.Array) -> np.ndarray:
     """A replicated array's value from this process's first shard (works across hosts too)."""
     return np.asarray(x.addressable_shards[0].data)
@@ -155,19 +159,22 @@ class ModelRunner:
         # Variables) on every call costs host time on the serving path.
         self._params, state_def = jax.tree_util.tree_flatten(loaded.state)
         rep = plan.replicated
-        state_sh = [a.sharding for a in self._params]
-        kv_shs = [kv_sh] * loaded.config.num_layers
-        # Host inputs are replicated; parameters and KV pages keep their shardings.
-        self.step_fn = jax.jit(
-            build_step(loaded.graphdef, state_def),
-            donate_argnums=(1,),
-            in_shardings=(state_sh, kv_shs, rep, rep, rep, rep, rep, rep, rep, rep, rep),
-            out_shardings=(rep, rep, kv_shs),
-        )
+        self.step_fn = self._jit_step(state_def, [a.sharding for a in self._params], [kv_sh] * loaded.config.num_layers)
         self.max_rows = max(s.num_seqs for s in buckets.all_shapes())
         prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=rep)
         self._prev_tokens = prev if self.abstract else jax.device_put(jnp.zeros(prev.shape, jnp.int32), rep)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
+
+    def _jit_step(self, state_def, state_sh: list, kv_shs: list) -> Callable:
+        """The jitted step (traced per shape by ``lower``): host inputs replicated, parameters and KV
+        pages keeping their shardings, the caches donated."""
+        rep = self.loaded.plan.replicated
+        return jax.jit(
+            build_step(self.loaded.graphdef, state_def),
+            donate_argnums=(1,),
+            in_shardings=(state_sh, kv_shs, rep, rep, rep, rep, rep, rep, rep, rep, rep),
+            out_shardings=(rep, rep, kv_shs),
+        )
 
     def _allocate_caches(self, attention, num_blocks: int):
         """One zeroed cache per layer in the attention backend's layout; returns its shardings.
@@ -254,7 +261,7 @@ class ModelRunner:
         extras = LogitsExtras(i32(b, e), f32(b, e), i32(b, hl), i32(b, hl), f32(b), f32(b), f32(b))
         t = shape.num_tokens
         mask = i32(b, mask_width(self.vocab_size) if shape.grammar else 0)
-        return i32(self.max_rows), i32(t), i32(t), i32(t), meta, i32(b), sampling, extras, mask
+        return i32(t), i32(t), i32(t), meta, i32(b), sampling, extras, mask
 
     def lower(self, shape: StepShape) -> jax.stages.Lowered:
         """The step of ``shape`` lowered for this process's devices."""
@@ -262,9 +269,11 @@ class ModelRunner:
 
     def abstract_args(self, shape: StepShape) -> tuple:
         """The step's arguments as shapes with shardings (also for exporting to another platform)."""
-        sds = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)  # noqa: E731
-        return (jax.tree.map(sds, self._params), jax.tree.map(sds, self.kv_caches), sds(self._prev_tokens),
-                *self._abstract_inputs(shape)[1:])
+        return (*self._abstract_state(), _abstract(self._prev_tokens), *self._abstract_inputs(shape))
+
+    def _abstract_state(self) -> tuple:
+        """Parameters and KV caches as shapes with shardings."""
+        return jax.tree.map(_abstract, self._params), jax.tree.map(_abstract, self.kv_caches)
 
     def compile_all(self, shapes: list[StepShape] | None = None, *, progress: bool = False) -> float:
         """Compile every bucket (or ``shapes``); returns the seconds it took.
@@ -324,7 +333,7 @@ class ModelRunner:
 
     def _zero_inputs(self, shape: StepShape) -> tuple:
         """Host placeholders with the structure of ``shape``'s inputs (followers' broadcast buffers)."""
-        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._abstract_inputs(shape)[1:])
+        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._abstract_inputs(shape))
 
     def _run(self, shape: StepShape, inputs: tuple) -> tuple[jax.Array, LogprobsOut]:
         tokens, logprobs, self.kv_caches = self._compiled[shape](

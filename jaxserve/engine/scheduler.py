@@ -30,9 +30,15 @@ class ScheduledRequest:
     num_tokens: int
 
     @property
-    def samples(self) -> bool:
-        """True if this chunk reaches the end of the sequence, so its last logits are sampled."""
+    def reaches_end(self) -> bool:
+        """This chunk computes the sequence's last token (a prompt's last chunk, or a decode)."""
         return self.start + self.num_tokens == self.request.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True if this chunk reaches the end of a generating sequence, so its last logits are
+        sampled (a prefill-only request's last chunk is pooled instead)."""
+        return self.reaches_end and not self.request.prefill_only
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,5 +1,7 @@
 """A decoder (tiny random Qwen3) served as an embedder equals HF transformers' hidden states pooled the
-same way (last token or mean, then L2-normalised), batched with mixed lengths and one by one (float32)."""
+same way (last token or mean, then L2-normalised), batched with mixed lengths and one by one (float32).
+Last-token pooling runs on the paged engine (prompts over 16 tokens chunked across steps), mean
+pooling on the cache-free bucketed path."""
 
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ MAX_ABS = 2e-5
 
 def _engine(directory: Path, pooling: str, max_len: int = 32):
     from jaxserve.config import ServeConfig
-    from jaxserve.engine.embedding_engine import EmbeddingEngine
+    from jaxserve.engine.pooling_engine import build_embedding_engine
 
-    return EmbeddingEngine(ServeConfig(model=str(directory), task="embed", pooling=pooling, dtype="float32",
-                                       max_model_len=max_len, max_num_seqs=2, max_num_batched_tokens=64,
-                                       compilation_cache_dir=""))
+    return build_embedding_engine(ServeConfig(
+        model=str(directory), task="embed", pooling=pooling, dtype="float32", max_model_len=max_len, max_num_seqs=2,
+        max_num_batched_tokens=64, kv_cache_memory_gib=1 / 256, compilation_cache_dir=""))
 
 
 @pytest.fixture(scope="module")
@@ -52,15 +54,24 @@ def _reference(torch_model, token_ids: list[list[int]], pooling: str) -> np.ndar
 
 @pytest.mark.hf_reference
 @pytest.mark.parametrize("pooling", ["last", "mean"])
-def test_decoder_embedder_equals_hf(qwen3, token_ids, pooling):
+def test_decoder_embedder_equals_hf(qwen3, qwen3_paged_embedder, token_ids, pooling):
+    from jaxserve.engine.embedding_engine import EmbeddingEngine
+    from jaxserve.engine.pooling_engine import PoolingEngine
+
     directory, torch_model = qwen3
-    engine = _engine(directory, pooling)
-    assert engine.model.pooling.normalize and engine.info.max_model_len == 32
+    if pooling == "last":
+        engine = qwen3_paged_embedder
+        assert isinstance(engine, PoolingEngine) and engine.pooling.normalize
+        assert engine.config.max_num_batched_tokens < max(LENGTHS)  # the longest prompts are chunked
+    else:
+        engine = _engine(directory, pooling)
+        assert isinstance(engine, EmbeddingEngine) and engine.model.pooling.normalize
+        assert engine.info.max_model_len == 32 and len(engine._compiled) == 4  # (1|2) x (16|32)
     ref = _reference(torch_model, token_ids, pooling)
     with _Compiles() as compiles:
         batched = engine.embed(token_ids)
         one_by_one = np.stack([engine.embed([t])[0] for t in token_ids])
-    assert compiles == [] and len(engine._compiled) == 4  # (1|2) x (16|32), all compiled at start-up
+    assert compiles == []  # every shape was compiled at start-up
     assert np.abs(batched - ref).max() <= MAX_ABS
     assert np.abs(one_by_one - ref).max() <= MAX_ABS
     other = _reference(torch_model, token_ids, "mean" if pooling == "last" else "last")
@@ -91,10 +102,11 @@ def test_decoder_pooling_from_modules_json(tmp_path):
 @pytest.mark.hf_reference
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_other_families_last_token(hf_checkpoints, token_ids, arch):
-    """Llama (no q/k norm) and Qwen2 (q/k/v bias, tied embeddings) through the same cache-free path."""
+    """Llama (no q/k norm) and Qwen2 (q/k/v bias, tied embeddings) through the same paged path."""
     directory, torch_model = hf_checkpoints(arch)
     short = [t for t in token_ids if len(t) <= 16]
     engine = _engine(directory, "last", max_len=16)
+    assert type(engine).__name__ == "PoolingEngine"  # build_embedding_engine's choice for last-token pooling
     assert np.abs(engine.embed(short) - _reference(torch_model, short, "last")).max() <= MAX_ABS
 
 
@@ -107,7 +119,7 @@ def test_served_with_runner_pooling(qwen3, token_ids, tmp_path_factory):
     directory, torch_model = qwen3
     server = start_server(tmp_path_factory, "qwen3-embed", [
         "--model", str(directory), "--runner", "pooling", "--served-model-name", "qemb", "--max-model-len", "32",
-        "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--dtype", "float32"])
+        "--max-num-seqs", "2", "--max-num-batched-tokens", "64", "--dtype", "float32", "--kv-cache-memory-gib", "0.01"])
     try:
         resp = httpx.post(f"{server.base_url}/v1/embeddings", json={"model": "qemb", "input": token_ids}, timeout=60)
         assert resp.status_code == 200, resp.text
