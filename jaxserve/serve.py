@@ -22,20 +22,25 @@ if TYPE_CHECKING:  # jax, uvicorn and the engine load only once the configuratio
 
     from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
     from jaxserve.engine.async_engine import AsyncEngine
+    from jaxserve.engine.kv_cache_size import DeviceMemory
 
     Engine = AsyncEngine | AsyncEmbeddingEngine
 
 logger = logging.getLogger("jaxserve")
 
 
-def setup_runtime(config: ServeConfig) -> None:
-    """Logging and the persistent XLA compilation cache (so restarts skip compiles)."""
+def setup_runtime(config: ServeConfig, memory_share: float | None = None) -> None:
+    """Logging, XLA's accelerator pool (``memory_share`` of the card: the served models' shares
+    together; more than the card leaves jax's default for ``check_memory`` to refuse), and the
+    persistent XLA compilation cache (so restarts skip compiles)."""
     logging.basicConfig(
         level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     from jaxserve.engine.kv_cache_size import reserve_device_memory
 
-    reserve_device_memory(config.gpu_memory_utilization)  # before jax starts a GPU backend
+    share = config.gpu_memory_utilization if memory_share is None else memory_share
+    if share <= 1.0:
+        reserve_device_memory(share)  # before jax starts a GPU backend
     import jax
 
     if config.compilation_cache_dir:
@@ -90,8 +95,9 @@ def cli_argv(argv: list[str]) -> list[str]:
 
 
 def watch_engines(engines: list[Engine], server: uvicorn.Server, configs: list[ServeConfig]) -> None:
-    """Runs beside the server: starts the engines one after another (embedding models first, so a
-    generate model's KV budget sees what they took), says "ready", starts the stats logs, and stops
+    """Runs beside the server: starts the engines one after another (embedding models first; one at a
+    time, so each paged model's KV budget knows which device bytes the others hold), says "ready",
+    starts the stats logs, and stops
     the server when an engine fails to start or its loop dies (the process then exits non-zero)."""
     from jaxserve.engine.async_engine import EngineDeadError, EngineState
     from jaxserve.engine.stats_logger import StatsLogger
@@ -117,22 +123,50 @@ def watch_engines(engines: list[Engine], server: uvicorn.Server, configs: list[S
         server.should_exit = True
 
 
-def check_memory(configs: list[ServeConfig], tasks: list[str], platform: str) -> None:
-    """Every model's budget fits beside the others', or a one-line ConfigError naming the one that does not:
-    on CPU the KV caches' --kv-cache-memory-gib against the host's available memory; on accelerators the
-    --gpu-memory-utilization shares of the card (one generate model per process there)."""
-    generate = [c for c, t in zip(configs, tasks, strict=True) if t == "generate"]
+def holds_kv_cache(config: ServeConfig, task: str) -> bool:
+    """Whether the model runs on the paged engine (generate, or a last-token decoder embedder)."""
+    if task == "generate":
+        return True
+    from jaxserve.engine.embedders import uses_paged_engine
+
+    return uses_paged_engine(config, resolve_model_source(config.model))
+
+
+def check_memory(configs: list[ServeConfig], kv_cache: list[bool], platform: str,
+                 device: DeviceMemory | None = None) -> None:
+    """Every model's budget fits beside the others', or a one-line ConfigError naming the one that does not.
+
+    CPU: the KV caches' --kv-cache-memory-gib (models with ``kv_cache``) against the host's available
+    memory. Accelerators: each model's --gpu-memory-utilization is its share of the card (as for
+    several vLLM processes on one GPU); with several models the shares, added in order, must fit in
+    XLA's pool (``device``; ``setup_runtime`` sized it to their sum). One model keeps its share within
+    whatever pool there is (``kv_cache_size.device_budget_bytes``).
+    """
     if platform == "cpu":
         available = _available_host_gib()
         total = 0.0
-        for c in generate:
+        for c in (c for c, kv in zip(configs, kv_cache, strict=True) if kv):
             total += c.kv_cache_memory_gib
             if available is not None and total > available:
                 raise ConfigError(f"model {c.model_name}: its KV cache ({c.kv_cache_memory_gib:g} GiB) does not fit: "
                                   f"the models' caches need {total:g} GiB, this host has {available:.1f} GiB available")
-    elif len(generate) > 1:
-        raise ConfigError(f"model {generate[1].model_name}: one generate model per process on {platform} "
-                          "(each sizes its KV cache from the card's free memory)")
+        return
+    if len(configs) == 1:
+        return
+    if device is None:
+        from jaxserve.engine.kv_cache_size import device_memory
+
+        device = device_memory(platform)
+    total = 0.0
+    for c in configs:
+        total += c.gpu_memory_utilization
+        if total > min(1.0, device.pool_fraction) + 1e-9:
+            room = ("more than the whole device" if total > 1.0 + 1e-9 else
+                    f"more than XLA's pool holds ({device.pool_fraction:g} of it, XLA_PYTHON_CLIENT_MEM_FRACTION)")
+            raise ConfigError(
+                f"model {c.model_name}: its --gpu-memory-utilization share ({c.gpu_memory_utilization:g} of the "
+                f"{device.card_bytes / (1 << 30):.1f} GiB {platform} device) does not fit: the models' shares add up "
+                f"to {total:g}, {room}; give each models: entry its own gpu-memory-utilization")
 
 
 def _available_host_gib() -> float | None:
@@ -154,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     config = configs[0]  # the server settings (the same in every entry)
-    setup_runtime(config)
+    setup_runtime(config, sum(c.gpu_memory_utilization for c in configs))
     from jaxserve.engine.multihost import initialize, shutdown
 
     initialize(config.num_processes, config.process_id, config.coordinator_address)
@@ -162,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         tasks = [preflight(c) for c in configs]
-        check_memory(configs, tasks, jax.default_backend())
+        check_memory(configs, [holds_kv_cache(c, t) for c, t in zip(configs, tasks, strict=True)],
+                     jax.default_backend())
     except ValueError as e:  # TensorParallelError, unsupported architecture, bad checkpoint config, memory
         print(f"error: {e}", file=sys.stderr)
         return 2

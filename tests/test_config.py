@@ -151,12 +151,35 @@ def test_memory_budgets_are_checked_per_model(monkeypatch):
 
     a, b = ServeConfig(model="a", kv_cache_memory_gib=3), ServeConfig(model="b", kv_cache_memory_gib=2)
     monkeypatch.setattr(serve, "_available_host_gib", lambda: 4.0)
-    serve.check_memory([a, ServeConfig(model="e")], ["generate", "embed"], "cpu")
+    serve.check_memory([a, ServeConfig(model="e")], [True, False], "cpu")  # no KV cache: an encoder
     with pytest.raises(ConfigError, match=r"^model b: its KV cache \(2 GiB\) does not fit: the models' caches need "
                        r"5 GiB, this host has 4.0 GiB available$"):
-        serve.check_memory([a, b], ["generate", "generate"], "cpu")
-    with pytest.raises(ConfigError, match="model b: one generate model per process on gpu"):
-        serve.check_memory([a, b], ["generate", "generate"], "gpu")
+        serve.check_memory([a, b], [True, True], "cpu")  # b: a generate model or a paged decoder embedder
+
+
+def test_accelerator_shares_are_checked_per_model():
+    """On accelerators each model's --gpu-memory-utilization is its share of the card; the shares,
+    added in order, must fit in XLA's pool: the first model that does not is named (fake device)."""
+    from jaxserve import serve
+    from jaxserve.config import ServeConfig
+    from jaxserve.engine.kv_cache_size import DeviceMemory
+
+    card = 80 << 30
+    chat, embed = ServeConfig(model="chat", gpu_memory_utilization=0.7), ServeConfig(model="e", gpu_memory_utilization=0.2)
+    pool = DeviceMemory(int(0.9 * card), 0.9)  # serve sized the pool to the shares' sum
+    serve.check_memory([chat, embed], [True, False], "gpu", pool)
+    serve.check_memory([ServeConfig(model="one")], [True], "gpu", DeviceMemory(int(0.5 * card), 0.5))  # as before
+    third = ServeConfig(model="third", gpu_memory_utilization=0.2)
+    with pytest.raises(ConfigError, match=r"^model third: its --gpu-memory-utilization share \(0.2 of the 80.0 GiB "
+                       r"gpu device\) does not fit: the models' shares add up to 1.1, more than the whole device; give "
+                       r"each models: entry its own gpu-memory-utilization$"):
+        serve.check_memory([chat, embed, third], [True, False, True], "gpu", pool)
+    with pytest.raises(ConfigError, match=r"^model e: .* add up to 0.9, more than XLA's pool holds \(0.75 of it, "
+                       r"XLA_PYTHON_CLIENT_MEM_FRACTION\)"):
+        serve.check_memory([chat, embed], [True, False], "gpu", DeviceMemory(int(0.75 * card), 0.75))
+    defaults = [ServeConfig(model="a"), ServeConfig(model="b")]  # 0.9 each: the second is named
+    with pytest.raises(ConfigError, match=r"^model b: .* add up to 1.8, more than the whole device"):
+        serve.check_memory(defaults, [True, True], "gpu", pool)
 
 
 def test_hf_overrides_declare_matryoshka(minilm_dir, lookback_model):

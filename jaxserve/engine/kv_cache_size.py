@@ -1,7 +1,14 @@
-"""How many KV blocks fit: a memory budget on accelerators, a fixed GiB budget on CPU."""
+"""How many KV blocks fit: a memory budget on accelerators, a fixed GiB budget on CPU.
+
+On accelerators each model's ``--gpu-memory-utilization`` is its share of the card (vLLM's meaning;
+with several models in one process, as with several vLLM processes on one GPU, each gets its own
+share): its weights, activations and KV cache fit in that share. ``serve.check_memory`` checks
+that the shares fit in XLA's pool before any model loads.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -27,14 +34,47 @@ def reserve_device_memory(fraction: float) -> None:
     os.environ.setdefault(XLA_POOL_ENV, str(fraction))
 
 
+def pool_fraction() -> float:
+    """The share of the card XLA's pool holds (``XLA_PYTHON_CLIENT_MEM_FRACTION``, 0.75 when unset)."""
+    return float(os.environ.get(XLA_POOL_ENV) or XLA_DEFAULT_POOL)
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceMemory:
+    """One accelerator's memory as this process sees it: XLA's pool and the share of the card it is."""
+
+    bytes_limit: int
+    pool_fraction: float
+
+    @property
+    def card_bytes(self) -> float:
+        return self.bytes_limit / self.pool_fraction
+
+
+def device_stats() -> dict:
+    """The first local device's allocator statistics (``bytes_limit``, ``bytes_in_use``; {} on CPU)."""
+    return jax.local_devices()[0].memory_stats() or {}
+
+
+def device_memory(platform: str) -> DeviceMemory:
+    limit = device_stats().get("bytes_limit")
+    if limit is None:
+        raise RuntimeError(f"cannot read the {platform} device's memory size; set --num-kv-blocks")
+    return DeviceMemory(limit, pool_fraction())
+
+
+def device_bytes_in_use(platform: str) -> int:
+    """Bytes this process holds on its first device now (0 on CPU): what models loaded earlier took."""
+    return 0 if platform == "cpu" else int(device_stats().get("bytes_in_use", 0))
+
+
 def device_budget_bytes(config: ServeConfig, bytes_limit: int) -> int:
     """Bytes this process may use on one device: ``gpu_memory_utilization`` of the card, within XLA's pool.
 
     ``bytes_limit`` is the pool (its fraction of the card is ``XLA_PYTHON_CLIENT_MEM_FRACTION``,
     0.75 when unset), so the card's size is ``bytes_limit / fraction``.
     """
-    pool = float(os.environ.get(XLA_POOL_ENV) or XLA_DEFAULT_POOL)
-    return min(bytes_limit, int(config.gpu_memory_utilization * bytes_limit / pool))
+    return min(bytes_limit, int(config.gpu_memory_utilization * bytes_limit / pool_fraction()))
 
 
 def activation_reserve_bytes(config: ServeConfig, loaded: LoadedModel) -> int:
@@ -47,11 +87,14 @@ def activation_reserve_bytes(config: ServeConfig, loaded: LoadedModel) -> int:
     return max(256 << 20, 2 * (t * per_token + logits))
 
 
-def num_kv_blocks(config: ServeConfig, loaded: LoadedModel, max_model_len: int, platform: str) -> int:
+def num_kv_blocks(
+    config: ServeConfig, loaded: LoadedModel, max_model_len: int, platform: str, *, in_use_before: int = 0
+) -> int:
     """Blocks to allocate (including the reserved null block); errors if one full sequence won't fit.
 
     On CPU the GiB budget is for the whole cache; on accelerators the budget is per device and the
-    cache is split by KV heads over the tensor-parallel devices.
+    cache is split by KV heads over the tensor-parallel devices. ``in_use_before``: device bytes
+    held before this model loaded (other models'); the model's share pays only for its own.
     """
     block_bytes = kv_block_bytes(loaded, config.block_size)
     if config.num_kv_blocks is not None:
@@ -63,17 +106,16 @@ def num_kv_blocks(config: ServeConfig, loaded: LoadedModel, max_model_len: int, 
             "to accelerators only", config.kv_cache_memory_gib, config.gpu_memory_utilization,
         )
     else:
-        stats = jax.local_devices()[0].memory_stats() or {}
-        limit = stats.get("bytes_limit")
-        if limit is None:
-            raise RuntimeError(f"cannot read the {platform} device's memory size; set --num-kv-blocks")
-        in_use = stats.get("bytes_in_use", 0)
-        budget = device_budget_bytes(config, limit) - in_use - activation_reserve_bytes(config, loaded)
-        blocks = budget * loaded.plan.tp // block_bytes  # each device holds 1/tp of every block
+        limit = device_memory(platform).bytes_limit
+        in_use = device_bytes_in_use(platform)
+        own = in_use - in_use_before  # this model's weights so far
+        # Its share pays for its own weights; the pool's free bytes bound it too.
+        budget = min(device_budget_bytes(config, limit) - own, limit - in_use) - activation_reserve_bytes(config, loaded)
+        blocks = max(budget, 0) * loaded.plan.tp // block_bytes  # each device holds 1/tp of every block
         logger.info(
-            "device pool %.1f GiB, allowed %.1f GiB (--gpu-memory-utilization %.2f), in use %.1f GiB, KV budget %.1f GiB",
-            limit / GIB, device_budget_bytes(config, limit) / GIB, config.gpu_memory_utilization, in_use / GIB,
-            max(budget, 0) / GIB,
+            "device pool %.1f GiB, this model's share %.1f GiB (--gpu-memory-utilization %.2f), its weights %.1f GiB, "
+            "other models' %.1f GiB, KV budget %.1f GiB", limit / GIB, device_budget_bytes(config, limit) / GIB,
+            config.gpu_memory_utilization, own / GIB, in_use_before / GIB, max(budget, 0) / GIB,
         )
     needed = -(-max_model_len // config.block_size) + 1
     if blocks < needed:

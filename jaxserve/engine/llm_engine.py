@@ -24,7 +24,7 @@ from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.compilation import BucketPolicy
 from jaxserve.engine.grammar import GrammarCompiler
 from jaxserve.engine.interface import AdmittedRequest, EngineInfo, EngineMetrics, admit
-from jaxserve.engine.kv_cache_size import num_kv_blocks
+from jaxserve.engine.kv_cache_size import device_bytes_in_use, num_kv_blocks
 from jaxserve.engine.model_runner import ModelRunner, StepHandle
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput
 from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -87,8 +87,9 @@ class LLMEngine:
         self.grammars = GrammarCompiler(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
         backend = resolve_backend(config.attention_backend, platform)
         logger.info("start-up 2/4: reading weights (%s)", source.path)
+        in_use_before = device_bytes_in_use(platform)  # other models' (several in one process)
         loaded = self._load_weights(source, dtype, platform, backend, progress)
-        blocks = num_kv_blocks(config, loaded, self.max_model_len, platform)
+        blocks = num_kv_blocks(config, loaded, self.max_model_len, platform, in_use_before=in_use_before)
         self.runner = self._build_runner(loaded, blocks, dtype, platform, backend)
         load_s = time.perf_counter() - t0
         logger.info(
