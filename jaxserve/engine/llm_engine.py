@@ -62,6 +62,11 @@ class InflightStep:
     handle: StepHandle
 
 
+def min_decode_batch(dtype: jax.numpy.dtype, platform: str) -> int:
+    """XLA:CPU's one-row bf16 product is a slow path; a padding row makes it a fast bf16 GEMM."""
+    return 2 if platform == "cpu" and jax.numpy.dtype(dtype) != jax.numpy.float32 else 1
+
+
 class LLMEngine:
     """Continuous-batching generation over a paged KV cache."""
 
@@ -156,9 +161,8 @@ class LLMEngine:
         self, loaded: LoadedModel, blocks: int, dtype: jax.numpy.dtype, platform: str, backend: str
     ) -> ModelRunner:
         config = self.config
-        # XLA:CPU's one-row bf16 product is a slow path; a padding row makes it a fast bf16 GEMM.
-        min_decode = 2 if platform == "cpu" and jax.numpy.dtype(dtype) != jax.numpy.float32 else 1
-        buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens, min_decode_batch=min_decode)
+        buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens,
+                               min_decode_batch=min_decode_batch(dtype, platform))
         return ModelRunner(
             loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets,
             backend=backend,

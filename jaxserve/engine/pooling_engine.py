@@ -26,7 +26,7 @@ from jaxserve.config import ServeConfig
 from jaxserve.engine.compilation import BucketPolicy
 from jaxserve.engine.embedders import decoder_pooling, matryoshka_dimensions, uses_paged_engine
 from jaxserve.engine.embedding_engine import EmbeddingEngine, EmbedInfo
-from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.llm_engine import LLMEngine, min_decode_batch
 from jaxserve.engine.pooled_results import PooledOutput, PooledResults
 from jaxserve.engine.pooling_runner import PoolingHandle, PoolingRunner
 from jaxserve.engine.step_results import LaunchedStep
@@ -88,7 +88,8 @@ class PoolingEngine(LLMEngine):
         return PoolingRunner(
             loaded, pooling=self.pooling, num_blocks=blocks, block_size=c.block_size,
             max_model_len=self.max_model_len, backend=backend,
-            buckets=BucketPolicy(c.max_num_seqs, c.max_num_batched_tokens, sampling=False),
+            buckets=BucketPolicy(c.max_num_seqs, c.max_num_batched_tokens,
+                                 min_decode_batch=min_decode_batch(dtype, platform), sampling=False),
         )
 
     @property
