@@ -63,3 +63,21 @@ def test_an_abstract_runner_cannot_serve():
     runner = abstract_runner("h100", 1)
     with pytest.raises(RuntimeError, match="was not compiled"):
         runner.dispatch([], [], {})
+
+
+@pytest.mark.parametrize("device", ["h100", "v5e"])
+def test_pooling_steps_lower(device):
+    """A decoder embedder's paged step (``PoolingRunner``: no LM head, no sampling) lowers with the
+    device's attention kernel too."""
+    from jaxserve.engine.pooling_runner import PoolingRunner
+    from jaxserve.models.bert import PoolingConfig
+
+    plan = ShardingPlan(abstract_mesh(device, 1), kv_replication(CONFIG, 1))
+    loaded = abstract_loaded_model(CONFIG, jnp.bfloat16, backend=BACKEND[device], compute_dtype=jnp.bfloat16,
+                                   plan=plan)
+    runner = PoolingRunner(loaded, pooling=PoolingConfig("lasttoken", True), num_blocks=256, block_size=16,
+                           max_model_len=1024, buckets=BucketPolicy(32, 256, sampling=False), backend=BACKEND[device])
+    shape = max(runner.buckets.all_shapes())
+    text = export(runner.step_fn, runner.abstract_args(shape), device, plan.mesh).mlir_module()
+    assert KERNEL_CALL["cuda" if device == "h100" else "tpu"] in text
+    assert f"tensor<{shape.num_seqs}x{CONFIG.hidden_size}xf32>" in text
