@@ -165,7 +165,7 @@ class ModelRunner:
         self._prev_tokens = prev if self.abstract else jax.device_put(jnp.zeros(prev.shape, jnp.int32), rep)
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
 
-    def _jit_step(self, state_def, state_sh: list, kv_shs: list) -> Callable:
+    def _jit_step(self, state_def: jax.tree_util.PyTreeDef, state_sh: list, kv_shs: list) -> Callable:
         """The jitted step (traced per shape by ``lower``): host inputs replicated, parameters and KV
         pages keeping their shardings, the caches donated."""
         rep = self.loaded.plan.replicated

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.tree_util import PyTreeDef
 
 from jaxserve.engine.compilation import BucketPolicy, StepShape
 from jaxserve.engine.model_runner import ModelRunner, _local
@@ -29,7 +30,7 @@ from jaxserve.weights.loader import LoadedModel
 POOLED_MODES = ("lasttoken",)  # poolings that need only the last token's state (prefix caching keeps them exact)
 
 
-def build_pooling_step(graphdef: nnx.GraphDef, state_def, pooling: PoolingConfig) -> Callable:
+def build_pooling_step(graphdef: nnx.GraphDef, state_def: PyTreeDef, pooling: PoolingConfig) -> Callable:
     """The device step of a pooling engine: forward over the flat batch; pooled vectors [B, D] f32."""
     if pooling.mode not in POOLED_MODES:
         raise ValueError(f"pooling {pooling.mode!r} needs every token's state; the paged engine pools only "
@@ -70,7 +71,7 @@ class PoolingRunner(ModelRunner):
         super().__init__(loaded, num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
                          buckets=buckets, backend=backend)
 
-    def _jit_step(self, state_def, state_sh: list, kv_shs: list) -> Callable:
+    def _jit_step(self, state_def: PyTreeDef, state_sh: list, kv_shs: list) -> Callable:
         rep = self.loaded.plan.replicated
         return jax.jit(
             build_pooling_step(self.loaded.graphdef, state_def, self.pooling),

@@ -74,6 +74,8 @@ def test_decoder_embedder_equals_hf(qwen3, qwen3_paged_embedder, token_ids, pool
     assert compiles == []  # every shape was compiled at start-up
     assert np.abs(batched - ref).max() <= MAX_ABS
     assert np.abs(one_by_one - ref).max() <= MAX_ABS
+    # Paged: one by one, each input finds its blocks cached by the batch (its last token recomputed).
+    np.testing.assert_allclose(one_by_one, batched, rtol=0, atol=1e-6)
     other = _reference(torch_model, token_ids, "mean" if pooling == "last" else "last")
     assert np.abs(batched - other)[1:].max() > 1e-2  # the twin: the other pooling is told apart
 
