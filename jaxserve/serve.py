@@ -73,11 +73,11 @@ def preflight(config: ServeConfig) -> str:
         raise ConfigError("hf_overrides: only supported for encoder (embedding) models so far")
     model_config, _ = read_model_config(source)
     if task == "embed":
-        from jaxserve.engine.embedders import decoder_pooling
+        from jaxserve.engine.embedders import uses_paged_engine
 
-        decoder_pooling(config, source)
-        if config.tensor_parallel_size != 1 or config.num_processes != 1:
-            raise ConfigError("an embedding model runs on one device: tensor_parallel_size and num_processes must be 1")
+        if not uses_paged_engine(config, source) and (config.tensor_parallel_size != 1 or config.num_processes != 1):
+            raise ConfigError("a decoder embedder with mean, cls or max pooling runs on one device (last-token "
+                              "pooling shards): tensor_parallel_size and num_processes must be 1")
     check_tensor_parallel(model_config, config.tensor_parallel_size, len(jax.devices()))
     return task
 

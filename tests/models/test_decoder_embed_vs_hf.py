@@ -18,13 +18,13 @@ LENGTHS = (1, 5, 9, 16, 17, 30, 3)  # both length buckets (16, 32), several rows
 MAX_ABS = 2e-5
 
 
-def _engine(directory: Path, pooling: str, max_len: int = 32):
+def _engine(directory: Path, pooling: str, max_len: int = 32, tp: int = 1):
     from jaxserve.config import ServeConfig
     from jaxserve.engine.pooling_engine import build_embedding_engine
 
     return build_embedding_engine(ServeConfig(
         model=str(directory), task="embed", pooling=pooling, dtype="float32", max_model_len=max_len, max_num_seqs=2,
-        max_num_batched_tokens=64, kv_cache_memory_gib=1 / 256, compilation_cache_dir=""))
+        max_num_batched_tokens=64, kv_cache_memory_gib=1 / 256, compilation_cache_dir="", tensor_parallel_size=tp))
 
 
 @pytest.fixture(scope="module")
@@ -102,12 +102,14 @@ def test_decoder_pooling_from_modules_json(tmp_path):
 
 
 @pytest.mark.hf_reference
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_other_families_last_token(hf_checkpoints, token_ids, arch):
-    """Llama (no q/k norm) and Qwen2 (q/k/v bias, tied embeddings) through the same paged path."""
+@pytest.mark.parametrize(("arch", "tp"), [("llama", 2), ("qwen2", 1)])
+def test_other_families_last_token(hf_checkpoints, token_ids, arch, tp):
+    """Llama (no q/k norm; sharded over 2 devices) and Qwen2 (q/k/v bias, tied embeddings) through the
+    same paged path."""
     directory, torch_model = hf_checkpoints(arch)
     short = [t for t in token_ids if len(t) <= 16]
-    engine = _engine(directory, "last", max_len=16)
+    engine = _engine(directory, "last", max_len=16, tp=tp)
+    assert engine.runner.loaded.plan.tp == tp
     assert type(engine).__name__ == "PoolingEngine"  # build_embedding_engine's choice for last-token pooling
     assert np.abs(engine.embed(short) - _reference(torch_model, short, "last")).max() <= MAX_ABS
 
