@@ -86,7 +86,11 @@ class Request:
         self.num_pending = 0  # PLACEHOLDER outputs (at the end of output_token_ids)
         self.num_preemptions = 0
         self.grammar: Grammar | None = None  # structured outputs: consumes each resolved output token
+        # time.monotonic() moments for the latency histograms (engine/request_stats.py)
         self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None  # set by the scheduler when first admitted
+        self.first_token_time: float | None = None  # set when the first output token reaches the host
+        self.last_token_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -1,14 +1,15 @@
-"""``GET /metrics``: Prometheus gauges and counters from the engine's latest metrics snapshot."""
+"""``GET /metrics``: Prometheus gauges, counters and histograms from the engine's latest metrics snapshot."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from jaxserve.engine.interface import EngineMetrics
+from jaxserve.engine.request_stats import HistogramSnapshot
 
 
 ModelSnapshot = tuple[bool, EngineMetrics | None, str]  # ready, the latest snapshot (None: none yet), name
@@ -46,6 +47,8 @@ class EngineCollector(Collector):
             ("engine_steps", "Engine steps run", lambda m: m.steps),
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", lambda m: m.prefix_queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache", lambda m: m.prefix_hits),
+            ("compiles_while_serving", "XLA compiles since the engine became ready (should stay 0)",
+             lambda m: m.compiles_while_serving),
         )
         for family, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
             for name, doc, value in table:
@@ -53,6 +56,27 @@ class EngineCollector(Collector):
                 for m, model in snapshots:
                     f.add_metric([model], float(value(m)))
                 yield f
+        yield from _histograms(snapshots)
+
+
+def _histograms(snapshots: list[tuple[EngineMetrics, str]]) -> Iterator[HistogramMetricFamily]:
+    """One family per histogram name in the snapshots (each model's engine has the same names)."""
+    names = {name: h.help for m, _ in snapshots for name, h in m.histograms.items()}
+    for name, doc in names.items():
+        f = HistogramMetricFamily(f"jaxserve:{name}", doc, labels=["model_name"])
+        for m, model in snapshots:
+            h: HistogramSnapshot | None = m.histograms.get(name)
+            if h is not None:
+                f.add_metric([model], _cumulative(h), h.total)
+        yield f
+
+
+def _cumulative(h: HistogramSnapshot) -> list[tuple[str, float]]:
+    out, running = [], 0
+    for bound, count in zip([*map(str, h.buckets), "+Inf"], h.counts, strict=True):
+        running += count
+        out.append((bound, float(running)))
+    return out
 
 
 def metrics_text(models: list[ModelSnapshot]) -> bytes:

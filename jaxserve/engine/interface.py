@@ -9,10 +9,12 @@ or snapshots, so any thread may call it.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from jaxserve.engine.grammar import CompiledGrammar, GrammarCompiler
+from jaxserve.engine.request_stats import HistogramSnapshot
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
 from jaxserve.tokenizer import Tokenizer
 
@@ -57,6 +59,8 @@ class EngineMetrics:
     steps: int
     prefix_queries: int
     prefix_hits: int
+    compiles_while_serving: int = 0  # XLA compiles in this process since the engine became ready
+    histograms: Mapping[str, HistogramSnapshot] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +71,7 @@ class AdmittedRequest:
     params: SamplingParams
     max_tokens: int  # resolved: the request's own or what max_model_len leaves
     grammar: CompiledGrammar | None = None  # params.structured, compiled (None: the engine compiles it)
+    arrival_time: float = dataclasses.field(default_factory=time.monotonic)  # when admitted (latency histograms)
 
 
 def _check_ids(param: str, ids: Any, vocab: int) -> None:

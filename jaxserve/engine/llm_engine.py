@@ -25,8 +25,9 @@ from jaxserve.engine.compilation import BucketPolicy
 from jaxserve.engine.grammar import GrammarCompiler
 from jaxserve.engine.interface import AdmittedRequest, EngineInfo, EngineMetrics, admit
 from jaxserve.engine.kv_cache_size import device_bytes_in_use, num_kv_blocks
-from jaxserve.engine.model_runner import ModelRunner, StepHandle
+from jaxserve.engine.model_runner import ModelRunner, StepHandle, compiles
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput
+from jaxserve.engine.request_stats import RequestStats
 from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
 from jaxserve.engine.step_results import EngineCounters, LaunchedStep, SampledTokens, StepResults
 from jaxserve.models import ModelConfig
@@ -114,7 +115,9 @@ class LLMEngine:
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self.counters = EngineCounters()
-        self.results = StepResults(self.scheduler, self.outputs, self.counters)
+        self.request_stats = RequestStats(self.max_model_len)
+        self.results = StepResults(self.scheduler, self.outputs, self.counters, self.request_stats)
+        self._compiles_at_ready = compiles.value
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self.async_scheduling = config.async_scheduling
@@ -202,6 +205,8 @@ class LLMEngine:
             generation_tokens=c.generation_tokens, requests_finished=c.requests_finished,
             requests_aborted=c.requests_aborted, steps=c.steps,
             prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits,
+            compiles_while_serving=compiles.value - self._compiles_at_ready,
+            histograms=self.request_stats.snapshot(),
         )
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> AdmittedRequest:
@@ -219,7 +224,7 @@ class LLMEngine:
         params = admitted.params
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
         req = Request(request_id, admitted.prompt_token_ids, params, max_tokens=admitted.max_tokens,
-                      eos_token_ids=self.eos_token_ids, seed=seed)
+                      eos_token_ids=self.eos_token_ids, seed=seed, arrival_time=admitted.arrival_time)
         if params.structured is not None:  # compiled off this thread by AsyncEngine; offline callers compile here
             req.grammar = (admitted.grammar or self.grammars.compile(params.structured)).matcher()
         self.scheduler.add(req)
@@ -253,6 +258,7 @@ class LLMEngine:
         the next mask exists (structured outputs: those steps are synchronous). The in-flight step
         is a value: ``_dispatch`` makes it, ``_finish`` consumes it.
         """
+        t0 = time.perf_counter()
         prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
         if prev is not None and (not self.async_scheduling or self.scheduler.needs_host_tokens):
@@ -265,6 +271,8 @@ class LLMEngine:
             outputs += self._finish(step)
             step = None
         self._inflight = step
+        if step is not None or prev is not None or outputs:
+            self.request_stats.on_step_time(time.perf_counter() - t0)
         return outputs
 
     def _dispatch(self, sched: SchedulerOutput, prev: InflightStep | None) -> InflightStep | None:

@@ -64,6 +64,23 @@ _cache_hits = _CacheHits()
 jax.monitoring.register_event_listener(_cache_hits)
 
 
+class _Compiles:
+    """XLA compiles in this process, of anything (jax times each one as an event, from any thread)."""
+
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, duration: float, **_: object) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            with self._lock:
+                self.value += 1
+
+
+compiles = _Compiles()
+jax.monitoring.register_event_duration_secs_listener(compiles)
+
+
 def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
     """Bytes one KV block takes across all layers (K and V)."""
     c = loaded.config

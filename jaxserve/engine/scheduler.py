@@ -15,6 +15,7 @@ it and ``finish`` frees it. *Which* token ends a request is decided in ``engine/
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections import deque
 
 from jaxserve.engine.block_manager import BlockManager
@@ -113,6 +114,7 @@ class Scheduler:
 
         if not preempted:
             bm = self.block_manager
+            now = time.monotonic()
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 req = self.waiting[0]
                 hits = bm.match_prefix(req)
@@ -124,6 +126,8 @@ class Scheduler:
                     bm.acquire_prefix(req, hits)
                 bm.allocate(req, n)
                 req.status = RequestStatus.RUNNING
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now
                 self.running.append(req)
                 scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n))
                 budget -= n

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 
 import numpy as np
 
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput, TokenLogprob
+from jaxserve.engine.request_stats import RequestStats
 from jaxserve.engine.scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 from jaxserve.request import NO_TOKEN, Finish, Request, RequestStatus
 
@@ -88,14 +90,18 @@ class EngineCounters:
 class StepResults:
     """Applies launched steps and their sampled tokens to the requests (see the module docstring)."""
 
-    def __init__(self, scheduler: Scheduler, outputs: OutputProcessor, counters: EngineCounters) -> None:
+    def __init__(
+        self, scheduler: Scheduler, outputs: OutputProcessor, counters: EngineCounters, stats: RequestStats
+    ) -> None:
         self.scheduler = scheduler
         self.outputs = outputs
         self.counters = counters
+        self.stats = stats
 
     def launch(self, sched: SchedulerOutput) -> LaunchedStep:
         """``sched`` was dispatched: count it, and let the scheduler advance its requests."""
         self.counters.steps += 1
+        self.stats.on_dispatch(sched.num_tokens)
         for s in sched.scheduled:
             end = min(s.start + s.num_tokens, s.request.num_prompt_tokens)
             self.counters.prompt_tokens += max(0, end - s.start)
@@ -104,6 +110,7 @@ class StepResults:
     def apply(self, step: LaunchedStep, sampled: SampledTokens) -> list[RequestOutput]:
         """Resolve ``step``'s tokens; returns an output per sampled request that is still live."""
         outputs = []
+        now = time.monotonic()
         for row, (s, slot) in enumerate(zip(step.scheduled, step.slots, strict=True)):
             req = s.request
             if req.status.finished:
@@ -118,7 +125,9 @@ class StepResults:
                                req.grammar.error)
             if slot >= 0:
                 self.counters.generation_tokens += 1
-                outputs.append(self._output(req, slot + 1, token, sampled.logprobs_for(row, req.params.logprobs)))
+                self.stats.on_token(req, now)
+                lp = sampled.logprobs_for(row, req.params.logprobs)
+                outputs.append(self._output(req, slot + 1, token, lp, now))
         return outputs
 
     def _no_token(self, req: Request, slot: int) -> RequestOutput:
@@ -130,11 +139,14 @@ class StepResults:
         text, _ = self.outputs.flush_text(req, check_stops=False)
         req.truncate_outputs(slot)
         self.counters.requests_finished += 1
+        self.stats.on_finish(req, time.monotonic())
         self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
         self.outputs.remove(req.request_id)
         return self.outputs.build(req, [], text, Finish(RequestStatus.FINISHED_STOPPED), None, slot)
 
-    def _output(self, req: Request, num_outputs: int, token: int, logprobs: list[TokenLogprob] | None) -> RequestOutput:
+    def _output(
+        self, req: Request, num_outputs: int, token: int, logprobs: list[TokenLogprob] | None, now: float
+    ) -> RequestOutput:
         """Detokenize ``token``, decide whether ``req`` is done, and free it if so."""
         text, stop_str = self.outputs.update_text(req, [token], check_stops=stop_strings_active(req, num_outputs))
         finish = decide_finish(req, num_outputs, token, stop_str)
@@ -145,6 +157,7 @@ class StepResults:
         if finish is not None:
             req.truncate_outputs(num_outputs)
             self.counters.requests_finished += 1
+            self.stats.on_finish(req, now)
             self.scheduler.finish(req, finish.status)
             self.outputs.remove(req.request_id)
         return self.outputs.build(req, [token], text, finish, logprobs, num_outputs)

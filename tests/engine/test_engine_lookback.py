@@ -153,3 +153,18 @@ def test_stop_strings_cut_the_text(lookback_model):
                 reason = (out.finish_reason, out.stop_reason)
     assert emitted == text[: text.index(stop)]
     assert reason == ("stop", stop)
+
+
+def test_four_times_the_cache_completes_through_preemption_as_if_alone(lookback_model):
+    # 10 usable blocks of 4 tokens (40 positions); 4 running requests of 40 positions each need 4x that.
+    eng = make_engine(lookback_model, num_kv_blocks=11, max_model_len=40)
+    assert eng.scheduler.block_manager.num_usable_blocks * 4 == 40
+    prompts = [list(range(1 + 5 * i, 13 + 5 * i)) for i in range(4)]
+    params = SamplingParams(temperature=0, max_tokens=28, ignore_eos=True)
+    before = eng.scheduler.num_preemptions
+    alone = [eng.generate([p], params)[0] for p in prompts]
+    assert eng.scheduler.num_preemptions == before  # one at a time fits
+    together = eng.generate(prompts, params)
+    assert eng.scheduler.num_preemptions > before
+    assert together == alone == [lookback_continue(p, 28) for p in prompts]
+    assert eng.scheduler.block_manager.num_used_blocks == 0

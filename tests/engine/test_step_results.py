@@ -7,6 +7,7 @@ import pytest
 
 from jaxserve.engine.block_manager import BlockManager
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput
+from jaxserve.engine.request_stats import RequestStats
 from jaxserve.engine.scheduler import Scheduler
 from jaxserve.engine.step_results import EngineCounters, SampledTokens, StepResults, decide_finish
 from jaxserve.request import Request, RequestStatus
@@ -26,7 +27,7 @@ def _drive(tok, params: SamplingParams, tokens: list[int], prompt: list[int] | N
     """Run one request whose sampled tokens are ``tokens``, one step each, until it finishes."""
     sched = Scheduler(BlockManager(64, 4, enable_prefix_caching=True), max_num_seqs=2, max_num_batched_tokens=64)
     outputs = OutputProcessor(tok)
-    results = StepResults(sched, outputs, EngineCounters())
+    results = StepResults(sched, outputs, EngineCounters(), RequestStats(64))
     req = Request("r", prompt or [5, 6, 7], params, max_tokens=params.max_tokens or 64, eos_token_ids=(EOS,))
     sched.add(req)
     outputs.add(req)
@@ -119,7 +120,7 @@ class _Sequence:
 def _drive_grammar(tok, params: SamplingParams, tokens: list[int], grammar: _Sequence) -> list[RequestOutput]:
     sched = Scheduler(BlockManager(64, 4, enable_prefix_caching=True), max_num_seqs=2, max_num_batched_tokens=64)
     outputs = OutputProcessor(tok)
-    results = StepResults(sched, outputs, EngineCounters())
+    results = StepResults(sched, outputs, EngineCounters(), RequestStats(64))
     req = Request("r", [5, 6, 7], params, max_tokens=params.max_tokens or 64, eos_token_ids=(EOS,))
     req.grammar = grammar
     sched.add(req)
