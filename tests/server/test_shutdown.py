@@ -69,6 +69,28 @@ def test_slow_reader_is_dropped_and_its_blocks_freed(server):
         sock.close()
 
 
+def test_a_reader_that_keeps_up_is_never_dropped(server):
+    """The twin of the test above: the same 24,000-output stream, read as it comes, is delivered whole."""
+    aborted_before = _metric(server.base_url, "request_aborted_total")
+    drops_before = server.log.read_text().count("dropped and aborted")
+    finished: dict[int, str] = {}
+    tokens = 0
+    with httpx.stream("POST", f"{server.base_url}/v1/completions", json=_dropping_body(), timeout=120) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            assert "error" not in event, event
+            choice = event["choices"][0]
+            tokens += len(choice["logprobs"]["tokens"])
+            if choice["finish_reason"] is not None:
+                finished[choice["index"]] = choice["finish_reason"]
+    assert finished == {i: "length" for i in range(24)} and tokens == 24 * LONG
+    assert _metric(server.base_url, "request_aborted_total") == aborted_before
+    assert server.log.read_text().count("dropped and aborted") == drops_before
+
+
 def _request(base_url: str, max_tokens: int, stream: bool, out: dict, started: threading.Event) -> None:
     events = []
     body = {**_body(max_tokens), "stream": stream}
