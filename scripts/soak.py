@@ -162,7 +162,7 @@ def scrape(base_url: str, api_key: str | None) -> dict[str, float]:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     text = httpx.get(f"{base_url}/metrics", headers=headers, timeout=10).text
     out: dict[str, float] = {}
-    for m in re.finditer(r"^(jaxserve:[a-z_]+)(?:\{[^}]*\})? (\S+)$", text, re.M):
+    for m in re.finditer(r"^(jaxserve:[a-z0-9_]+)(?:\{[^}]*\})? (\S+)$", text, re.M):
         out[m.group(1)] = float(m.group(2))
     return out
 
