@@ -5,7 +5,9 @@ slot each request's token fills) and the sampled ids read back from the device. 
 resolves the placeholder and registers full prefix blocks (``Scheduler.resolve``), detokenizes
 (``OutputProcessor``), decides whether the request is done (``decide_finish``: the one function
 for EOS, stop ids, stop strings, length and ``min_tokens``), and frees a finished request's blocks
-(``Scheduler.finish``). Plain Python, no jax.
+(``Scheduler.finish``). Each token and each finish is also where the latency histograms are fed
+(``request_stats.RequestStats``: time to first token, inter-token latency, per-request totals).
+Plain Python, no jax.
 """
 
 from __future__ import annotations
