@@ -39,7 +39,7 @@ test: $(VENV)/.test-deps
 
 # Without torch (no HF reference tests): used for the newest jax on Python >= 3.12.
 test-notorch: $(VENV)/.notorch-deps
-	$(PY) -m pytest -q -rs -m "not hf_reference" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs -m "not hf_reference and not nginx" $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

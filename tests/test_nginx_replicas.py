@@ -1,6 +1,7 @@
 """docs/scaling.md's nginx configuration with a real nginx and two lookback replicas
 (``scripts/nginx_replicas.py``). Needs Debian's nginx: ``.ci/run`` installs it when it can; where
-it cannot be installed this one test is skipped (it tests the environment's proxy, not our code)."""
+it cannot be installed this one test is skipped (it tests the environment's proxy, not our code).
+Marked ``nginx``: the proxy does not depend on the jax version, so only the 3.11 leg runs it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ SCRIPT = Path(__file__).parents[1] / "scripts" / "nginx_replicas.py"
 NGINX = subprocess.run(["bash", "-c", "command -v nginx || ls /usr/sbin/nginx"], capture_output=True).returncode == 0
 
 
+@pytest.mark.nginx
 @pytest.mark.skipif(not NGINX, reason="nginx is not installed (apt-get install nginx)")
 def test_two_replicas_behind_nginx(lookback_model, tmp_path):
     cmd = [sys.executable, str(SCRIPT), "--model", str(lookback_model), "--served-model-name", "lookback",
