@@ -47,7 +47,7 @@ class EngineCollector(Collector):
             ("engine_steps", "Engine steps run", lambda m: m.steps),
             ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache", lambda m: m.prefix_queries),
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache", lambda m: m.prefix_hits),
-            ("compiles_while_serving", "XLA compiles since the engine became ready (should stay 0)",
+            ("compiles_while_serving", "XLA compiles on the engine thread since it became ready (should stay 0)",
              lambda m: m.compiles_while_serving),
         )
         for family, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):

@@ -59,7 +59,7 @@ class EngineMetrics:
     steps: int
     prefix_queries: int
     prefix_hits: int
-    compiles_while_serving: int = 0  # XLA compiles in this process since the engine became ready
+    compiles_while_serving: int = 0  # XLA compiles on the engine's thread since it became ready
     histograms: Mapping[str, HistogramSnapshot] = dataclasses.field(default_factory=dict)
 
 

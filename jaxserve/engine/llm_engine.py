@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import random
+import threading
 import time
 from pathlib import Path
 from types import MappingProxyType
@@ -117,7 +118,8 @@ class LLMEngine:
         self.counters = EngineCounters()
         self.request_stats = RequestStats(self.max_model_len)
         self.results = StepResults(self.scheduler, self.outputs, self.counters, self.request_stats)
-        self._compiles_at_ready = compiles.value
+        self._thread = threading.get_ident()  # built on the thread that steps it (AsyncEngine's, or the caller's)
+        self._compiles_at_ready = compiles.on_thread(self._thread)
         self.requests: dict[str, Request] = {}
         self._rng = random.Random(config.seed)
         self.async_scheduling = config.async_scheduling
@@ -205,7 +207,7 @@ class LLMEngine:
             generation_tokens=c.generation_tokens, requests_finished=c.requests_finished,
             requests_aborted=c.requests_aborted, steps=c.steps,
             prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits,
-            compiles_while_serving=compiles.value - self._compiles_at_ready,
+            compiles_while_serving=compiles.on_thread(self._thread) - self._compiles_at_ready,
             histograms=self.request_stats.snapshot(),
         )
 

@@ -12,6 +12,7 @@ reach the host.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import logging
@@ -65,16 +66,21 @@ jax.monitoring.register_event_listener(_cache_hits)
 
 
 class _Compiles:
-    """XLA compiles in this process, of anything (jax times each one as an event, from any thread)."""
+    """XLA compiles in this process per calling thread (jax times each one as an event, on the
+    thread that compiles): the engine counts those on its own thread once it serves."""
 
     def __init__(self) -> None:
-        self.value = 0
+        self._by_thread: collections.Counter[int] = collections.Counter()
         self._lock = threading.Lock()
 
     def __call__(self, event: str, duration: float, **_: object) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             with self._lock:
-                self.value += 1
+                self._by_thread[threading.get_ident()] += 1
+
+    def on_thread(self, ident: int) -> int:
+        with self._lock:
+            return self._by_thread[ident]
 
 
 compiles = _Compiles()

@@ -43,19 +43,28 @@ def test_decode_floor_holds_with_one_sequence():
 
 
 class _Compiles:
-    """Records jax's compile events while active (the no-compile detector)."""
+    """Records jax's compile events while active (the no-compile detector). Its listener is
+    registered once and never cleared: clearing every listener would also remove the engine's own
+    (``model_runner.compiles``, the ``compiles_while_serving`` metric)."""
+
+    _active: list[list[str]] = []
 
     def __enter__(self) -> list[str]:
         self.events: list[str] = []
-        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        self._active.append(self.events)
         return self.events
 
-    def _listen(self, event: str, *args, **kwargs) -> None:
+    @classmethod
+    def listen(cls, event: str, *args, **kwargs) -> None:
         if "compile" in event:
-            self.events.append(event)
+            for events in cls._active:
+                events.append(event)
 
     def __exit__(self, *exc) -> None:
-        jax.monitoring.clear_event_listeners()
+        self._active.remove(self.events)
+
+
+jax.monitoring.register_event_duration_secs_listener(_Compiles.listen)
 
 
 def test_serving_a_varied_workload_compiles_nothing(lookback_model):

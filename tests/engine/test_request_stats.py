@@ -40,15 +40,21 @@ def test_histograms_for_known_requests(lookback_model):
     assert _delta(before, after, "iteration_tokens_total") == (steps, float(after.prompt_tokens - before.prompt_tokens
                                                                               + 14 - 2))
     assert 0 < _delta(before, after, "engine_step_time_seconds")[0] <= steps + 1
-    assert after.compiles_while_serving == 0
+    assert after.compiles_while_serving == before.compiles_while_serving  # serving compiled nothing
 
 
 def test_a_compile_while_serving_is_counted(lookback_model):
+    import threading
+
     import jax
     import jax.numpy as jnp
 
     eng = make_engine(lookback_model)
     x = jnp.arange(7)
     before = eng.metrics().compiles_while_serving
-    jax.jit(lambda x: x * 3 + 1)(x).block_until_ready()  # one new executable
+    jax.jit(lambda x: x * 3 + 1)(x).block_until_ready()  # one new executable, on the engine's thread
     assert eng.metrics().compiles_while_serving == before + 1
+    other = threading.Thread(target=lambda: jax.jit(lambda x: x * 5 - 1)(x).block_until_ready())
+    other.start()
+    other.join()
+    assert eng.metrics().compiles_while_serving == before + 1  # another thread's compile is not the engine's
