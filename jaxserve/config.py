@@ -120,6 +120,18 @@ class ServeConfig:
         "output) or deepseek_r1 (the output is reasoning up to </think>; the template opened <think>).",
         choices=(None, "qwen3", "deepseek_r1"),
     )
+    # --- LoRA adapters (vLLM's flags) --------------------------------------------------------
+    enable_lora: bool = _field(False, "Serve LoRA adapters on the base model; a request selects one by its 'model'.")
+    lora_modules: list[str] | None = _field(
+        None, "Adapters to serve: name=path (PEFT adapter directories), or JSON '{\"name\": ..., \"path\": ..., "
+        "\"base_model_name\": ...}'; several allowed.",
+    )
+    max_loras: int = _field(1, "Adapters resident on the device at once (one step mixes at most this many).")
+    max_lora_rank: int = _field(16, "Largest adapter rank accepted; every slot is padded to it.")
+    max_cpu_loras: int | None = _field(None, "Adapters kept in host memory (default: --max-loras); others are re-read.")
+    enable_lora_runtime_updates: bool = _field(
+        False, "Allow POST /v1/load_lora_adapter and /v1/unload_lora_adapter (also VLLM_ALLOW_RUNTIME_LORA_UPDATING=1)."
+    )
     # --- server ----------------------------------------------------------------------------
     host: str = _field("127.0.0.1", "Address to listen on.")
     port: int = _field(8000, "Port to listen on.")
@@ -192,10 +204,47 @@ class ServeConfig:
             raise ConfigError("coordinator_address: required when num_processes > 1 (host:port of process 0)")
         if not self.model:
             raise ConfigError("model: required (a local checkpoint directory or .gguf file)")
+        self._check_lora()
         self.requested_task  # noqa: B018 - raises on conflicting task/runner/convert
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ConfigError("enable_auto_tool_choice: needs --tool-call-parser (hermes or llama3_json)")
         self.chat_template_text  # noqa: B018 - raises when the file cannot be read
+
+    def _check_lora(self) -> None:
+        _positive(self, "max_loras", "max_lora_rank")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})")
+        if self.lora_modules and not self.enable_lora:
+            raise ConfigError("lora_modules: LoRA adapters need --enable-lora")
+        if self.enable_lora_runtime_updates and not self.enable_lora:
+            raise ConfigError("enable_lora_runtime_updates: LoRA adapters need --enable-lora")
+        names = [name for name, _ in self.lora_module_paths]
+        dup = next((n for n in names if names.count(n) > 1), None)
+        if dup is not None:
+            raise ConfigError(f"lora_modules: the adapter name {dup!r} is given twice")
+
+    @property
+    def runtime_lora_updates(self) -> bool:
+        """--enable-lora-runtime-updates, or vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING=1 (with --enable-lora)."""
+        env = os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "").lower() in ("1", "true")
+        return self.enable_lora and (self.enable_lora_runtime_updates or env)
+
+    @property
+    def lora_module_paths(self) -> list[tuple[str, str]]:
+        """``lora_modules`` as (name, path) pairs (``name=path`` or vLLM's JSON object form)."""
+        pairs = []
+        for item in self.lora_modules or []:
+            if item.lstrip().startswith("{"):
+                try:
+                    obj = json.loads(item)
+                    pairs.append((str(obj["name"]), str(obj["path"])))
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise ConfigError(f"lora_modules: {item!r} is not a JSON object with 'name' and 'path'") from None
+            elif "=" in item and item.split("=", 1)[0] and item.split("=", 1)[1]:
+                pairs.append(tuple(item.split("=", 1)))
+            else:
+                raise ConfigError(f"lora_modules: {item!r} is not name=path or a JSON object")
+        return pairs
 
     @property
     def requested_task(self) -> str:
@@ -214,6 +263,8 @@ class ServeConfig:
             task = "embed" if is_encoder else "generate"
         if is_encoder and task == "generate":
             raise ConfigError(f"task: {self.model} is an encoder (embedding) model; it cannot serve task 'generate'")
+        if task == "embed" and self.enable_lora:
+            raise ConfigError("enable_lora: LoRA adapters are served on generate models only")
         if self.pooling != "auto" and (is_encoder or task != "embed"):
             raise ConfigError(f"pooling: --pooling {self.pooling} applies only to a decoder served with --task embed "
                               "(an encoder's pooling is read from its modules.json)")
@@ -283,7 +334,7 @@ def _coerce(name: str, value: Any) -> Any:
                 value = json.loads(value) if value.strip().startswith("[") else [value]
             if not isinstance(value, list):
                 raise TypeError
-            return [str(v) for v in value]
+            return [json.dumps(v) if isinstance(v, dict) else str(v) for v in value]
         if tp is bool:
             if isinstance(value, bool):
                 return value

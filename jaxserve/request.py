@@ -69,6 +69,7 @@ class Request:
         eos_token_ids: tuple[int, ...] = (),
         seed: int = 0,
         arrival_time: float | None = None,
+        lora_id: int = 0,
     ) -> None:
         if not prompt_token_ids:
             raise ValueError("the prompt must contain at least one token")
@@ -79,6 +80,7 @@ class Request:
         self.max_tokens = max_tokens  # resolved (never None)
         self.eos_token_ids = eos_token_ids
         self.seed = seed  # the sampling seed: params.seed, or one the engine drew
+        self.lora_id = lora_id  # the LoRA adapter it runs with (engine/lora_slots.py); 0: the base model
         self.status = RequestStatus.WAITING
         self.num_computed_tokens = 0
         self.block_ids: list[int] = []

@@ -16,6 +16,7 @@ from jaxserve.models.attention import AttentionMetadata, dense_causal_attention,
 from jaxserve.models.attention_backends import KVCache
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope, rope_inv_freq
+from jaxserve.models.lora import LayerLora, LoraBatch, add_lora
 from jaxserve.models.qkv_layout import QKVLayout
 
 
@@ -38,10 +39,11 @@ class SelfAttention(nnx.Module):
         self.mesh = mesh
 
     def __call__(
-        self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata
+        self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata,
+        lora: LayerLora | None = None,
     ) -> tuple[jax.Array, KVCache]:
         t = x_TD.shape[0]
-        q, k, v = self.layout.split(self.qkv_proj(x_TD))
+        q, k, v = self.layout.split(add_lora(self.qkv_proj(x_TD), x_TD, lora, "qkv_proj"))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
@@ -50,7 +52,8 @@ class SelfAttention(nnx.Module):
         o, kv_cache = paged_attention(
             q, k, v, kv_cache, meta, sm_scale=self.head_dim**-0.5, backend=self.backend, mesh=self.mesh
         )
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim)), kv_cache
+        o = o.reshape(t, self.num_heads * self.head_dim)
+        return add_lora(self.o_proj(o), o, lora, "o_proj"), kv_cache
 
     def dense(self, x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
         """Cache-free causal attention over right-padded rows (positions 0..L-1)."""
@@ -80,11 +83,12 @@ class DecoderLayer(nnx.Module):
         )
 
     def __call__(
-        self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata
+        self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata,
+        lora: LayerLora | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        a, kv_cache = self.self_attn(self.input_layernorm(x_TD), positions_T, kv_cache, meta)
+        a, kv_cache = self.self_attn(self.input_layernorm(x_TD), positions_T, kv_cache, meta, lora)
         x_TD = x_TD + a
-        x_TD = x_TD + self.mlp(self.post_attention_layernorm(x_TD))
+        x_TD = x_TD + self.mlp(self.post_attention_layernorm(x_TD), lora)
         return x_TD, kv_cache
 
     def dense(self, x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
@@ -125,13 +129,15 @@ class DecoderForCausalLM(nnx.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
         logits_indices_B: jax.Array,
+        lora: LoraBatch | None = None,
     ) -> tuple[jax.Array, list[KVCache]]:
         """Run every token of the batch; return float32 logits [B, V] at ``logits_indices_B``.
 
         ``kv_caches`` holds one cache per layer, laid out by the attention backend; the updated list
-        is returned.
+        is returned. ``lora`` (``models/lora.py``): adapter slots and each token's slot; None traces
+        the model without any LoRA code.
         """
-        h, new_caches = self.final_hidden(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
+        h, new_caches = self.final_hidden(tokens_T, positions_T, kv_caches, meta, logits_indices_B, lora)
         return self.lm_head(h.astype(jnp.float32)), new_caches
 
     def final_hidden(
@@ -141,13 +147,14 @@ class DecoderForCausalLM(nnx.Module):
         kv_caches: list[KVCache],
         meta: AttentionMetadata,
         indices_B: jax.Array,
+        lora: LoraBatch | None = None,
     ) -> tuple[jax.Array, list[KVCache]]:
         """Run every token of the batch; return the final-norm hidden states [B, D] at ``indices_B``
         (the LM head's input; a paged embedder's last-token state) and the updated caches."""
         x = self.embed_tokens(tokens_T).astype(self.compute_dtype)
         new_caches = []
-        for layer, cache in zip(self.layers, kv_caches, strict=True):
-            x, cache = layer(x, positions_T, cache, meta)
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches, strict=True)):
+            x, cache = layer(x, positions_T, cache, meta, None if lora is None else lora.layer(i))
             new_caches.append(cache)
         return self.norm(x[indices_B]), new_caches
 

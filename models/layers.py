@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from jaxserve.models.config import RopeScaling
+from jaxserve.models.lora import LayerLora, add_lora
 
 
 class Linear(nnx.Module):
@@ -69,8 +70,10 @@ class GatedMLP(nnx.Module):
         self.up_proj = Linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, lora: LayerLora | None = None) -> jax.Array:
+        gate = add_lora(self.gate_proj(x), x, lora, "gate_proj")
+        h = jax.nn.silu(gate) * add_lora(self.up_proj(x), x, lora, "up_proj")
+        return add_lora(self.down_proj(h), h, lora, "down_proj")
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:

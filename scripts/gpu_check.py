@@ -61,6 +61,10 @@ def gpu_steps() -> list[Step]:
                        "--max-num-seqs 4 --max-num-batched-tokens 32 --gpu-memory-utilization 0.5"], 90, cuda),
         Step("offline_0.5b", [PY, "scripts/bench_offline.py", "--model", "{tmp}/qwen2.5-0.5b", *offline], 80, cuda),
         Step("kernel_sweep", [PY, "scripts/bench_kernels.py", "--sweep"], 90, cuda),
+        # LoRA: 16 requests over 4 rank-8/16 adapters on all modules vs 16 on the base model vs LoRA off.
+        Step("lora", [PY, "scripts/bench_lora.py", "--model", "{tmp}/qwen2.5-0.5b", "--load-format", "dummy",
+                      "--dtype", "bfloat16", "--input-len", "256", "--output-len", "128", "--rounds", "2",
+                      "--max-num-batched-tokens", "2048", "--lora-off"], 120, cuda),
     ]
 
 
@@ -80,6 +84,9 @@ def smoke_steps() -> list[Step]:
         Step("serve", [PY, "scripts/gpu_serve_check.py", "--model", "{tmp}/tiny", "--server-args",
                        "--load-format dummy --max-model-len 64 --max-num-seqs 2 --max-num-batched-tokens 16 "
                        "--kv-cache-memory-gib 0.01", "--too-small", "--kv-cache-memory-gib 0.000001"],
+             300, cpu),
+        Step("lora", [PY, "scripts/bench_lora.py", "--model", "{tmp}/tiny", "--load-format", "dummy", "--num-prompts",
+                      "4", "--input-len", "8", "--output-len", "4", "--rounds", "1", "--max-num-batched-tokens", "32"],
              300, cpu),
     ]
 

@@ -145,6 +145,17 @@ def _serve(results: dict) -> list[str]:
     return out
 
 
+def _lora(results: dict) -> list[str]:
+    out = []
+    for r in _records(results, "lora"):
+        if r.get("measure") == "adapter_load":
+            out.append(f"- adapter {r['name']} (rank {r['rank']}): read {r['read_validate_s']} s, slot write "
+                       f"{r['slot_write_s']} s")
+        elif r.get("measure") == "summary":
+            out.append("- medians (tok/s): " + ", ".join(f"{k} {v}" for k, v in r.items() if k != "measure"))
+    return out
+
+
 def render_markdown(results: dict) -> str:
     env = next(iter(_records(results, "env")), {})
     lines = [f"### GPU check ({results['mode']}), {results['started']}", "",
@@ -156,7 +167,7 @@ def render_markdown(results: dict) -> str:
     for title, part in (("Engine correctness", _engine_check(results)), ("Kernels", _kernel_table(results)),
                         ("Kernel settings sweep", _sweep_table(results)),
                         ("Engine throughput (prompt 512, output 128, bf16, dummy weights)", _engine_table(results)),
-                        ("End to end", _serve(results))):
+                        ("End to end", _serve(results)), ("LoRA (16 requests over 4 adapters vs base)", _lora(results))):
         if part:
             lines += [f"**{title}**", ""] + part + [""]
     return "\n".join(lines)

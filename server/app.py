@@ -24,6 +24,7 @@ from jaxserve.server.completions import create_completion
 from jaxserve.server.embeddings import create_embedding, create_pooling
 from jaxserve.server.errors import OpenAIError, error_body, install_error_handlers
 from jaxserve.server.limits import RequestLimitsMiddleware
+from jaxserve.server.lora import add_lora_routes
 from jaxserve.server.metrics import metrics_text
 from jaxserve.server.score import create_score
 from jaxserve.server.shutdown import Drain, DrainMiddleware
@@ -72,13 +73,41 @@ class Router:
         elif name in self.by_name:
             m = self.by_name[name]
         else:
-            raise OpenAIError(404, f"The model `{name}` does not exist; served models: {', '.join(self.by_name)}.",
+            names = [*self.by_name, *(r.name for m in self.models for r in _loras(m))]
+            raise OpenAIError(404, f"The model `{name}` does not exist; served models: {', '.join(names)}.",
                               param="model", type="NotFoundError")
         if m.engine.task != task:
             raise OpenAIError(
                 400, f"The model `{m.config.model_name}` serves task '{m.engine.task}' "
                 f"({TASK_ENDPOINTS[m.engine.task]}); it does not support this endpoint (task '{task}').", param="model")
         return m, m.config.model_name
+
+    def resolve_generate(self, name: str | None) -> tuple[ServedModel, str, str | None]:
+        """Like ``resolve`` for generation, where ``name`` may also be a LoRA adapter of a served
+        model: (model, reported name, adapter name or None)."""
+        if name is not None and name not in self.by_name:
+            m = next((m for m in self.models if any(r.name == name for r in _loras(m))), None)
+            if m is not None:
+                return m, name, name
+        return (*self.resolve(name, "generate"), None)
+
+    def lora_base(self, name: str | None) -> AsyncEngine:
+        """The engine runtime LoRA updates go to: the model ``name``, else the first that allows them."""
+        allowed = [m for m in self.models if m.config.runtime_lora_updates and m.engine.task == "generate"]
+        m = self.resolve(name, "generate")[0] if name is not None else (allowed or [None])[0]
+        if m is None or m not in allowed:
+            raise OpenAIError(400, "runtime LoRA updates are not enabled for this model (--enable-lora-runtime-updates)",
+                              param="model")
+        _ready_info(m.engine)
+        return m.engine
+
+    def name_taken(self, name: str) -> bool:
+        return name in self.by_name or any(r.name == name for m in self.models for r in _loras(m))
+
+
+def _loras(m: ServedModel) -> list:
+    """The LoRA adapters a served model serves now (none for embedding models)."""
+    return m.engine.loras if isinstance(m.engine, AsyncEngine) else []
 
 
 def build_app(
@@ -103,6 +132,8 @@ def build_app(
     _add_status_routes(app, router)
     _add_generation_routes(app, router)
     _add_embedding_routes(app, router)
+    if any(c.runtime_lora_updates for c in configs):
+        add_lora_routes(app, router.lora_base, router.name_taken)
     app.state.drain = Drain(engines)  # serve.py starts it on SIGTERM / Ctrl-C
     _add_middleware(app, configs[0])
     return app
@@ -148,6 +179,8 @@ def _add_status_routes(app: FastAPI, router: Router) -> None:
             max_len = m.engine.info.max_model_len if m.engine.is_ready else m.config.max_model_len
             cards += [ModelCard(id=name, root=m.config.model, max_model_len=max_len, task=m.engine.task)
                       for name in m.config.accepted_model_names]
+            cards += [ModelCard(id=r.name, root=str(r.path), parent=m.config.model_name, max_model_len=max_len,
+                                task=m.engine.task) for r in _loras(m)]
         return ModelList(data=cards).model_dump()
 
     @app.get("/metrics")
@@ -159,15 +192,15 @@ def _add_status_routes(app: FastAPI, router: Router) -> None:
 def _add_generation_routes(app: FastAPI, router: Router) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
-        m, name = router.resolve(req.model, "generate")
+        m, name, lora = router.resolve_generate(req.model)
         _ready_info(m.engine)
-        return await create_chat_completion(req, raw, m.engine, name, m.chat)
+        return await create_chat_completion(req, raw, m.engine, name, m.chat, lora)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
-        m, name = router.resolve(req.model, "generate")
+        m, name, lora = router.resolve_generate(req.model)
         _ready_info(m.engine)
-        return await create_completion(req, raw, m.engine, name)
+        return await create_completion(req, raw, m.engine, name, lora)
 
     def any_task(name: str | None) -> ServedModel:
         m = router.by_name.get(name) if name is not None else router.models[0]

@@ -88,7 +88,8 @@ class ChatEndpoint:
 
 
 async def create_chat_completion(
-    req: ChatCompletionRequest, raw: Request, engine: AsyncEngine, model_name: str, opts: ChatOptions
+    req: ChatCompletionRequest, raw: Request, engine: AsyncEngine, model_name: str, opts: ChatOptions,
+    lora: str | None = None,
 ) -> JSONResponse | StreamingResponse:
     check_unsupported(req)
     info = engine.info
@@ -100,7 +101,7 @@ async def create_chat_completion(
                         tool_constraint=plan.structured, reasoning_parser=thinking(req, opts))
         for i in range(req.n)
     ]
-    job = Job(random_id("chatcmpl-"), [prompt] * req.n, params, len(prompt), req.stream, req.stream_options)
+    job = Job(random_id("chatcmpl-"), [prompt] * req.n, params, len(prompt), req.stream, req.stream_options, lora)
     endpoint = ChatEndpoint(job, TokenText(info.tokenizer, as_ids=req.return_tokens_as_token_ids), model_name,
                             lambda: ChoiceParser(opts.reasoning_parser, plan.parse_format, plan.max_calls))
     return await respond(raw, await submit(engine, job), job, endpoint)

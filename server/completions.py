@@ -73,7 +73,8 @@ class CompletionEndpoint:
 
 
 async def create_completion(
-    req: CompletionRequest, raw: Request, engine: AsyncEngine, model_name: str
+    req: CompletionRequest, raw: Request, engine: AsyncEngine, model_name: str,
+    lora: str | None = None,
 ) -> JSONResponse | StreamingResponse:
     check_unsupported(req)
     info = engine.info
@@ -85,7 +86,7 @@ async def create_completion(
         sampling_params(req, max_tokens=max_tokens, defaults=info.default_sampling, index=k % req.n)
         for k in range(len(prompts))
     ]
-    job = Job(random_id("cmpl-"), prompts, params, sum(len(p) for p in prompt_list), req.stream, req.stream_options)
+    job = Job(random_id("cmpl-"), prompts, params, sum(len(p) for p in prompt_list), req.stream, req.stream_options, lora)
     sub = await submit(engine, job)  # validates the prompt ids before they are decoded for echo
     echoes = [info.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens) if req.echo else ""
               for p in prompts]

@@ -57,6 +57,7 @@ class EngineCollector(Collector):
                     f.add_metric([model], float(value(m)))
                 yield f
         yield from _histograms(snapshots)
+        yield from _lora_families(snapshots)
 
 
 def _histograms(snapshots: list[tuple[EngineMetrics, str]]) -> Iterator[HistogramMetricFamily]:
@@ -77,6 +78,19 @@ def _cumulative(h: HistogramSnapshot) -> list[tuple[str, float]]:
         running += count
         out.append((bound, float(running)))
     return out
+
+
+def _lora_families(snapshots: list[tuple[EngineMetrics, str]]) -> Iterator:
+    """Running and waiting requests per LoRA adapter (label ``lora_name``; only models serving adapters)."""
+    rows = [(model, row) for m, model in snapshots for row in m.lora_requests]
+    if not rows:
+        return
+    for i, (name, doc) in enumerate((("lora_requests_running", "Running requests per LoRA adapter"),
+                                     ("lora_requests_waiting", "Waiting requests per LoRA adapter")), start=1):
+        f = GaugeMetricFamily(f"jaxserve:{name}", doc, labels=["model_name", "lora_name"])
+        for model, row in rows:
+            f.add_metric([model, row[0]], float(row[i]))
+        yield f
 
 
 def metrics_text(models: list[ModelSnapshot]) -> bytes:

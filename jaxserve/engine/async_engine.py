@@ -34,6 +34,7 @@ from jaxserve.engine.interface import (
     check_queue,
 )
 from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.engine.lora_slots import LoraNotFoundError, LoraRef
 from jaxserve.engine.output_processor import RequestOutput
 from jaxserve.sampling_params import SamplingParams
 
@@ -59,7 +60,17 @@ class Shutdown:
     pass
 
 
-Command = AddRequest | Shutdown
+@dataclasses.dataclass(frozen=True)
+class LoraCommand:
+    """Load (``path`` set) or unload an adapter on the engine thread; the outcome goes to ``future``."""
+
+    name: str
+    path: str | None
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+Command = AddRequest | Shutdown | LoraCommand
 
 
 class Outbox:
@@ -135,6 +146,7 @@ class AsyncEngine(EngineThread):
         self.max_queue_size = max_queue_size
         self._info: EngineInfo | None = None
         self._metrics: EngineMetrics | None = None
+        self._loras: dict[str, LoraRef] = {}  # the served adapters, published by the engine thread
         self._unpublished_adds = 0  # adds submitted that the last metrics snapshot does not count
         self._commands: queue.Queue[Command] = queue.Queue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, Outbox, int]] = {}
@@ -161,6 +173,26 @@ class AsyncEngine(EngineThread):
         """The latest snapshot (None before the engine started)."""
         return self._metrics
 
+    @property
+    def loras(self) -> list[LoraRef]:
+        """The LoRA adapters served now (a snapshot)."""
+        return list(self._loras.values())
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """Register an adapter on the engine thread (LoraAdapterError / ValueError name the problem)."""
+        await self._lora_command(name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        """Unregister an adapter; KeyError if unknown, LoraInUseError while requests of it are in flight."""
+        await self._lora_command(name, None)
+
+    async def _lora_command(self, name: str, path: str | None) -> None:
+        self.info  # noqa: B018 - EngineDeadError unless the engine serves
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(LoraCommand(name, path, future, loop))
+        await future
+
     async def compile_grammars(
         self, params: list[SamplingParams], timeout: float = COMPILE_TIMEOUT_S
     ) -> list[CompiledGrammar | None]:
@@ -185,17 +217,21 @@ class AsyncEngine(EngineThread):
 
     def submit(
         self, request_id: str, prompts: list[list[int]], params: list[SamplingParams],
-        grammars: list[CompiledGrammar | None] | None = None, *, bounded: bool = True,
+        grammars: list[CompiledGrammar | None] | None = None, *, bounded: bool = True, lora: str | None = None,
     ) -> Submission:
         """Admit and queue one engine request per choice, or raise before anything is queued.
 
         ``grammars``: each choice's compiled structured output (``compile_grammars``); without
         them the engine thread compiles. ``bounded``: a reader that falls ``max_undelivered`` outputs
         behind is dropped (a stream's; a non-streaming request collects them as they arrive).
-        Raises SamplingParamError (a bad choice), QueueFullError or EngineDeadError.
+        ``lora``: the adapter every choice runs with (a name in ``lora_names``).
+        Raises SamplingParamError (a bad choice), QueueFullError, EngineDeadError or KeyError (``lora``).
         """
         info = self.info
-        admitted = [admit(p, sp, info) for p, sp in zip(prompts, params, strict=True)]
+        if lora is not None and lora not in self._loras:
+            raise LoraNotFoundError(f"The model `{lora}` does not exist (its LoRA adapter was unloaded).")
+        lora_id = 0 if lora is None else self._loras[lora].lora_id
+        admitted = [dataclasses.replace(admit(p, sp, info), lora_id=lora_id) for p, sp in zip(prompts, params, strict=True)]
         if grammars is not None:
             admitted = [dataclasses.replace(a, grammar=g) for a, g in zip(admitted, grammars, strict=True)]
         loop = asyncio.get_running_loop()
@@ -232,6 +268,11 @@ class AsyncEngine(EngineThread):
 
     def _on_ready(self, engine: LLMEngine) -> None:
         self._info, self._metrics = engine.info, engine.metrics()
+        self._publish_loras(engine)
+
+    def _publish_loras(self, engine: LLMEngine) -> None:
+        loras = engine.loras
+        self._loras = {} if loras is None else {n: loras.get(n) for n in loras.names}
 
     def _on_crash(self, err: EngineDeadError) -> None:
         self.fail_all(err)
@@ -273,8 +314,12 @@ class AsyncEngine(EngineThread):
             for i in sorted(unfinished):
                 engine.abort(ids[i])
 
-    def _handle(self, engine: LLMEngine, cmd: AddRequest) -> int:
-        """Queue an admitted request (skipped if its submission already ended); returns 1."""
+    def _handle(self, engine: LLMEngine, cmd: AddRequest | LoraCommand) -> int:
+        """Queue an admitted request (skipped if its submission already ended); returns 1. A LoRA
+        command runs here, between steps, and returns 0."""
+        if isinstance(cmd, LoraCommand):
+            self._run_lora_command(engine, cmd)
+            return 0
         with self._lock:
             alive = cmd.request_id in self._streams
         if not alive:  # the client left before the request reached the engine
@@ -284,6 +329,30 @@ class AsyncEngine(EngineThread):
         except Exception as e:  # noqa: BLE001 - a request the engine refuses must not stop the loop
             self._deliver(cmd.request_id, e)
         return 1
+
+    def _run_lora_command(self, engine: LLMEngine, cmd: LoraCommand) -> None:
+        try:
+            if cmd.path is None:
+                engine.remove_lora(cmd.name)
+            else:
+                engine.add_lora(cmd.name, cmd.path)
+            self._publish_loras(engine)
+            outcome = None
+        except Exception as e:  # noqa: BLE001 - the caller gets it as its HTTP error
+            outcome = e
+
+        def settle() -> None:
+            if cmd.future.done():
+                return
+            if outcome is None:
+                cmd.future.set_result(None)
+            else:
+                cmd.future.set_exception(outcome)
+
+        try:
+            cmd.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # loop closed
+            pass
 
     def fail_all(self, err: Exception) -> None:
         """End every open submission with ``err`` (any thread); each aborts its choices as it ends."""

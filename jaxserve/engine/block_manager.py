@@ -5,7 +5,8 @@ fills unused block-table entries. Blocks ``1 .. num_blocks - 1`` are reference c
 
 Prefix caching: a full block is identified by ``(parent's chain id, its tokens)``. The chain id is
 a serial number given to each registered block and never reused, so equal keys mean equal token
-prefixes exactly (no hash collisions). Blocks whose count drops to zero go to the back of an LRU
+prefixes exactly (no hash collisions). A sequence's first block has the parent ``-1 - lora_id``
+(``-1`` for the base model): the same tokens under two LoRA adapters never share KV. Blocks whose count drops to zero go to the back of an LRU
 free list but stay findable until they are handed out again (evicted).
 Plain Python, no jax.
 """
@@ -20,6 +21,11 @@ from jaxserve.request import Request
 NULL_BLOCK = 0
 
 BlockKey = tuple[int, tuple[int, ...]]
+
+
+def _root(req: Request) -> int:
+    """The parent key of a sequence's first block: its LoRA adapter (ids never reused), -1 for none."""
+    return -1 - req.lora_id
 
 
 class Block:
@@ -85,7 +91,7 @@ class BlockManager:
             return []
         bs = self.block_size
         hits: list[int] = []
-        parent = -1
+        parent = _root(req)
         for k in range((req.num_tokens - 1) // bs):
             bid = self._cache.get((parent, tuple(req.tokens(k * bs, (k + 1) * bs))))
             if bid is None:
@@ -120,7 +126,7 @@ class BlockManager:
         bs = self.block_size
         full = min(req.num_computed_tokens, num_known_tokens) // bs
         k = req.num_registered_blocks
-        parent = self.blocks[req.block_ids[k - 1]].chain_id if k else -1
+        parent = self.blocks[req.block_ids[k - 1]].chain_id if k else _root(req)
         while k < full:
             block = self.blocks[req.block_ids[k]]
             key = (parent, tuple(req.tokens(k * bs, (k + 1) * bs)))

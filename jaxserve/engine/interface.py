@@ -61,6 +61,7 @@ class EngineMetrics:
     prefix_hits: int
     compiles_while_serving: int = 0  # XLA compiles on the engine's thread since it became ready
     histograms: Mapping[str, HistogramSnapshot] = dataclasses.field(default_factory=dict)
+    lora_requests: tuple[tuple[str, int, int], ...] = ()  # per served LoRA adapter: (name, running, waiting)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +73,7 @@ class AdmittedRequest:
     max_tokens: int  # resolved: the request's own or what max_model_len leaves
     grammar: CompiledGrammar | None = None  # params.structured, compiled (None: the engine compiles it)
     arrival_time: float = dataclasses.field(default_factory=time.monotonic)  # when admitted (latency histograms)
+    lora_id: int = 0  # the LoRA adapter it runs with (engine/lora_slots.py); 0: the base model
 
 
 def _check_ids(param: str, ids: Any, vocab: int) -> None:

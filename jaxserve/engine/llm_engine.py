@@ -9,6 +9,7 @@ deltas. Not thread-safe: the async wrapper drives it from a single thread.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ from jaxserve.engine.compilation import BucketPolicy
 from jaxserve.engine.grammar import GrammarCompiler
 from jaxserve.engine.interface import AdmittedRequest, EngineInfo, EngineMetrics, admit
 from jaxserve.engine.kv_cache_size import device_bytes_in_use, num_kv_blocks
+from jaxserve.engine.lora_slots import LoraNotFoundError, LoraRef, LoraSlots
 from jaxserve.engine.model_runner import ModelRunner, StepHandle, compiles
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput
 from jaxserve.engine.request_stats import RequestStats
@@ -35,12 +37,16 @@ from jaxserve.models import ModelConfig
 from jaxserve.models.attention_backends import resolve_backend
 from jaxserve.request import Request, RequestStatus
 from jaxserve.sampling_params import SamplingParams
-from jaxserve.sharding import make_plan
+from jaxserve.sharding import make_plan, sharded_config
 from jaxserve.tokenizer import Tokenizer, eos_token_ids, load_tokenizer
 from jaxserve.weights.loader import LoadedModel, load_model, read_model_config, resolve_dtype
 from jaxserve.weights.source import ModelSource, resolve_model_source
 
 logger = logging.getLogger(__name__)
+
+
+class LoraInUseError(RuntimeError):
+    """An adapter cannot be unloaded while requests use it (HTTP 409)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +102,7 @@ class LLMEngine:
         logger.info("start-up 2/4: reading weights (%s)", source.path)
         in_use_before = device_bytes_in_use(platform)  # other models' (several in one process)
         loaded = self._load_weights(source, dtype, platform, backend, progress)
+        self.loras = self._build_loras(loaded) if config.enable_lora else None  # before sizing the KV cache
         blocks = num_kv_blocks(config, loaded, self.max_model_len, platform, in_use_before=in_use_before)
         self.runner = self._build_runner(loaded, blocks, dtype, platform, backend)
         load_s = time.perf_counter() - t0
@@ -113,6 +120,7 @@ class LLMEngine:
             BlockManager(blocks, config.block_size, enable_prefix_caching=config.enable_prefix_caching),
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_loras=config.max_loras if config.enable_lora else 0,
         )
         self.outputs = OutputProcessor(self.tokenizer)
         self.counters = EngineCounters()
@@ -162,6 +170,19 @@ class LLMEngine:
             dummy=config.load_format == "dummy",
         )
 
+    def _build_loras(self, loaded: LoadedModel) -> LoraSlots:
+        """The adapter slots (allocated before the KV cache is sized) and the ``--lora-modules``."""
+        c = self.config
+        if jax.process_count() > 1:
+            raise ValueError("enable_lora: LoRA adapters are not supported in a multi-host launch")
+        loras = LoraSlots(sharded_config(self.model_config, loaded.plan), loaded.plan, max_loras=c.max_loras,
+                          max_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras or c.max_loras, dtype=loaded.dtype)
+        logger.info("LoRA: %d slots of rank %d (%.1f MiB on device)", c.max_loras, c.max_lora_rank,
+                    loras.nbytes / 2**20)
+        for name, path in c.lora_module_paths:
+            loras.add(name, path)
+        return loras
+
     def _build_runner(
         self, loaded: LoadedModel, blocks: int, dtype: jax.numpy.dtype, platform: str, backend: str
     ) -> ModelRunner:
@@ -170,7 +191,7 @@ class LLMEngine:
                                min_decode_batch=min_decode_batch(dtype, platform))
         return ModelRunner(
             loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets,
-            backend=backend,
+            backend=backend, lora=self.loras,
         )
 
     @staticmethod
@@ -206,18 +227,54 @@ class LLMEngine:
             num_preemptions=s.num_preemptions, prompt_tokens=c.prompt_tokens,
             generation_tokens=c.generation_tokens, requests_finished=c.requests_finished,
             requests_aborted=c.requests_aborted, steps=c.steps,
-            prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits,
+            prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits, lora_requests=self._lora_requests(),
             compiles_while_serving=compiles.on_thread(self._thread) - self._compiles_at_ready,
             histograms=self.request_stats.snapshot(),
         )
+
+    def _lora_requests(self) -> tuple[tuple[str, int, int], ...]:
+        """(adapter, running, waiting) for every served adapter (empty without LoRA)."""
+        if self.loras is None:
+            return ()
+        refs = [self.loras.get(n) for n in self.loras.names]
+        running = collections.Counter(r.lora_id for r in self.scheduler.running)
+        waiting = collections.Counter(r.lora_id for r in self.scheduler.waiting)
+        return tuple((ref.name, running[ref.lora_id], waiting[ref.lora_id]) for ref in refs)
 
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> AdmittedRequest:
         """Validate a request without queueing it (``interface.admit``; SamplingParamError names the field)."""
         return admit(prompt_token_ids, params, self.info)
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
-        """Validate and queue a request. Raises SamplingParamError (with ``param``) for requests that cannot run."""
-        return self.enqueue(request_id, self.check_request(prompt_token_ids, params))
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, lora: str | None = None
+    ) -> Request:
+        """Validate and queue a request (``lora``: an adapter's name). Raises SamplingParamError (with
+        ``param``) for requests that cannot run, KeyError for an unknown adapter."""
+        admitted = self.check_request(prompt_token_ids, params)
+        if lora is not None:
+            admitted = dataclasses.replace(admitted, lora_id=self.lora_ref(lora).lora_id)
+        return self.enqueue(request_id, admitted)
+
+    def lora_ref(self, name: str) -> LoraRef:
+        """A served adapter by name; KeyError if there is none of that name."""
+        ref = self.loras.get(name) if self.loras is not None else None
+        if ref is None:
+            raise LoraNotFoundError(f"no LoRA adapter named {name!r}")
+        return ref
+
+    def add_lora(self, name: str, path: str) -> LoraRef:
+        """Register an adapter (read and validated now; LoraAdapterError names what is wrong)."""
+        if self.loras is None:
+            raise ValueError("LoRA adapters need --enable-lora")
+        return self.loras.add(name, path)
+
+    def remove_lora(self, name: str) -> LoraRef:
+        """Unregister an adapter; refused (LoraInUseError) while requests of it are queued or running."""
+        ref = self.lora_ref(name)
+        busy = sum(1 for r in self.requests.values() if r.lora_id == ref.lora_id)
+        if busy:
+            raise LoraInUseError(f"the LoRA adapter {name!r} has {busy} request(s) in flight; unload it when they end")
+        return self.loras.remove(name)
 
     def enqueue(self, request_id: str, admitted: AdmittedRequest) -> Request:
         """Queue an already admitted request (the async client validated it before queueing)."""
@@ -225,8 +282,11 @@ class LLMEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         params = admitted.params
         seed = params.seed if params.seed is not None else self._rng.getrandbits(32)
+        if admitted.lora_id and (self.loras is None or admitted.lora_id not in self.loras.ids):
+            raise LoraNotFoundError("the request's LoRA adapter was unloaded before it reached the engine")
         req = Request(request_id, admitted.prompt_token_ids, params, max_tokens=admitted.max_tokens,
-                      eos_token_ids=self.eos_token_ids, seed=seed, arrival_time=admitted.arrival_time)
+                      eos_token_ids=self.eos_token_ids, seed=seed, arrival_time=admitted.arrival_time,
+                      lora_id=admitted.lora_id)
         if params.structured is not None:  # compiled off this thread by AsyncEngine; offline callers compile here
             req.grammar = (admitted.grammar or self.grammars.compile(params.structured)).matcher()
         self.scheduler.add(req)
@@ -282,6 +342,8 @@ class LLMEngine:
         if not sched.scheduled:
             return None
         seeds = [s.request.seed for s in sched.scheduled]
+        if self.loras is not None:  # every running request's adapter in a slot (the scheduler keeps them <= max_loras)
+            self.loras.activate({r.lora_id for r in self.scheduler.running})
         handle = self.runner.dispatch(sched.scheduled, seeds, prev.handle.rows if prev is not None else {})
         return InflightStep(self.results.launch(sched), handle)
 
@@ -298,12 +360,16 @@ class LLMEngine:
                 self.requests.pop(out.request_id, None)
         return outputs
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[list[int]]:
-        """Offline helper: run ``prompts`` to completion; return each one's output token ids."""
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+        loras: list[str | None] | None = None,
+    ) -> list[list[int]]:
+        """Offline helper: run ``prompts`` (each with its adapter in ``loras``) to completion; return
+        each one's output token ids."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"gen-{i}-{self._rng.getrandbits(32):08x}" for i in range(len(prompts))]
-        for rid, p, sp in zip(ids, prompts, plist, strict=True):
-            self.add_request(rid, p, sp)
+        for rid, p, sp, lora in zip(ids, prompts, plist, loras or [None] * len(prompts), strict=True):
+            self.add_request(rid, p, sp, lora)
         result: dict[str, list[int]] = {rid: [] for rid in ids}
         while any(rid in self.requests for rid in ids):
             for out in self.step():

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from jaxserve.engine.compilation import BucketPolicy, StepShape
 from jaxserve.engine.grammar import build_mask, mask_width
 from jaxserve.engine.multihost import StepChannel
+from jaxserve.engine.lora_slots import LoraSlots
 from jaxserve.engine.logits_processors import (
     MAX_BIAS_ENTRIES,
     LogitsExtras,
@@ -40,6 +41,7 @@ from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling
 from jaxserve.engine.scheduler import ScheduledRequest
 from jaxserve.models.attention import AttentionMetadata, abstract_metadata, build_host_metadata
 from jaxserve.models.attention_backends import KVCache, get_backend
+from jaxserve.models.lora import LoraBatch, LoraWeights
 from jaxserve.request import PLACEHOLDER
 from jaxserve.weights.loader import LoadedModel
 
@@ -124,11 +126,16 @@ class StepHandle:
 
 
 def build_step(graphdef: nnx.GraphDef, state_def) -> Callable:
-    """The device step: model forward over the flat batch, then sampling; the KV caches come back updated."""
+    """The device step: model forward over the flat batch, then sampling; the KV caches come back updated.
+
+    ``lora_layers`` (the adapter slots) and ``lora_slots_T`` (each token's slot) are None without
+    LoRA: the step is then traced without any LoRA code, exactly as before LoRA existed.
+    """
 
     def step(
         params: list[jax.Array],
         kv_caches: list[KVCache],
+        lora_layers: tuple[dict[str, LoraWeights], ...] | None,
         prev_tokens_M: jax.Array,
         tokens_T: jax.Array,
         prev_idx_T: jax.Array,
@@ -138,11 +145,13 @@ def build_step(graphdef: nnx.GraphDef, state_def) -> Callable:
         sampling: SamplingTensors,
         extras: LogitsExtras,
         mask_BW: jax.Array,
+        lora_slots_T: jax.Array | None,
     ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
         # Tokens sampled by the previous step that the host has not seen yet come from its output.
         tokens_T = jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_def, params))
-        logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B)
+        lora = None if lora_layers is None else LoraBatch(lora_layers, lora_slots_T)
+        logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B, lora)
         tokens, logprobs = sample(logits, sampling, extras, mask_BW)
         padded = jnp.zeros(prev_tokens_M.shape, jnp.int32).at[: tokens.shape[0]].set(tokens)
         return padded, logprobs, kv_caches
@@ -162,10 +171,13 @@ class ModelRunner:
         max_model_len: int,
         buckets: BucketPolicy,
         backend: str,
+        lora: LoraSlots | None = None,
     ) -> None:
         """``loaded`` may hold abstract parameters (``abstract_loaded_model``): then nothing is
-        allocated and the runner can only ``lower`` its steps."""
+        allocated and the runner can only ``lower`` its steps. ``lora``: the adapter slots every
+        step then carries (with each token's slot)."""
         self.loaded = loaded
+        self.lora = lora
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.table_width = -(-max_model_len // block_size)
@@ -189,13 +201,14 @@ class ModelRunner:
         self._compiled: dict[StepShape, jax.stages.Compiled] = {}
 
     def _jit_step(self, state_def: jax.tree_util.PyTreeDef, state_sh: list, kv_shs: list) -> Callable:
-        """The jitted step (traced per shape by ``lower``): host inputs replicated, parameters and KV
-        pages keeping their shardings, the caches donated."""
+        """The jitted step (traced per shape by ``lower``): host inputs replicated, parameters, LoRA
+        slots and KV pages keeping their shardings, the caches donated."""
         rep = self.loaded.plan.replicated
         return jax.jit(
             build_step(self.loaded.graphdef, state_def),
             donate_argnums=(1,),
-            in_shardings=(state_sh, kv_shs, rep, rep, rep, rep, rep, rep, rep, rep, rep),
+            in_shardings=(state_sh, kv_shs, None if self.lora is None else self.lora.shardings(),
+                          rep, rep, rep, rep, rep, rep, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shs),
         )
 
@@ -257,7 +270,19 @@ class ModelRunner:
         extras = build_logits_extras(
             [s.request for s in scheduled], shape.num_seqs, with_extras=shape.extras, history_len=self.max_model_len
         )
-        return tokens, prev_idx, positions, meta, logits_indices, sampling, extras, self._grammar_mask(shape, scheduled)
+        return (tokens, prev_idx, positions, meta, logits_indices, sampling, extras, self._grammar_mask(shape, scheduled),
+                self._lora_slots(shape, scheduled))
+
+    def _lora_slots(self, shape: StepShape, scheduled: list[ScheduledRequest]) -> np.ndarray | None:
+        """Each token's adapter slot (-1: the base model and padding); None without LoRA."""
+        if self.lora is None:
+            return None
+        slots = np.full(shape.num_tokens, -1, np.int32)
+        t = 0
+        for s in scheduled:
+            slots[t : t + s.num_tokens] = self.lora.slot(s.request.lora_id)
+            t += s.num_tokens
+        return slots
 
     def _grammar_mask(self, shape: StepShape, scheduled: list[ScheduledRequest]) -> np.ndarray:
         """The packed mask of a grammar step (rows of sampling requests with a grammar); else zero-width."""
@@ -284,7 +309,8 @@ class ModelRunner:
         extras = LogitsExtras(i32(b, e), f32(b, e), i32(b, hl), i32(b, hl), f32(b), f32(b), f32(b))
         t = shape.num_tokens
         mask = i32(b, mask_width(self.vocab_size) if shape.grammar else 0)
-        return i32(t), i32(t), i32(t), meta, i32(b), sampling, extras, mask
+        lora_slots = None if self.lora is None else i32(t)
+        return i32(t), i32(t), i32(t), meta, i32(b), sampling, extras, mask, lora_slots
 
     def lower(self, shape: StepShape) -> jax.stages.Lowered:
         """The step of ``shape`` lowered for this process's devices."""
@@ -292,7 +318,8 @@ class ModelRunner:
 
     def abstract_args(self, shape: StepShape) -> tuple:
         """The step's arguments as shapes with shardings (also for exporting to another platform)."""
-        return (*self._abstract_state(), _abstract(self._prev_tokens), *self._abstract_inputs(shape))
+        lora = None if self.lora is None else jax.tree.map(_abstract, self.lora.layers)
+        return (*self._abstract_state(), lora, _abstract(self._prev_tokens), *self._abstract_inputs(shape))
 
     def _abstract_state(self) -> tuple:
         """Parameters and KV caches as shapes with shardings."""
@@ -360,7 +387,7 @@ class ModelRunner:
 
     def _run(self, shape: StepShape, inputs: tuple) -> tuple[jax.Array, LogprobsOut]:
         tokens, logprobs, self.kv_caches = self._compiled[shape](
-            self._params, self.kv_caches, self._prev_tokens, *inputs
+            self._params, self.kv_caches, None if self.lora is None else self.lora.layers, self._prev_tokens, *inputs
         )
         self._prev_tokens = tokens
         return tokens, logprobs

@@ -3,8 +3,10 @@
 One policy covers prefill, chunked prefill, decode and recompute after preemption: every
 scheduled request advances by ``num_tokens - num_computed_tokens`` tokens, capped by the step's
 token budget. Running requests go first (in arrival order), then waiting ones are admitted while
-the budget, ``max_num_seqs`` and free blocks allow. When a running request cannot get a block,
-the most recently admitted running request is preempted (blocks freed, recomputed later).
+the budget, ``max_num_seqs`` and free blocks allow (and, with LoRA, at most ``max_loras`` distinct
+adapters run at once: a request of another adapter waits without blocking those behind it). When
+a running request cannot get a block, the most recently admitted running request is preempted
+(blocks freed, recomputed later).
 
 The scheduler owns each request's KV state: ``launch`` counts a dispatched step's tokens as computed
 and reserves a ``PLACEHOLDER`` output for each chunk that samples, ``resolve`` fills it when the
@@ -59,8 +61,12 @@ class SchedulerOutput:
 class Scheduler:
     """Continuous batching over a BlockManager within ``max_num_seqs`` and a token budget."""
 
-    def __init__(self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(
+        self, block_manager: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int, max_loras: int = 0
+    ) -> None:
+        """``max_loras``: at most this many distinct LoRA adapters among the running requests."""
         self.block_manager = block_manager
+        self.max_loras = max_loras
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Request] = deque()
@@ -115,13 +121,15 @@ class Scheduler:
         if not preempted:
             bm = self.block_manager
             now = time.monotonic()
-            while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-                req = self.waiting[0]
+            while budget > 0 and len(self.running) < self.max_num_seqs:
+                req = self._next_admissible()
+                if req is None:
+                    break
                 hits = bm.match_prefix(req)
                 n = min(req.num_tokens - len(hits) * bm.block_size - req.num_computed_tokens, budget)
                 if not bm.can_admit(req, hits, n):
                     break
-                self.waiting.popleft()
+                self.waiting.remove(req)
                 if bm.enable_prefix_caching:
                     bm.acquire_prefix(req, hits)
                 bm.allocate(req, n)
@@ -132,6 +140,15 @@ class Scheduler:
                 scheduled.append(ScheduledRequest(req, req.num_computed_tokens, n))
                 budget -= n
         return SchedulerOutput(scheduled, preempted)
+
+    def _next_admissible(self) -> Request | None:
+        """The first waiting request whose LoRA adapter fits beside the running ones (``max_loras``
+        distinct adapters at most); requests of other adapters wait without blocking it."""
+        if not self.max_loras:
+            return self.waiting[0] if self.waiting else None
+        active = {r.lora_id for r in self.running} - {0}
+        full = len(active) >= self.max_loras
+        return next((r for r in self.waiting if not (full and r.lora_id and r.lora_id not in active)), None)
 
     def launch(self, out: SchedulerOutput) -> list[int]:
         """``out`` was dispatched: its tokens count as computed, and each chunk that reaches the end
