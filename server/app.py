@@ -204,7 +204,7 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
 
     def any_task(name: str | None) -> ServedModel:
         m = router.by_name.get(name) if name is not None else router.models[0]
-        return m if m is not None else router.resolve(name, "")[0]  # the 404
+        return m if m is not None else router.resolve_generate(name)[0]  # a LoRA adapter's base model, or the 404
 
     @app.post("/tokenize")
     async def tokenize_route(req: TokenizeRequest) -> dict:

@@ -62,6 +62,8 @@ def test_adapters_are_routed_by_model_name(lora_server):
     assert r.status_code == 404 and "served models: base, s1, s5" in r.json()["error"]["message"]
     metrics = httpx.get(f"{url}/metrics", headers=AUTH).text
     assert 'jaxserve:lora_requests_running{lora_name="s1",model_name="base"} 0.0' in metrics
+    tokenized = httpx.post(f"{url}/tokenize", headers=AUTH, json={"model": "s1", "prompt": "hello"})
+    assert tokenized.status_code == 200 and tokenized.json()["tokens"]  # the base model's tokenizer
 
 
 def test_mixed_concurrent_requests_get_their_own_tokens(lora_server):
