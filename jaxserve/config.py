@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from jaxserve.sampling_params import MAX_LOGIT_BIAS, MAX_LOGPROBS
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the key."""
@@ -150,6 +152,18 @@ class ServeConfig:
         1000, "Outputs a stream may have waiting for a slow client; one that falls this far behind is dropped "
         "and its request aborted (the engine never waits for a reader)."
     )
+    # --- request caps (checked once, in server/caps.py, before a request reaches the engine) ---
+    max_logprobs: int = _field(20, "Most top logprobs a request may ask for per token (vLLM's flag; at most 20, "
+                               "the width the sampler computes).")
+    max_n: int = _field(128, "Most choices (n) one request may ask for.")
+    max_stop_strings: int = _field(64, "Most stop strings one request may give.")
+    max_logit_bias: int = _field(300, "Most logit_bias entries one request may give (OpenAI's limit, also the "
+                                 "most the compiled sampler holds).")
+    max_messages: int = _field(2048, "Most chat messages one request may give.")
+    max_prompt_chars: int = _field(
+        1 << 20, "Most characters of text one request may give to tokenize (messages, prompts, inputs), checked "
+        "before tokenizing; token-id prompts are limited by --max-model-len.",
+    )
     shutdown_timeout: float = _field(
         30.0, "On SIGTERM or Ctrl-C: seconds running requests may take to finish (new ones get 503) before the "
         "rest are aborted with an error; the process then exits 0."
@@ -183,6 +197,11 @@ class ServeConfig:
             raise ConfigError(f"max_queue_size must be >= 0, got {self.max_queue_size}")
         if self.max_undelivered_chunks < 1:
             raise ConfigError(f"max_undelivered_chunks must be a positive integer, got {self.max_undelivered_chunks}")
+        _positive(self, "max_n", "max_stop_strings", "max_messages", "max_prompt_chars")
+        if not 0 <= self.max_logprobs <= MAX_LOGPROBS:
+            raise ConfigError(f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}")
+        if not 0 <= self.max_logit_bias <= MAX_LOGIT_BIAS:
+            raise ConfigError(f"max_logit_bias must be in [0, {MAX_LOGIT_BIAS}], got {self.max_logit_bias}")
         if self.shutdown_timeout < 0:
             raise ConfigError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.max_request_body_bytes < 1024:

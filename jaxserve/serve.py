@@ -33,9 +33,13 @@ def setup_runtime(config: ServeConfig, memory_share: float | None = None) -> Non
     """Logging, XLA's accelerator pool (``memory_share`` of the card: the served models' shares
     together; more than the card leaves jax's default for ``check_memory`` to refuse), and the
     persistent XLA compilation cache (so restarts skip compiles)."""
+    from jaxserve.server.request_id import RequestIdFilter
+
     logging.basicConfig(
-        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
     )
+    for handler in logging.getLogger().handlers:  # lines written while a request is handled name it
+        handler.addFilter(RequestIdFilter())
     from jaxserve.engine.kv_cache_size import reserve_device_memory
 
     share = config.gpu_memory_utilization if memory_share is None else memory_share
@@ -207,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxserve.engine.async_engine import EngineState
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.server.app import build_app
+    from jaxserve.server.request_id import AccessLogRequestId
 
     if config.process_id != 0:  # a follower: same weights and compiled steps, no HTTP, no scheduler
         steps = LLMEngine(config).runner.follow()
@@ -225,7 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
         access_log=not config.disable_uvicorn_access_log,
     ), config.shutdown_timeout)
-    logging.getLogger("uvicorn.access").addFilter(_drop_health_polls)  # after uvicorn configured logging
+    access = logging.getLogger("uvicorn.access")  # after uvicorn configured logging
+    access.addFilter(_drop_health_polls)
+    access.addFilter(AccessLogRequestId())
     threading.Thread(target=watch_engines, args=(engines, server, configs), name="jaxserve-watch", daemon=True).start()
     logger.info("serving %s on http://%s:%d (loading in the background)", ", ".join(c.model_name for c in configs),
                 config.host, config.port)

@@ -19,13 +19,17 @@ from jaxserve.engine.async_engine import AsyncEngine, EngineState
 from jaxserve.engine.embedding_engine import EmbedInfo
 from jaxserve.engine.interface import EngineDeadError, EngineInfo
 from jaxserve.server.auth import APIKeyMiddleware
+from jaxserve.server.caps import RequestCaps, check_caps
 from jaxserve.server.chat import create_chat_completion
 from jaxserve.server.completions import create_completion
 from jaxserve.server.embeddings import create_embedding, create_pooling
 from jaxserve.server.errors import OpenAIError, error_body, install_error_handlers
+from jaxserve.server.json_body import StrictJSONRoute
 from jaxserve.server.limits import RequestLimitsMiddleware
 from jaxserve.server.lora import add_lora_routes
 from jaxserve.server.metrics import metrics_text
+from jaxserve.server.offload import off_loop
+from jaxserve.server.request_id import RequestIdMiddleware
 from jaxserve.server.score import create_score
 from jaxserve.server.shutdown import Drain, DrainMiddleware
 from jaxserve.server.protocol import (
@@ -56,6 +60,10 @@ class ServedModel:
     def chat(self) -> ChatOptions:
         """Chat template override, tool-call and reasoning parsers (read once)."""
         return ChatOptions.from_config(self.config)
+
+    @property
+    def caps(self) -> RequestCaps:
+        return RequestCaps.from_config(self.config)
 
 
 class Router:
@@ -128,6 +136,7 @@ def build_app(
             await asyncio.get_running_loop().run_in_executor(None, on_shutdown)
 
     app = FastAPI(title="jaxserve", version=__version__, lifespan=lifespan)
+    app.router.route_class = StrictJSONRoute  # every body parsed by server/json_body.py
     install_error_handlers(app)
     _add_status_routes(app, router)
     _add_generation_routes(app, router)
@@ -193,12 +202,14 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, raw: Request) -> Response:
         m, name, lora = router.resolve_generate(req.model)
+        check_caps(req, m.caps)
         _ready_info(m.engine)
         return await create_chat_completion(req, raw, m.engine, name, m.chat, lora)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, raw: Request) -> Response:
         m, name, lora = router.resolve_generate(req.model)
+        check_caps(req, m.caps)
         _ready_info(m.engine)
         return await create_completion(req, raw, m.engine, name, lora)
 
@@ -211,7 +222,8 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
         m = any_task(req.model)
         if req.messages is not None:  # an encoder has no chat template
             m, _ = router.resolve(m.config.model_name, "generate")
-        return tokenize(req, _ready_info(m.engine), m.chat.chat_template)
+        check_caps(req, m.caps)
+        return await off_loop(tokenize, req, _ready_info(m.engine), m.chat.chat_template)
 
     @app.post("/detokenize")
     async def detokenize_route(req: DetokenizeRequest) -> dict:
@@ -222,12 +234,14 @@ def _add_embedding_routes(app: FastAPI, router: Router) -> None:
     @app.post("/v1/embeddings")
     async def embeddings(req: EmbeddingRequest) -> dict:
         m, name = router.resolve(req.model, "embed")
+        check_caps(req, m.caps)
         _ready_info(m.engine)
         return await create_embedding(req, m.engine, name)
 
     @app.post("/pooling")
     async def pooling(req: PoolingRequest) -> dict:
         m, name = router.resolve(req.model, "embed")
+        check_caps(req, m.caps)
         _ready_info(m.engine)
         return await create_pooling(req, m.engine, name)
 
@@ -235,12 +249,13 @@ def _add_embedding_routes(app: FastAPI, router: Router) -> None:
     @app.post("/v1/score")
     async def score(req: ScoreRequest) -> dict:
         m, name = router.resolve(req.model, "embed")
+        check_caps(req, m.caps)
         _ready_info(m.engine)
         return await create_score(req, m.engine, name)
 
 
 def _add_middleware(app: FastAPI, config: ServeConfig) -> None:
-    """Middleware added last runs first: CORS, then the shutdown gate, the API key, body limits."""
+    """Middleware added last runs first: the request id, CORS, then the shutdown gate, the API key, body limits."""
     app.add_middleware(RequestLimitsMiddleware, max_body_bytes=config.max_request_body_bytes)
     if config.api_key:
         app.add_middleware(APIKeyMiddleware, keys=list(config.api_key))
@@ -253,3 +268,4 @@ def _add_middleware(app: FastAPI, config: ServeConfig) -> None:
             allow_headers=config.allowed_headers,
             allow_credentials=config.allow_credentials,
         )
+    app.add_middleware(RequestIdMiddleware)

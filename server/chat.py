@@ -22,8 +22,9 @@ from jaxserve.server.protocol import (
     ChatResponseMessage,
     DeltaMessage,
     UsageInfo,
-    random_id,
 )
+from jaxserve.server.offload import off_loop
+from jaxserve.server.request_id import job_id
 from jaxserve.server.requests import chat_max_tokens, chat_prompt_ids, check_unsupported, sampling_params
 from jaxserve.server.streams import Collected, Job, respond, submit
 from jaxserve.server.tool_calls import ChatOptions, plan_tools, thinking
@@ -94,14 +95,15 @@ async def create_chat_completion(
     check_unsupported(req)
     info = engine.info
     plan = plan_tools(req, opts, opts.chat_template or info.tokenizer.chat_template)
-    prompt = chat_prompt_ids(info.tokenizer, req, tools=plan.template_tools, chat_template=opts.chat_template)
+    prompt = await off_loop(lambda: chat_prompt_ids(info.tokenizer, req, tools=plan.template_tools,
+                                                    chat_template=opts.chat_template))
     max_tokens = chat_max_tokens(req)
     params: list[SamplingParams] = [
         sampling_params(req, max_tokens=max_tokens, defaults=info.default_sampling, index=i,
                         tool_constraint=plan.structured, reasoning_parser=thinking(req, opts))
         for i in range(req.n)
     ]
-    job = Job(random_id("chatcmpl-"), [prompt] * req.n, params, len(prompt), req.stream, req.stream_options, lora)
+    job = Job(job_id("chatcmpl-"), [prompt] * req.n, params, len(prompt), req.stream, req.stream_options, lora)
     endpoint = ChatEndpoint(job, TokenText(info.tokenizer, as_ids=req.return_tokens_as_token_ids), model_name,
                             lambda: ChoiceParser(opts.reasoning_parser, plan.parse_format, plan.max_calls))
     return await respond(raw, await submit(engine, job), job, endpoint)

@@ -16,8 +16,9 @@ from jaxserve.server.protocol import (
     CompletionResponse,
     CompletionStreamResponse,
     UsageInfo,
-    random_id,
 )
+from jaxserve.server.offload import off_loop
+from jaxserve.server.request_id import job_id
 from jaxserve.server.requests import check_unsupported, completion_max_tokens, completion_prompts, sampling_params
 from jaxserve.server.streams import Collected, Job, respond, submit
 
@@ -78,7 +79,7 @@ async def create_completion(
 ) -> JSONResponse | StreamingResponse:
     check_unsupported(req)
     info = engine.info
-    prompt_list = completion_prompts(info.tokenizer, req)
+    prompt_list = await off_loop(completion_prompts, info.tokenizer, req)
     max_tokens = completion_max_tokens(req)
     # Choice k belongs to prompt k // n (OpenAI's ordering for several prompts with n > 1).
     prompts = [p for p in prompt_list for _ in range(req.n)]
@@ -86,7 +87,7 @@ async def create_completion(
         sampling_params(req, max_tokens=max_tokens, defaults=info.default_sampling, index=k % req.n)
         for k in range(len(prompts))
     ]
-    job = Job(random_id("cmpl-"), prompts, params, sum(len(p) for p in prompt_list), req.stream, req.stream_options, lora)
+    job = Job(job_id("cmpl-"), prompts, params, sum(len(p) for p in prompt_list), req.stream, req.stream_options, lora)
     sub = await submit(engine, job)  # validates the prompt ids before they are decoded for echo
     echoes = [info.tokenizer.decode(p, skip_special_tokens=req.skip_special_tokens) if req.echo else ""
               for p in prompts]

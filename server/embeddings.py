@@ -20,6 +20,7 @@ from jaxserve.engine.embedding_engine import EmbedInfo
 from jaxserve.engine.interface import EngineDeadError
 from jaxserve.sampling_params import SamplingParamError
 from jaxserve.server.errors import OpenAIError
+from jaxserve.server.offload import off_loop
 from jaxserve.server.protocol import (
     EmbeddingData,
     EmbeddingRequest,
@@ -95,7 +96,7 @@ async def _vectors(req: EmbeddingRequest, engine: AsyncEmbeddingEngine) -> tuple
     """The request's vectors (shortened for ``dimensions``) and its prompt token count."""
     info = engine.info
     _check_dimensions(req.dimensions, info)
-    seqs = input_token_ids(req, info)
+    seqs = await off_loop(input_token_ids, req, info)
     vectors = await embed_ids(seqs, engine)
     if req.dimensions is not None:
         vectors = vectors[:, : req.dimensions]

@@ -71,7 +71,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if e.get("type") == "extra_forbidden":
         msg = "unknown field (not supported by this server)"
     elif e.get("type") == "missing":
-        msg = "field required"
+        msg = "field required" if param else "the request body is empty; a JSON object is required"
     return (f"{param}: {msg}" if param else msg), param
 
 
@@ -88,7 +88,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         message = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code, headers=exc.headers)
+        body = error_body(exc.status_code, message, param=getattr(exc, "param", None))
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

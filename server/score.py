@@ -13,6 +13,7 @@ import numpy as np
 from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
 from jaxserve.server.embeddings import embed_ids, input_token_ids
 from jaxserve.server.errors import OpenAIError
+from jaxserve.server.offload import off_loop
 from jaxserve.server.protocol import EmbeddingRequest, ScoreData, ScoreRequest, ScoreResponse, UsageInfo
 
 
@@ -43,8 +44,8 @@ async def create_score(req: ScoreRequest, engine: AsyncEmbeddingEngine, model_na
     """The response body: one score per text_2, in its order (400 for any bad input)."""
     info = engine.info
     sides = score_inputs(req)
-    seqs = [input_token_ids(EmbeddingRequest(input=t, truncate_prompt_tokens=req.truncate_prompt_tokens), info)
-            for t in sides]
+    seqs = [await off_loop(input_token_ids, EmbeddingRequest(input=t, truncate_prompt_tokens=req.truncate_prompt_tokens),
+                           info) for t in sides]
     v1, v2 = await asyncio.gather(embed_ids(seqs[0], engine, "text_1"), embed_ids(seqs[1], engine, "text_2"))
     tokens = sum(len(s) for side in seqs for s in side)
     return ScoreResponse(

@@ -36,7 +36,7 @@ from jaxserve.engine.interface import (
 from jaxserve.engine.llm_engine import LLMEngine
 from jaxserve.engine.lora_slots import LoraNotFoundError, LoraRef
 from jaxserve.engine.output_processor import RequestOutput
-from jaxserve.sampling_params import SamplingParams
+from jaxserve.sampling_params import SamplingParamError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +239,9 @@ class AsyncEngine(EngineThread):
         unfinished = set(range(len(ids)))
         outbox = Outbox(self, ids, unfinished, self.max_undelivered if bounded else None)
         with self._lock:
+            if ids[0] in self._streams:  # a client reused a running request's X-Request-Id
+                raise SamplingParamError("X-Request-Id", f"request id {request_id!r} is already in use by a running "
+                                         "request")
             waiting = (self._metrics.num_waiting if self._metrics else 0) + self._unpublished_adds
             check_queue(waiting, len(admitted), self.max_queue_size)
             self._unpublished_adds += len(admitted)
