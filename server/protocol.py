@@ -240,7 +240,7 @@ class ScoreResponse(BaseModel):
 class TokenizeRequest(StrictModel):
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     add_special_tokens: bool | None = None  # default: true for prompt, false for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False

@@ -149,6 +149,14 @@ def chat_prompt_ids(
 ) -> list[int]:
     """Render the chat template (``chat_template`` overrides the tokenizer's) and tokenize (the
     template places any special tokens itself)."""
+    return tok.encode(chat_prompt_text(tok, req, tools=tools, chat_template=chat_template), add_special_tokens=False)
+
+
+def chat_prompt_text(
+    tok: Tokenizer, req: ChatCompletionRequest, *, tools: list[dict[str, Any]] | None = None,
+    chat_template: str | None = None,
+) -> str:
+    """The chat template rendered for ``req``'s messages (a 400 naming the problem if it cannot be)."""
     if req.continue_final_message and req.add_generation_prompt:
         raise _reject("continue_final_message", "cannot be combined with add_generation_prompt=true")
     if req.continue_final_message and req.messages[-1].role != "assistant":
@@ -158,7 +166,7 @@ def chat_prompt_ids(
         raise OpenAIError(400, "this model has no chat template; use /v1/completions or start the server "
                           "with --chat-template", param="messages")
     try:
-        text = tok.apply_chat_template(
+        return tok.apply_chat_template(
             messages,
             tools=tools,
             chat_template=chat_template,
@@ -169,7 +177,6 @@ def chat_prompt_ids(
         )
     except Exception as e:  # noqa: BLE001 - template errors are the client's input
         raise OpenAIError(400, f"could not apply the chat template: {e}", param="messages") from None
-    return tok.encode(text, add_special_tokens=False)
 
 
 def completion_prompts(tok: Tokenizer, req: CompletionRequest) -> list[list[int]]:

@@ -7,7 +7,7 @@ from typing import Any
 from jaxserve.engine.interface import EngineInfo
 from jaxserve.server.errors import OpenAIError
 from jaxserve.server.protocol import ChatCompletionRequest, DetokenizeRequest, TokenizeRequest
-from jaxserve.server.requests import chat_prompt_ids
+from jaxserve.server.requests import chat_prompt_text
 
 
 def tokenize(req: TokenizeRequest, info: EngineInfo, chat_template: str | None = None) -> dict[str, Any]:
@@ -22,9 +22,8 @@ def tokenize(req: TokenizeRequest, info: EngineInfo, chat_template: str | None =
             continue_final_message=req.continue_final_message, chat_template_kwargs=req.chat_template_kwargs,
         )
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        tokens = chat_prompt_ids(tok, chat, tools=tools, chat_template=chat_template)
-        if req.add_special_tokens:
-            tokens = tok.build_inputs_with_special_tokens(tokens)
+        text = chat_prompt_text(tok, chat, tools=tools, chat_template=chat_template)
+        tokens = tok.encode(text, add_special_tokens=bool(req.add_special_tokens))
     else:
         add = True if req.add_special_tokens is None else req.add_special_tokens
         tokens = tok.encode(req.prompt, add_special_tokens=add)
