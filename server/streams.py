@@ -18,7 +18,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel
 
-from jaxserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError, SlowReaderError, Submission
+from jaxserve.engine.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    QueueFullError,
+    RequestFailedError,
+    SlowReaderError,
+    Submission,
+)
 from jaxserve.engine.lora_slots import LoraNotFoundError
 from jaxserve.engine.output_processor import RequestOutput, TokenLogprob
 from jaxserve.sampling_params import SamplingParamError, SamplingParams
@@ -147,6 +154,8 @@ def _as_openai_error(e: BaseException) -> BaseException:
         return OpenAIError(404, str(e), param="model", type="NotFoundError")
     if isinstance(e, SlowReaderError):
         return OpenAIError(408, str(e), type="ClientTooSlowError")
+    if isinstance(e, RequestFailedError):
+        return OpenAIError(500, f"internal error while generating this request: {e}")
     return e
 
 

@@ -30,6 +30,7 @@ from jaxserve.engine.interface import (
     EngineInfo,
     EngineMetrics,
     QueueFullError,
+    RequestFailedError,
     admit,
     check_queue,
 )
@@ -40,7 +41,8 @@ from jaxserve.sampling_params import SamplingParamError, SamplingParams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AsyncEngine", "EngineDeadError", "EngineState", "QueueFullError", "SlowReaderError", "Submission"]
+__all__ = ["AsyncEngine", "EngineDeadError", "EngineState", "QueueFullError", "RequestFailedError", "SlowReaderError",
+           "Submission"]
 
 MAX_UNDELIVERED = 1000  # outputs a stream may have waiting for its reader (--max-undelivered-chunks)
 
@@ -305,8 +307,8 @@ class AsyncEngine(EngineThread):
             with self._lock:  # the snapshot now counts these adds among the waiting
                 self._metrics = engine.metrics()
                 self._unpublished_adds -= adds
-            for out in outputs:
-                self._deliver(out.request_id, out)
+            for out in outputs:  # a request that failed alone ends its submission with the error
+                self._deliver(out.request_id, out if out.error is None else RequestFailedError(out.error))
 
     def _abort_ended(self, engine: LLMEngine) -> None:
         while self._ended:

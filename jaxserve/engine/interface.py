@@ -27,6 +27,10 @@ class QueueFullError(RuntimeError):
     """More requests would be waiting than ``max_queue_size`` allows."""
 
 
+class RequestFailedError(RuntimeError):
+    """An internal fault ended this request alone (the engine serves the others): a 500, never bad input."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine cannot serve (still loading, failed start-up or crashed loop)."""
 

@@ -132,6 +132,7 @@ class LLMEngine:
         self._rng = random.Random(config.seed)
         self.async_scheduling = config.async_scheduling
         self._inflight: InflightStep | None = None
+        self._failed: list[RequestOutput] = []  # requests whose step inputs could not be built (see _dispatch)
         self.stats = EngineStats(
             load_seconds=load_s, compile_seconds=compile_s, warmup_seconds=warmup_s, num_kv_blocks=blocks,
             block_size=config.block_size, max_model_len=self.max_model_len,
@@ -335,6 +336,8 @@ class LLMEngine:
         self._inflight = step
         if step is not None or prev is not None or outputs:
             self.request_stats.on_step_time(time.perf_counter() - t0)
+        outputs += self._failed
+        self._failed = []
         return outputs
 
     def _dispatch(self, sched: SchedulerOutput, prev: InflightStep | None) -> InflightStep | None:
@@ -344,7 +347,19 @@ class LLMEngine:
         seeds = [s.request.seed for s in sched.scheduled]
         if self.loras is not None:  # every running request's adapter in a slot (the scheduler keeps them <= max_loras)
             self.loras.activate({r.lora_id for r in self.scheduler.running})
-        handle = self.runner.dispatch(sched.scheduled, seeds, prev.handle.rows if prev is not None else {})
+        try:
+            handle = self.runner.dispatch(sched.scheduled, seeds, prev.handle.rows if prev is not None else {})
+        except Exception:
+            # A request whose own step inputs (logits-processor rows, grammar mask, sampling row) cannot
+            # be built fails alone; the rest are scheduled again next step (nothing was launched). A
+            # fault no single request explains is the engine's: it propagates and the loop dies.
+            faulty = self.runner.faulty_rows(sched.scheduled)
+            if not faulty:
+                raise
+            for req, err in faulty:
+                self._failed.append(self.results.fail(req, err))
+                self.requests.pop(req.request_id, None)
+            return None
         return InflightStep(self.results.launch(sched), handle)
 
     def _finish(self, step: InflightStep) -> list[RequestOutput]:

@@ -42,7 +42,7 @@ from jaxserve.engine.scheduler import ScheduledRequest
 from jaxserve.models.attention import AttentionMetadata, abstract_metadata, build_host_metadata
 from jaxserve.models.attention_backends import KVCache, get_backend
 from jaxserve.models.lora import LoraBatch, LoraWeights
-from jaxserve.request import PLACEHOLDER
+from jaxserve.request import PLACEHOLDER, Request
 from jaxserve.weights.loader import LoadedModel
 
 logger = logging.getLogger(__name__)
@@ -433,6 +433,21 @@ class ModelRunner:
             want_logprobs=any(s.request.params.logprobs is not None for s in scheduled),
             dispatched_at=time.perf_counter(),
         )
+
+    def faulty_rows(self, scheduled: list[ScheduledRequest]) -> list[tuple[Request, Exception]]:
+        """The scheduled requests whose own host inputs fail to build, one row at a time, with the error."""
+        faulty = []
+        for s in scheduled:
+            req = s.request
+            try:
+                build_sampling_tensors([req.params], [req.seed], [req.num_output_tokens], 1)
+                build_logits_extras([req], 1, with_extras=s.samples and needs_extras(req),
+                                    history_len=self.max_model_len)
+                if s.samples and req.grammar is not None:
+                    build_mask([(0, req.grammar)], 1, self.vocab_size)
+            except Exception as e:  # noqa: BLE001 - reported per request by the engine
+                faulty.append((req, e))
+        return faulty
 
     def fetch(self, handle: StepHandle) -> tuple[np.ndarray, HostLogprobs | None]:
         """Wait for a dispatched step; its sampled ids (one per scheduled request) and logprobs."""

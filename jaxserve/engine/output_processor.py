@@ -35,6 +35,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[TokenLogprob] | None = None  # one per new token, when requested
+    error: str | None = None  # an internal fault ended this request alone (finished, finish_reason "error")
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:

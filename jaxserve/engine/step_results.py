@@ -122,15 +122,32 @@ class StepResults:
                 outputs.append(self._no_token(req, slot))
                 continue
             self.scheduler.resolve(req, slot, token)
-            if slot >= 0 and req.grammar is not None and not req.grammar.consume(token):
-                logger.warning("request %s: its grammar rejected token %d: %s", req.request_id, token,
-                               req.grammar.error)
-            if slot >= 0:
+            if slot < 0:
+                continue
+            try:
+                if req.grammar is not None and not req.grammar.consume(token):
+                    logger.warning("request %s: its grammar rejected token %d: %s", req.request_id, token,
+                                   req.grammar.error)
                 self.counters.generation_tokens += 1
                 self.stats.on_token(req, now)
                 lp = sampled.logprobs_for(row, req.params.logprobs)
                 outputs.append(self._output(req, slot + 1, token, lp, now))
+            except Exception as e:  # noqa: BLE001 - a fault in one request's processing ends that request alone
+                outputs.append(self.fail(req, e))
         return outputs
+
+    def fail(self, req: Request, err: Exception) -> RequestOutput:
+        """End ``req`` because its own processing raised ``err`` (detokenizer, grammar, logits inputs):
+        its blocks are freed and its last output carries the error; other requests go on."""
+        logger.error("request %s failed inside the engine: %s: %s", req.request_id, type(err).__name__, err,
+                     exc_info=err)
+        if not req.status.finished:
+            self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
+            self.counters.requests_aborted += 1
+        self.outputs.remove(req.request_id)
+        out = self.outputs.build(req, [], "", Finish(RequestStatus.FINISHED_ABORTED), None, req.num_output_tokens)
+        out.finish_reason, out.error = "error", f"{type(err).__name__}: {err}"
+        return out
 
     def _no_token(self, req: Request, slot: int) -> RequestOutput:
         """The row's grammar mask and bias allowed no token: stop without one (never emit token 0)."""

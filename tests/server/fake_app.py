@@ -67,15 +67,17 @@ def tiny_tokenizer(directory: Path):
     return AutoTokenizer.from_pretrained(str(directory))
 
 
-def fake_serving(tok, llm: FakeLLM | None = None, **config) -> FakeServing:
-    """Started engines and the app; ``config``: ServeConfig fields for the generate model (caps, ...)."""
+def fake_serving(tok, llm: FakeLLM | None = None, *, log_requests: bool = False, **config) -> FakeServing:
+    """Started engines and the app; ``config``: ServeConfig fields of both models (caps, api_key, ...)."""
     llm = llm or FakeLLM()
     llm.info = EngineInfo(tok, max_model_len=MAX_MODEL_LEN, vocab_size=len(tok), kv_capacity_tokens=1024,
                           default_sampling={})
     embedder = FakeEmbedder(tok)
-    gen, emb = AsyncEngine(lambda: llm), AsyncEmbeddingEngine(lambda: embedder)
+    gen = AsyncEngine(lambda: llm, log_requests=log_requests)
+    emb = AsyncEmbeddingEngine(lambda: embedder, log_requests=log_requests)
     for e in (gen, emb):
         e.start()
         e.wait_ready(10)
-    configs = [ServeConfig(model="gen", **config), ServeConfig(model="emb", **config)]
+    configs = [ServeConfig(model="gen", enable_log_requests=log_requests, **config),
+               ServeConfig(model="emb", enable_log_requests=log_requests, **config)]
     return FakeServing(build_app(configs, [gen, emb]), llm, embedder, [gen, emb])
