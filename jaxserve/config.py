@@ -137,6 +137,8 @@ class ServeConfig:
     # --- server ----------------------------------------------------------------------------
     host: str = _field("127.0.0.1", "Address to listen on.")
     port: int = _field(8000, "Port to listen on.")
+    ssl_keyfile: str | None = _field(None, "TLS private key file (PEM); with --ssl-certfile the server speaks HTTPS.")
+    ssl_certfile: str | None = _field(None, "TLS certificate file (PEM), with --ssl-keyfile.")
     api_key: list[str] | None = _field(
         None, "API key(s) clients must send as 'Authorization: Bearer <key>' (also $JAXSERVE_API_KEY)."
     )
@@ -202,6 +204,12 @@ class ServeConfig:
             raise ConfigError(f"max_logprobs must be in [0, {MAX_LOGPROBS}], got {self.max_logprobs}")
         if not 0 <= self.max_logit_bias <= MAX_LOGIT_BIAS:
             raise ConfigError(f"max_logit_bias must be in [0, {MAX_LOGIT_BIAS}], got {self.max_logit_bias}")
+        if (self.ssl_keyfile is None) != (self.ssl_certfile is None):
+            raise ConfigError("ssl_keyfile and ssl_certfile: give both (HTTPS) or neither")
+        for name in ("ssl_keyfile", "ssl_certfile"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).expanduser().is_file():
+                raise ConfigError(f"{name}: {path} is not a file")
         if self.shutdown_timeout < 0:
             raise ConfigError(f"shutdown_timeout must be >= 0 seconds, got {self.shutdown_timeout}")
         if self.max_request_body_bytes < 1024:
@@ -442,7 +450,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 # With a YAML ``models:`` list, these are the process's (top level only); the rest may differ per model.
 SERVER_KEYS = (
-    "host", "port", "api_key", "allowed_origins", "allowed_methods", "allowed_headers", "allow_credentials",
+    "host", "port", "ssl_keyfile", "ssl_certfile", "api_key", "allowed_origins", "allowed_methods", "allowed_headers",
+    "allow_credentials",
     "max_request_body_bytes", "shutdown_timeout", "log_level", "disable_uvicorn_access_log", "disable_log_stats",
     "compilation_cache_dir", "num_processes", "process_id", "coordinator_address",
 )

@@ -10,6 +10,7 @@ sentence and exit status 1.
 from __future__ import annotations
 
 import logging
+import socket
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -115,7 +116,7 @@ def watch_engines(engines: list[Engine], server: uvicorn.Server, configs: list[S
             server.should_exit = True
             return
     c = configs[0]
-    logger.info("ready: serving %s on http://%s:%d", ", ".join(x.model_name for x in configs), c.host, c.port)
+    logger.info("ready: serving %s on %s", ", ".join(x.model_name for x in configs), url(c))
     if not c.disable_log_stats:
         for e in engines:
             if e.task == "generate":
@@ -125,6 +126,10 @@ def watch_engines(engines: list[Engine], server: uvicorn.Server, configs: list[S
             e.join(timeout=0.5)
     if any(e.state is EngineState.DEAD for e in engines):
         server.should_exit = True
+
+
+def url(config: ServeConfig) -> str:
+    return f"{'https' if config.ssl_certfile else 'http'}://{config.host}:{config.port}"
 
 
 def holds_kv_cache(config: ServeConfig, task: str) -> bool:
@@ -183,11 +188,25 @@ def _available_host_gib() -> float | None:
     return None
 
 
+def listen(config: ServeConfig) -> socket.socket:
+    """The server's listening socket, bound before anything slow starts (ConfigError if it cannot be)."""
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((config.host, config.port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {e.strerror or e}") from None
+    return sock
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         configs = load_configs(cli_argv(sys.argv[1:] if argv is None else argv))
         for c in configs:
             resolve_model_source(c.model)
+        sock = listen(configs[0]) if configs[0].process_id == 0 else None
     except (ConfigError, ModelNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -228,15 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(configs, engines, on_shutdown=stop)
     server = draining_server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
-        access_log=not config.disable_uvicorn_access_log,
+        access_log=not config.disable_uvicorn_access_log, ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile,
     ), config.shutdown_timeout)
     access = logging.getLogger("uvicorn.access")  # after uvicorn configured logging
     access.addFilter(_drop_health_polls)
     access.addFilter(AccessLogRequestId())
     threading.Thread(target=watch_engines, args=(engines, server, configs), name="jaxserve-watch", daemon=True).start()
-    logger.info("serving %s on http://%s:%d (loading in the background)", ", ".join(c.model_name for c in configs),
-                config.host, config.port)
-    server.run()
+    logger.info("serving %s on %s (loading in the background)", ", ".join(c.model_name for c in configs), url(config))
+    server.run(sockets=[sock])
     failed = next((e for e in engines if e.state in (EngineState.FAILED, EngineState.DEAD)), None)
     if failed is not None:
         print(f"error: {failed.error}", file=sys.stderr)
