@@ -52,7 +52,7 @@ def _chars(value: Any) -> int:
 def _check_chars(param: str, value: Any, caps: RequestCaps) -> None:
     n = _chars(value)
     if n > caps.max_prompt_chars:
-        raise _over(param, "the text to tokenize has", n, caps.max_prompt_chars, "max-prompt-chars")
+        raise _over(param, "the number of characters to tokenize", n, caps.max_prompt_chars, "max-prompt-chars")
 
 
 def _check_messages(messages: list | None, caps: RequestCaps) -> None:
@@ -88,5 +88,5 @@ def check_caps(req: Any, caps: RequestCaps) -> None:
     elif isinstance(req, ScoreRequest):
         _check_chars("text_1", [req.text_1, req.text_2], caps)
     elif isinstance(req, TokenizeRequest):
-        _check_chars("prompt" if req.prompt is not None else "messages", req.prompt or "", caps)
+        _check_chars("prompt", req.prompt or "", caps)
         _check_messages(req.messages, caps)
