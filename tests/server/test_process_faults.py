@@ -16,8 +16,9 @@ import pytest
 
 from tests.server.conftest import _free_port
 
-# Few compiled shapes (start-up is mostly compiling): two sequences, 16-token steps.
-TINY = ["--max-num-seqs", "2", "--max-num-batched-tokens", "16", "--block-size", "4", "--max-model-len", "256",
+# Few compiled shapes (start-up is mostly compiling): one sequence, 16-token steps (the request that
+# crashes the engine waits in the queue while the stream runs).
+TINY = ["--max-num-seqs", "1", "--max-num-batched-tokens", "16", "--block-size", "4", "--max-model-len", "256",
         "--kv-cache-memory-gib", "0.0625", "--dtype", "float32"]
 CRASH_MAX_TOKENS = 99  # the wrapper's engine dies on the first step that runs a request asking for this
 
