@@ -3,7 +3,6 @@ OpenAI's error shape, /health 200 afterwards; ≥ 2,000 cases (``scripts/fuzz.py
 
 from __future__ import annotations
 
-import pytest
 from fastapi import FastAPI
 from pydantic import BaseModel
 
