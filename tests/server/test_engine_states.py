@@ -41,6 +41,8 @@ class FakeLLM:
     With ``hold``, steps wait for it to be set, and until then every request counts as waiting.
     """
 
+    loras = None  # no LoRA adapters (AsyncEngine publishes LLMEngine.loras)
+
     def __init__(self, crash: bool = False, hold: threading.Event | None = None) -> None:
         self.info = EngineInfo(FakeTokenizer(), max_model_len=64, vocab_size=50, kv_capacity_tokens=1024,
                                default_sampling={})
