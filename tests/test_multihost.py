@@ -1,9 +1,10 @@
 """Two local CPU processes (gloo collectives) serve one model with TP = 2 across them:
-process 0 serves HTTP and drives the schedule, process 1 follows the same steps."""
+process 0 serves HTTP and drives the schedule, process 1 follows the same steps (grammar steps too)."""
 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -50,6 +51,13 @@ def test_two_processes_tensor_parallel(lookback_model, tmp_path):
             assert r.status_code == 200, r.text
             got = [int(t.removeprefix("token_id:")) for t in r.json()["choices"][0]["logprobs"]["tokens"]]
             assert got == lookback_continue(prompt, 6, eos=2)
+        # A grammar step reaches process 1 in two broadcasts (forward inputs, then sampling + mask).
+        r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", timeout=60,
+                       json={"prompt": "pick:", "max_tokens": 12, "temperature": 1.0, "seed": 2, "n": 2,
+                             "structured_outputs": {"regex": "(up|down)-[0-9]{2}"}})
+        assert r.status_code == 200, r.text
+        for choice in r.json()["choices"]:
+            assert choice["finish_reason"] == "stop" and re.fullmatch("(up|down)-[0-9]{2}", choice["text"]), choice
     finally:
         procs[0].terminate()
         try:

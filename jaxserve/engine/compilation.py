@@ -9,9 +9,13 @@ step's shape.
 
 Steps with a request that needs logit bias or penalties carry per-row token histories
 (``extras``); to keep compiles few, such steps use the largest bucket of their family. Steps with
-a grammar-constrained row (structured outputs) also carry the packed token mask (``grammar``): the
-largest bucket of their family with extras and mask, two more compiles. A pooling engine (a
-decoder embedder: no sampling) has neither (``sampling=False``).
+a grammar-constrained row (structured outputs) carry the packed token mask (``grammar``) and run
+as a forward and a sample executable (``engine/step_functions.py``): decode steps at every decode
+bucket, and the largest bucket of each family with extras. A grammar shape's forward depends only
+on ``(T, B, decode_only)`` and its sampling only on ``(B, extras)``, so the runner compiles each
+distinct one once: the forwards of the decode buckets and the largest mixed one, and a small
+sampling executable per decode bucket (docs/benchmarks.md §8 has the counts and seconds). A
+pooling engine (a decoder embedder: no sampling) has neither (``sampling=False``).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ class StepShape:
     num_seqs: int  # B (also the number of logits rows)
     decode_only: bool  # every sequence has at most one new token
     extras: bool = False  # carries logits-processor inputs (bias, penalty histories)
-    grammar: bool = False  # carries the packed grammar mask (implies extras)
+    grammar: bool = False  # carries the packed grammar mask; runs as forward + sample
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -78,6 +82,8 @@ class BucketPolicy:
         if num_seqs > self.max_num_seqs or num_tokens > self.max_num_batched_tokens:
             raise ValueError(f"batch of {num_seqs} seqs / {num_tokens} tokens exceeds the configured maxima")
         decode = num_tokens == num_seqs
+        if grammar and decode and not extras:
+            return dataclasses.replace(self.decode_shape(num_seqs), grammar=True)
         if grammar:
             return dataclasses.replace(self._extras_shape(decode), grammar=True)
         if extras:
@@ -95,4 +101,5 @@ class BucketPolicy:
             return sorted(shapes)
         shapes |= {self._extras_shape(True), self._extras_shape(False)}
         shapes |= {dataclasses.replace(s, grammar=True) for s in (self._extras_shape(True), self._extras_shape(False))}
+        shapes |= {dataclasses.replace(self.decode_shape(b), grammar=True) for b in self.decode_sizes}
         return sorted(shapes)

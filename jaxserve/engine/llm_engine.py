@@ -58,6 +58,7 @@ class EngineStats:
     block_size: int
     max_model_len: int
     num_compiled_shapes: int
+    num_executables: int  # grammar shapes are two executables each, shared between shapes
     platform: str
     dtype: str
 
@@ -136,7 +137,8 @@ class LLMEngine:
         self.stats = EngineStats(
             load_seconds=load_s, compile_seconds=compile_s, warmup_seconds=warmup_s, num_kv_blocks=blocks,
             block_size=config.block_size, max_model_len=self.max_model_len,
-            num_compiled_shapes=len(self.runner.compiled_shapes), platform=platform,
+            num_compiled_shapes=len(self.runner.compiled_shapes), num_executables=self.runner.num_executables,
+            platform=platform,
             dtype=jax.numpy.dtype(dtype).name,
         )
 
@@ -145,8 +147,8 @@ class LLMEngine:
         logger.info("start-up 3/4: compiling %d step shapes", len(self.runner.buckets.all_shapes()))
         compile_s = self.runner.compile_all(progress=progress)
         logger.info(
-            "compiled %d step shapes in %.1fs (%d from the compilation cache)",
-            len(self.runner.compiled_shapes), compile_s, self.runner.compile_cache_hits,
+            "compiled %d step shapes (%d executables) in %.1fs (%d from the compilation cache)",
+            len(self.runner.compiled_shapes), self.runner.num_executables, compile_s, self.runner.compile_cache_hits,
         )
         logger.info("start-up 4/4: warm-up (one run of each compiled step shape)")
         warmup_s = self.runner.warm_up()
@@ -316,10 +318,11 @@ class LLMEngine:
         """Dispatch the next step, then finish the previous one; returns the finished step's outputs.
 
         With async scheduling the device runs step N+1 while the host applies step N's tokens. The
-        previous step is finished first when there is no async scheduling, or when a penalty
-        reads the token history on the host or a grammar must consume the token in flight before
-        the next mask exists (structured outputs: those steps are synchronous). The in-flight step
-        is a value: ``_dispatch`` makes it, ``_finish`` consumes it.
+        previous step is finished first when there is no async scheduling, or when a penalty reads
+        the token history on the host. A step with a grammar row is dispatched in two parts: its
+        forward before step N is finished, its sampling after (the matchers must have consumed
+        step N's tokens before its mask exists). The in-flight step is a value: ``_dispatch``
+        makes it, ``_finish`` consumes it.
         """
         t0 = time.perf_counter()
         prev, self._inflight = self._inflight, None
@@ -330,6 +333,8 @@ class LLMEngine:
         step = self._dispatch(self.scheduler.schedule(), prev)
         if prev is not None:
             outputs += self._finish(prev)
+        if step is not None and step.handle.pending is not None:
+            step = self._sample(step)
         if step is not None and not self.async_scheduling:
             outputs += self._finish(step)
             step = None
@@ -361,6 +366,20 @@ class LLMEngine:
                 self.requests.pop(req.request_id, None)
             return None
         return InflightStep(self.results.launch(sched), handle)
+
+    def _sample(self, step: InflightStep) -> InflightStep:
+        """Dispatch a grammar step's sampling (its forward ran; the previous step is applied). A
+        request whose own mask row cannot be built fails alone, and the step samples without it."""
+        try:
+            return dataclasses.replace(step, handle=self.runner.sample(step.handle))
+        except Exception:
+            faulty = self.runner.faulty_grammar_rows(step.handle)
+            if not faulty:
+                raise
+            for req, err in faulty:
+                self._failed.append(self.results.fail(req, err))
+                self.requests.pop(req.request_id, None)
+            return dataclasses.replace(step, handle=self.runner.sample(step.handle))
 
     def _finish(self, step: InflightStep) -> list[RequestOutput]:
         """Wait for ``step``'s tokens and apply them; forget the requests that finished."""

@@ -7,7 +7,9 @@ raises instead. The KV-cache pages are donated to each step and updated in place
 ``dispatch`` returns at once (jax dispatch is asynchronous); ``fetch`` waits for the sampled ids.
 A token the host does not know yet (``PLACEHOLDER``, sampled by the previous, still running step)
 is read on device from that step's output, so step N+1 can be dispatched before step N's tokens
-reach the host.
+reach the host. A step with a grammar row is two executables (``engine/step_functions.py``):
+``dispatch`` runs its forward and leaves the logits on device; ``sample`` runs its sampling once
+the engine has applied the previous step's tokens, so the mask comes from up-to-date matchers.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
 from jaxserve.engine.compilation import BucketPolicy, StepShape
@@ -37,11 +38,11 @@ from jaxserve.engine.logits_processors import (
     build_logits_extras,
     needs_extras,
 )
-from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling_tensors, sample
+from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling_tensors
 from jaxserve.engine.scheduler import ScheduledRequest
-from jaxserve.models.attention import AttentionMetadata, abstract_metadata, build_host_metadata
+from jaxserve.engine.step_functions import build_forward, build_sample, build_step
+from jaxserve.models.attention import abstract_metadata, build_host_metadata
 from jaxserve.models.attention_backends import KVCache, get_backend
-from jaxserve.models.lora import LoraBatch, LoraWeights
 from jaxserve.request import PLACEHOLDER, Request
 from jaxserve.weights.loader import LoadedModel
 
@@ -99,6 +100,19 @@ def _abstract(a: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
 
 
+def _program_key(fn: Callable, args: tuple) -> tuple:
+    """Identifies an executable: the jitted function, its arguments' structure (with static
+    metadata such as ``decode_only``), shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(args)
+    return (id(fn), treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
+
+
+def _split_inputs(inputs: tuple) -> tuple[tuple, tuple]:
+    """A step's inputs (the fused step's order) as a grammar step's forward inputs and its sampling
+    inputs (sampling settings, extras, mask)."""
+    return (*inputs[:5], inputs[8]), inputs[5:8]
+
+
 def _local(x: jax.Array) -> np.ndarray:
     """A replicated array's value from this process's first shard (works across hosts too)."""
     return np.asarray(x.addressable_shards[0].data)
@@ -113,50 +127,32 @@ class HostLogprobs:
     top_vals: np.ndarray  # f32[n, MAX_LOGPROBS]
 
 
+@dataclasses.dataclass(frozen=True)
+class PendingSample:
+    """A grammar step whose forward was dispatched: its logits (on device) and its sampling inputs."""
+
+    shape: StepShape
+    logits: jax.Array  # [B, V] (device)
+    grammar_rows: list[tuple[int, Request]]  # (row, request) for each sampling request with a grammar
+    sampling: SamplingTensors
+    extras: LogitsExtras
+
+
 @dataclasses.dataclass
 class StepHandle:
-    """A dispatched step: device outputs plus which row holds each request's sample."""
+    """A dispatched step: device outputs plus which row holds each request's sample.
 
-    tokens: jax.Array  # i32[max_rows] (device) sampled ids, padded
-    logprobs: LogprobsOut
+    ``pending`` is set (and ``tokens`` None) for a grammar step whose sampling is not dispatched
+    yet: ``ModelRunner.sample`` returns the handle with its tokens.
+    """
+
+    tokens: jax.Array | None  # i32[max_rows] (device) sampled ids, padded
+    logprobs: LogprobsOut | None
     rows: dict[str, int]  # request id -> row, for requests whose chunk samples
     num_scheduled: int
     want_logprobs: bool
     dispatched_at: float
-
-
-def build_step(graphdef: nnx.GraphDef, state_def) -> Callable:
-    """The device step: model forward over the flat batch, then sampling; the KV caches come back updated.
-
-    ``lora_layers`` (the adapter slots) and ``lora_slots_T`` (each token's slot) are None without
-    LoRA: the step is then traced without any LoRA code, exactly as before LoRA existed.
-    """
-
-    def step(
-        params: list[jax.Array],
-        kv_caches: list[KVCache],
-        lora_layers: tuple[dict[str, LoraWeights], ...] | None,
-        prev_tokens_M: jax.Array,
-        tokens_T: jax.Array,
-        prev_idx_T: jax.Array,
-        positions_T: jax.Array,
-        meta: AttentionMetadata,
-        logits_indices_B: jax.Array,
-        sampling: SamplingTensors,
-        extras: LogitsExtras,
-        mask_BW: jax.Array,
-        lora_slots_T: jax.Array | None,
-    ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
-        # Tokens sampled by the previous step that the host has not seen yet come from its output.
-        tokens_T = jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
-        model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_def, params))
-        lora = None if lora_layers is None else LoraBatch(lora_layers, lora_slots_T)
-        logits, kv_caches = model(tokens_T, positions_T, kv_caches, meta, logits_indices_B, lora)
-        tokens, logprobs = sample(logits, sampling, extras, mask_BW)
-        padded = jnp.zeros(prev_tokens_M.shape, jnp.int32).at[: tokens.shape[0]].set(tokens)
-        return padded, logprobs, kv_caches
-
-    return step
+    pending: PendingSample | None = None
 
 
 class ModelRunner:
@@ -194,23 +190,39 @@ class ModelRunner:
         # Variables) on every call costs host time on the serving path.
         self._params, state_def = jax.tree_util.tree_flatten(loaded.state)
         rep = plan.replicated
-        self.step_fn = self._jit_step(state_def, [a.sharding for a in self._params], [kv_sh] * loaded.config.num_layers)
         self.max_rows = max(s.num_seqs for s in buckets.all_shapes())
+        state_sh, kv_shs = [a.sharding for a in self._params], [kv_sh] * loaded.config.num_layers
+        self.step_fn = self._jit_step(state_def, state_sh, kv_shs)
+        self._jit_grammar_steps(state_def, state_sh, kv_shs)
         prev = jax.ShapeDtypeStruct((self.max_rows,), jnp.int32, sharding=rep)
         self._prev_tokens = prev if self.abstract else jax.device_put(jnp.zeros(prev.shape, jnp.int32), rep)
-        self._compiled: dict[StepShape, jax.stages.Compiled] = {}
+        # One executable per shape, two (forward, sample) for grammar shapes, which share them.
+        self._compiled: dict[StepShape, tuple[jax.stages.Compiled, ...]] = {}
+        self._executables: dict[tuple, jax.stages.Compiled] = {}
 
     def _jit_step(self, state_def: jax.tree_util.PyTreeDef, state_sh: list, kv_shs: list) -> Callable:
         """The jitted step (traced per shape by ``lower``): host inputs replicated, parameters, LoRA
         slots and KV pages keeping their shardings, the caches donated."""
         rep = self.loaded.plan.replicated
         return jax.jit(
-            build_step(self.loaded.graphdef, state_def),
+            build_step(self.loaded.graphdef, state_def, self.max_rows),
             donate_argnums=(1,),
             in_shardings=(state_sh, kv_shs, None if self.lora is None else self.lora.shardings(),
                           rep, rep, rep, rep, rep, rep, rep, rep, rep, rep),
             out_shardings=(rep, rep, kv_shs),
         )
+
+    def _jit_grammar_steps(self, state_def: jax.tree_util.PyTreeDef, state_sh: list, kv_shs: list) -> None:
+        """A grammar step's two jitted halves: the forward (caches donated, logits kept) and sampling."""
+        rep = self.loaded.plan.replicated
+        lora_sh = None if self.lora is None else self.lora.shardings()
+        self.forward_fn = jax.jit(
+            build_forward(self.loaded.graphdef, state_def),
+            donate_argnums=(1,),
+            in_shardings=(state_sh, kv_shs, lora_sh, *[rep] * 7),
+            out_shardings=(rep, kv_shs),
+        )
+        self.sample_fn = jax.jit(build_sample(self.max_rows), in_shardings=(rep,) * 4, out_shardings=(rep, rep))
 
     def _allocate_caches(self, attention, num_blocks: int):
         """One zeroed cache per layer in the attention backend's layout; returns its shardings.
@@ -270,7 +282,8 @@ class ModelRunner:
         extras = build_logits_extras(
             [s.request for s in scheduled], shape.num_seqs, with_extras=shape.extras, history_len=self.max_model_len
         )
-        return (tokens, prev_idx, positions, meta, logits_indices, sampling, extras, self._grammar_mask(shape, scheduled),
+        no_mask = np.zeros((shape.num_seqs, 0), np.int32)  # a grammar step's mask is made by ``sample``
+        return (tokens, prev_idx, positions, meta, logits_indices, sampling, extras, no_mask,
                 self._lora_slots(shape, scheduled))
 
     def _lora_slots(self, shape: StepShape, scheduled: list[ScheduledRequest]) -> np.ndarray | None:
@@ -284,16 +297,29 @@ class ModelRunner:
             t += s.num_tokens
         return slots
 
-    def _grammar_mask(self, shape: StepShape, scheduled: list[ScheduledRequest]) -> np.ndarray:
-        """The packed mask of a grammar step (rows of sampling requests with a grammar); else zero-width."""
-        if not shape.grammar:
-            return np.zeros((shape.num_seqs, 0), np.int32)
-        rows = [(b, s.request.grammar) for b, s in enumerate(scheduled) if s.samples and s.request.grammar is not None]
+    def _grammar_mask(self, shape: StepShape, grammar_rows: list[tuple[int, Request]]) -> np.ndarray:
+        """The packed mask of a grammar step: each grammar row's allowed tokens, all ones for the
+        other rows (and for requests that finished while the forward ran: their token is dropped).
+
+        Each grammar row's matcher must have consumed every earlier token of its request: only this
+        step's own output may still be pending, else the mask would belong to an older position.
+        """
+        rows = []
+        for b, req in grammar_rows:
+            if not req.status.finished:
+                self._check_consumed(req)
+                rows.append((b, req.grammar))
         t0 = time.perf_counter()
         mask = build_mask(rows, shape.num_seqs, self.vocab_size)
         self.mask_seconds += time.perf_counter() - t0
         self.mask_steps += 1
         return mask
+
+    @staticmethod
+    def _check_consumed(req: Request) -> None:
+        if req.num_pending != 1:
+            raise RuntimeError(f"request {req.request_id}: grammar mask built before its matcher consumed "
+                               f"its previous token ({req.num_pending} outputs pending)")
 
     def _abstract_inputs(self, shape: StepShape) -> tuple:
         i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
@@ -312,12 +338,25 @@ class ModelRunner:
         lora_slots = None if self.lora is None else i32(t)
         return i32(t), i32(t), i32(t), meta, i32(b), sampling, extras, mask, lora_slots
 
-    def lower(self, shape: StepShape) -> jax.stages.Lowered:
-        """The step of ``shape`` lowered for this process's devices."""
-        return self.step_fn.lower(*self.abstract_args(shape))
+    def programs(self, shape: StepShape) -> list[tuple[Callable, tuple]]:
+        """The jitted functions a step of ``shape`` runs, in order, with their arguments as shapes
+        with shardings (also for exporting to another platform): the fused step, or a grammar
+        step's forward then its sampling."""
+        if not shape.grammar:
+            return [(self.step_fn, self.abstract_args(shape))]
+        lora = None if self.lora is None else jax.tree.map(_abstract, self.lora.layers)
+        state = (*self._abstract_state(), lora, _abstract(self._prev_tokens))
+        forward_inputs, sample_inputs = _split_inputs(self._abstract_inputs(shape))
+        rep = self.loaded.plan.replicated
+        logits = jax.ShapeDtypeStruct((shape.num_seqs, self.vocab_size), jnp.float32, sharding=rep)
+        return [(self.forward_fn, (*state, *forward_inputs)), (self.sample_fn, (logits, *sample_inputs))]
+
+    def lower(self, shape: StepShape) -> list[jax.stages.Lowered]:
+        """The executables of ``shape`` (see ``programs``) lowered for this process's devices."""
+        return [fn.lower(*args) for fn, args in self.programs(shape)]
 
     def abstract_args(self, shape: StepShape) -> tuple:
-        """The step's arguments as shapes with shardings (also for exporting to another platform)."""
+        """The fused step's arguments as shapes with shardings."""
         lora = None if self.lora is None else jax.tree.map(_abstract, self.lora.layers)
         return (*self._abstract_state(), lora, _abstract(self._prev_tokens), *self._abstract_inputs(shape))
 
@@ -328,8 +367,9 @@ class ModelRunner:
     def compile_all(self, shapes: list[StepShape] | None = None, *, progress: bool = False) -> float:
         """Compile every bucket (or ``shapes``); returns the seconds it took.
 
-        Tracing and lowering hold the GIL and run one shape at a time; on an accelerator host every
-        shape is lowered first and XLA's compiles then run in a thread pool (they release the GIL),
+        Executables that several shapes share (a grammar shape's forward or sampling) compile once.
+        Tracing and lowering hold the GIL and run one at a time; on an accelerator host every
+        executable is lowered first and XLA's compiles then run in a thread pool (they release the GIL),
         one per core. On CPU each shape is lowered and compiled in turn, in this thread: a pool gave
         no gain on a 2-core server (docs/benchmarks.md). (The XLA:CPU segfaults once blamed on
         pool compiles were the test session running out of memory mappings: every live executable
@@ -339,22 +379,25 @@ class ModelRunner:
         t0 = time.perf_counter()
         hits0 = _cache_hits.value
         todo = [s for s in (shapes or self.buckets.all_shapes()) if s not in self._compiled]
+        keyed = {shape: [(_program_key(fn, args), fn, args) for fn, args in self.programs(shape)] for shape in todo}
+        new = {key: (fn, args) for parts in keyed.values() for key, fn, args in parts if key not in self._executables}
         # Accelerator hosts have cores to spare; a 2-core CPU server or a multi-process launch does not.
         parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
-        workers = max(1, min(len(todo), os.cpu_count() or 1)) if parallel else 1
-        with tqdm(total=len(todo), desc="Compiling step shapes", unit="shape", disable=not progress) as bar:
+        workers = max(1, min(len(new), os.cpu_count() or 1)) if parallel else 1
+        with tqdm(total=len(new), desc="Compiling step executables", unit="exe", disable=not progress) as bar:
             if workers == 1:
-                for shape in todo:
-                    self._compiled[shape] = self.lower(shape).compile()
+                for key, (fn, args) in new.items():
+                    self._executables[key] = fn.lower(*args).compile()
                     bar.update()
             else:
-                lowered = [self.lower(s) for s in todo]
+                lowered = {key: fn.lower(*args) for key, (fn, args) in new.items()}
                 with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-                    futures = [pool.submit(low.compile) for low in lowered]
-                    for future in futures:
+                    futures = {key: pool.submit(low.compile) for key, low in lowered.items()}
+                    for future in futures.values():
                         future.add_done_callback(lambda _: bar.update())
-                    for shape, future in zip(todo, futures, strict=True):
-                        self._compiled[shape] = future.result()
+                    self._executables.update({key: f.result() for key, f in futures.items()})
+        for shape, parts in keyed.items():
+            self._compiled[shape] = tuple(self._executables[key] for key, _, _ in parts)
         logger.debug("compiled %d shapes in %.2fs", len(todo), time.perf_counter() - t0)
         self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
         self.compile_cache_hits = _cache_hits.value - hits0
@@ -376,27 +419,57 @@ class ModelRunner:
         for shape in self.compiled_shapes:
             if cpu and shape.num_tokens > CPU_WARM_UP_MAX_TOKENS:
                 continue
-            self._run(shape, self._zero_inputs(shape))
+            self._run_parts(shape, self._zero_inputs(shape))
         jax.block_until_ready(self.kv_caches)
         self._prev_tokens = prev_tokens
         return time.perf_counter() - t0
 
-    def _zero_inputs(self, shape: StepShape) -> tuple:
-        """Host placeholders with the structure of ``shape``'s inputs (followers' broadcast buffers)."""
-        return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._abstract_inputs(shape))
+    def _zero_inputs(self, shape: StepShape) -> list[tuple]:
+        """Host placeholders with the structure of each executable's inputs of ``shape`` (followers'
+        broadcast buffers): one tuple, or a grammar step's forward inputs and sampling inputs."""
+        zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._abstract_inputs(shape))
+        return list(_split_inputs(zeros)) if shape.grammar else [zeros]
+
+    def _lora_layers(self) -> tuple | None:
+        return None if self.lora is None else self.lora.layers
 
     def _run(self, shape: StepShape, inputs: tuple) -> tuple[jax.Array, LogprobsOut]:
-        tokens, logprobs, self.kv_caches = self._compiled[shape](
-            self._params, self.kv_caches, None if self.lora is None else self.lora.layers, self._prev_tokens, *inputs
+        (step,) = self._compiled[shape]
+        tokens, logprobs, self.kv_caches = step(
+            self._params, self.kv_caches, self._lora_layers(), self._prev_tokens, *inputs
         )
         self._prev_tokens = tokens
         return tokens, logprobs
 
+    def _forward(self, shape: StepShape, inputs: tuple) -> jax.Array:
+        forward = self._compiled[shape][0]
+        logits, self.kv_caches = forward(self._params, self.kv_caches, self._lora_layers(), self._prev_tokens, *inputs)
+        return logits
+
+    def _sample(self, shape: StepShape, logits: jax.Array, inputs: tuple) -> tuple[jax.Array, LogprobsOut]:
+        tokens, logprobs = self._compiled[shape][1](logits, *inputs)
+        self._prev_tokens = tokens
+        return tokens, logprobs
+
+    def _run_parts(self, shape: StepShape, parts: list[tuple]) -> None:
+        """Run a step from its host inputs, fused or forward then sample (warm-up and followers)."""
+        if shape.grammar:
+            self._sample(shape, self._forward(shape, parts[0]), parts[1])
+        else:
+            self._run(shape, parts[0])
+
     def follow(self) -> int:
-        """On processes other than 0: run the steps process 0 broadcasts until it stops; returns the count."""
+        """On processes other than 0: run the steps process 0 broadcasts until it stops; returns the count.
+        A grammar step comes in two broadcasts: the forward's inputs, then (once process 0 has the
+        mask) the sampling inputs."""
         steps = 0
         while (received := self.channel.follower_receive()) is not None:
-            self._run(*received)
+            shape, inputs = received
+            if shape.grammar:
+                logits = self._forward(shape, inputs)
+                self._sample(shape, logits, self.channel.follower_receive_part(shape, 1))
+            else:
+                self._run(shape, inputs)
             steps += 1
         return steps
 
@@ -408,13 +481,19 @@ class ModelRunner:
     def compiled_shapes(self) -> list[StepShape]:
         return sorted(self._compiled)
 
+    @property
+    def num_executables(self) -> int:
+        """Distinct compiled executables (grammar shapes share their forwards and samplings)."""
+        return len(self._executables)
+
     def dispatch(
         self, scheduled: list[ScheduledRequest], seeds: list[int], prev_rows: dict[str, int]
     ) -> StepHandle:
         """Start one step on the device and return without waiting for it.
 
         ``prev_rows`` maps the requests of the previous (possibly still running) step to the rows
-        of its output, for tokens the host does not know yet.
+        of its output, for tokens the host does not know yet. A step with a grammar row runs only
+        its forward here: the handle is ``pending`` until ``sample``.
         """
         num_tokens = sum(s.num_tokens for s in scheduled)
         extras = any(s.samples and needs_extras(s.request) for s in scheduled)
@@ -423,16 +502,46 @@ class ModelRunner:
         if shape not in self._compiled:
             raise RuntimeError(f"step shape {shape} was not compiled at start-up")
         inputs = self._host_inputs(shape, scheduled, seeds, prev_rows)
-        self.channel.leader_send(shape, inputs)
-        tokens, logprobs = self._run(shape, inputs)
-        return StepHandle(
-            tokens=tokens,
-            logprobs=logprobs,
+        handle = StepHandle(
+            tokens=None,
+            logprobs=None,
             rows={s.request.request_id: b for b, s in enumerate(scheduled) if s.samples},
             num_scheduled=len(scheduled),
             want_logprobs=any(s.request.params.logprobs is not None for s in scheduled),
             dispatched_at=time.perf_counter(),
         )
+        if shape.grammar:
+            forward_inputs, (sampling, extras, _) = _split_inputs(inputs)
+            self.channel.leader_send(shape, forward_inputs)
+            logits = self._forward(shape, forward_inputs)
+            # Whether a chunk samples must be read now: launching the step appends its placeholder.
+            rows = [(b, s.request) for b, s in enumerate(scheduled) if s.samples and s.request.grammar is not None]
+            return dataclasses.replace(handle, pending=PendingSample(shape, logits, rows, sampling, extras))
+        self.channel.leader_send(shape, inputs)
+        tokens, logprobs = self._run(shape, inputs)
+        return dataclasses.replace(handle, tokens=tokens, logprobs=logprobs)
+
+    def sample(self, handle: StepHandle) -> StepHandle:
+        """Dispatch a grammar step's sampling; call it once every grammar row's matcher has consumed
+        its request's earlier tokens (the engine applies the previous step first)."""
+        p = handle.pending
+        assert p is not None, "sample() takes a pending grammar step"
+        inputs = (p.sampling, p.extras, self._grammar_mask(p.shape, p.grammar_rows))
+        self.channel.leader_send_part(inputs)
+        tokens, logprobs = self._sample(p.shape, p.logits, inputs)
+        return dataclasses.replace(handle, tokens=tokens, logprobs=logprobs, pending=None)
+
+    def faulty_grammar_rows(self, handle: StepHandle) -> list[tuple[Request, Exception]]:
+        """A pending grammar step's requests whose own mask row fails to build, with the error."""
+        assert handle.pending is not None
+        faulty = []
+        for _, req in handle.pending.grammar_rows:
+            try:
+                if not req.status.finished:
+                    build_mask([(0, req.grammar)], 1, self.vocab_size)
+            except Exception as e:  # noqa: BLE001 - reported per request by the engine
+                faulty.append((req, e))
+        return faulty
 
     def faulty_rows(self, scheduled: list[ScheduledRequest]) -> list[tuple[Request, Exception]]:
         """The scheduled requests whose own host inputs fail to build, one row at a time, with the error."""
@@ -451,6 +560,7 @@ class ModelRunner:
 
     def fetch(self, handle: StepHandle) -> tuple[np.ndarray, HostLogprobs | None]:
         """Wait for a dispatched step; its sampled ids (one per scheduled request) and logprobs."""
+        assert handle.tokens is not None, "a grammar step must be sampled before it is fetched"
         n = handle.num_scheduled
         tokens = _local(handle.tokens)[:n]
         host_lp = None

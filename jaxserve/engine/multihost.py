@@ -3,7 +3,9 @@ compiled steps on its own devices, fed by a broadcast of each step's host inputs
 
 Protocol per step (a collective every process joins): a header ``[command, shape index]``, then,
 for a step, the inputs of that shape. Followers know every compiled shape, so they can build
-placeholders of the right structure for the broadcast to fill.
+placeholders of the right structure for the broadcast to fill. A grammar step's inputs come in two
+parts: its forward's at dispatch, then its sampling inputs and packed mask once process 0 has
+applied the previous step's tokens to the matchers.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def shutdown() -> None:
 class StepChannel:
     """Broadcasts step inputs from process 0 to the others (a no-op with one process)."""
 
-    def __init__(self, shapes: list[StepShape], zero_inputs: Callable[[StepShape], tuple]) -> None:
+    def __init__(self, shapes: list[StepShape], zero_inputs: Callable[[StepShape], list[tuple]]) -> None:
+        """``zero_inputs(shape)``: placeholders for each part of a step's inputs."""
         self.shapes = list(shapes)
         self.index = {s: i for i, s in enumerate(self.shapes)}
         self.zero_inputs = zero_inputs
@@ -60,6 +63,11 @@ class StepChannel:
             self._broadcast(np.array([CMD_STEP, self.index[shape]], np.int32))
             self._broadcast(inputs)
 
+    def leader_send_part(self, inputs: tuple) -> None:
+        """A later part of the step just sent (a grammar step's sampling inputs)."""
+        if self.active:
+            self._broadcast(inputs)
+
     def leader_stop(self) -> None:
         if self.active:
             self._broadcast(np.array([CMD_STOP, 0], np.int32))
@@ -69,4 +77,7 @@ class StepChannel:
         if int(header[0]) == CMD_STOP:
             return None
         shape = self.shapes[int(header[1])]
-        return shape, self._broadcast(self.zero_inputs(shape))
+        return shape, self._broadcast(self.zero_inputs(shape)[0])
+
+    def follower_receive_part(self, shape: StepShape, part: int) -> tuple:
+        return self._broadcast(self.zero_inputs(shape)[part])

@@ -107,7 +107,8 @@ class PoolingRunner(ModelRunner):
         return tokens, positions, meta, last
 
     def _run(self, shape: StepShape, inputs: tuple) -> jax.Array:
-        vectors, self.kv_caches = self._compiled[shape](self._params, self.kv_caches, *inputs)
+        (step,) = self._compiled[shape]
+        vectors, self.kv_caches = step(self._params, self.kv_caches, *inputs)
         return vectors
 
     def dispatch(self, scheduled: list[ScheduledRequest]) -> PoolingHandle:  # type: ignore[override]

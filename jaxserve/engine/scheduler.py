@@ -88,9 +88,9 @@ class Scheduler:
 
     @property
     def needs_host_tokens(self) -> bool:
-        """A running request with a token in flight reads its history on the host (penalties), or
-        needs its grammar to consume that token before its next mask exists (structured outputs)."""
-        return any(r.num_pending and (r.params.has_penalties or r.grammar is not None) for r in self.running)
+        """A running request with a token in flight reads its history on the host (penalties).
+        (Grammar requests need none: their step samples after the previous one is applied.)"""
+        return any(r.num_pending and r.params.has_penalties for r in self.running)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens

@@ -26,10 +26,12 @@ def test_bucket_choice():
     assert b.shape_for(2, 2, extras=True) == StepShape(8, 8, True, extras=True)
     assert b.shape_for(2, 20, extras=True) == StepShape(64, 8, False, extras=True)
     assert StepShape(8, 8, True, extras=True) in b.all_shapes()
-    # Steps with a grammar row: the same largest buckets, with extras and the mask (two more shapes).
-    assert b.shape_for(2, 2, grammar=True) == StepShape(8, 8, True, extras=True, grammar=True)
-    assert b.shape_for(2, 20, extras=True, grammar=True) == StepShape(64, 8, False, extras=True, grammar=True)
-    assert sum(s.grammar for s in b.all_shapes()) == 2
+    # Steps with a grammar row: decode steps at their own bucket; with extras or a prefill, the
+    # largest bucket of the family with extras and the mask.
+    assert b.shape_for(2, 2, grammar=True) == StepShape(2, 2, True, grammar=True)
+    assert b.shape_for(2, 2, extras=True, grammar=True) == StepShape(8, 8, True, extras=True, grammar=True)
+    assert b.shape_for(2, 20, grammar=True) == StepShape(64, 8, False, extras=True, grammar=True)
+    assert sum(s.grammar for s in b.all_shapes()) == len(b.decode_sizes) + 2
 
 
 def test_decode_floor_holds_with_one_sequence():
@@ -97,9 +99,10 @@ def _cache_copies(hlo: str, page_shape: tuple[int, ...]) -> list[str]:
 def test_kv_pages_are_updated_in_place(lookback_model, dtype):
     eng = make_engine(lookback_model, dtype=dtype)
     page_shape = eng.runner.kv_caches[0][0].shape
-    for shape, compiled in eng.runner._compiled.items():
-        copies = _cache_copies(compiled.as_text(), page_shape)
-        assert copies == [], f"{shape} copies the KV cache: {copies[:2]}"
+    for shape, executables in eng.runner._compiled.items():
+        for compiled in executables:
+            copies = _cache_copies(compiled.as_text(), page_shape)
+            assert copies == [], f"{shape} copies the KV cache: {copies[:2]}"
 
 
 def test_the_copy_detector_detects_a_copied_cache():

@@ -4,6 +4,7 @@ valid prefix, compile errors name the problem, and steps without a grammar row a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -11,7 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxserve.engine.compilation import BucketPolicy
+from jaxserve.engine.compilation import BucketPolicy, StepShape
+from jaxserve.engine.model_runner import _program_key
 from jaxserve.engine.grammar import GrammarError
 from jaxserve.engine.sampler import apply_grammar_mask, build_sampling_tensors, sample
 from jaxserve.engine.logits_processors import build_logits_extras
@@ -83,9 +85,13 @@ def _run(engine, requests: list[tuple[list[int], SamplingParams]]) -> list[tuple
     return [(text[r], finish[r]) for r in ids]
 
 
+KV_BLOCKS = 96  # 384 tokens: four requests of ~130 tokens cannot all hold their blocks (preemption)
+
+
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    """A tiny Qwen2 with random weights (``--load-format dummy``: no torch needed) and a byte-level BPE."""
+    """A tiny Qwen2 with random weights (``--load-format dummy``: no torch needed), a byte-level BPE,
+    async scheduling and a KV cache small enough that long requests preempt each other."""
     from tests.helpers import hf_config, write_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("structured")
@@ -93,7 +99,10 @@ def engine(tmp_path_factory):
     cfg.architectures = ["Qwen2ForCausalLM"]
     cfg.save_pretrained(d)
     write_tiny_tokenizer(d)
-    return make_engine(d, load_format="dummy")
+    block_bytes = 2 * 2 * 4 * 2 * 16 * 4  # layers x (K, V) x block_size x KV heads x head_dim x float32
+    eng = make_engine(d, load_format="dummy", kv_cache_memory_gib=KV_BLOCKS * block_bytes / 2**30)
+    assert eng.async_scheduling and eng.scheduler.block_manager.num_usable_blocks < KV_BLOCKS
+    return eng
 
 
 def test_every_sample_matches_its_schema_regex_choice_or_grammar(engine):
@@ -154,20 +163,30 @@ def test_compile_errors_name_the_problem(engine):
     assert not engine.has_unfinished()
 
 
-def test_grammar_steps_add_two_shapes_and_other_steps_carry_no_mask(engine):
-    shapes = BucketPolicy(4, 32).all_shapes()
+def test_grammar_shapes_share_executables_and_other_steps_carry_no_mask(engine):
+    policy = BucketPolicy(4, 32)
+    shapes = policy.all_shapes()
     grammar = [s for s in shapes if s.grammar]
-    assert len(grammar) == 2 and all(s.extras and s.num_seqs == 4 for s in grammar)
-    assert BucketPolicy(4, 32).shape_for(1, 1) == next(s for s in shapes if s.num_seqs == 1)  # unchanged
+    assert [(s.num_tokens, s.extras) for s in grammar] == [(1, False), (2, False), (4, False), (4, True), (32, True)]
+    assert policy.shape_for(1, 1) == next(s for s in shapes if s.num_seqs == 1)  # unchanged
     runner = engine.runner
+    assert runner.compiled_shapes == shapes
     for shape in runner.compiled_shapes:
         mask = runner._abstract_inputs(shape)[-1]
         assert mask.shape == (shape.num_seqs, 10 if shape.grammar else 0)  # ceil(320 / 32) words
-    # The mask's unpacking ([B, W, 32] bits) is traced only into grammar steps: the detector and its twin.
+        # One fused executable per shape; a grammar shape is a forward and a sample executable.
+        assert len(runner._compiled[shape]) == (2 if shape.grammar else 1)
+    # Grammar shapes' forwards depend on (T, B), their samplings on (B, extras): 4 forwards, 4 samplings.
+    assert runner.num_executables == len(shapes) - len(grammar) + 4 + 4
+    # Sharing never merges a decode step with a prefill step of the same sizes (static decode_only).
+    (decode,), (mixed,) = (runner.programs(StepShape(4, 4, d)) for d in (True, False))
+    assert _program_key(*decode) != _program_key(*mixed)
+    # The mask's unpacking ([B, W, 32] bits) is traced only into grammar steps' sampling: the detector and its twin.
     plain = next(s for s in runner.compiled_shapes if s.extras and s.decode_only and not s.grammar)
-    twin = next(s for s in runner.compiled_shapes if s.grammar and s.decode_only)
-    assert "tensor<4x10x32xi32>" not in runner.lower(plain).as_text()
-    assert "tensor<4x10x32xi32>" in runner.lower(twin).as_text()
+    twin = next(s for s in runner.compiled_shapes if s.grammar and s.decode_only and s.num_seqs == 4)
+    assert "tensor<4x10x32xi32>" not in runner.lower(plain)[0].as_text()
+    forward, sample_step = runner.lower(twin)
+    assert "tensor<4x10x32xi32>" in sample_step.as_text() and "tensor<4x10x32xi32>" not in forward.as_text()
 
 
 def test_mask_unpacks_bit_t_of_word_t_over_32():
@@ -203,3 +222,112 @@ def test_compiled_grammars_are_cached_by_spec_and_give_independent_matchers(engi
     a, b = compiled.matcher(), compiled.matcher()
     first = engine.tokenizer.encode("ab", add_special_tokens=False)
     assert all(a.consume(t) for t in first) and a.done and not b.done
+
+
+# After "a" only "b" or "c" may follow, after "d" only "e" or "f": a mask computed before the matcher
+# consumed the previous token allows the wrong half.
+ALTERNATING = r"(a[bc]|d[ef]){6}"
+
+
+def _stale_step(engine) -> list:
+    """``LLMEngine.step`` with the bug the split exists to avoid: a grammar step samples before the
+    previous step's tokens are applied (so before its matchers consume them)."""
+    prev, engine._inflight = engine._inflight, None
+    step = engine._dispatch(engine.scheduler.schedule(), prev)
+    if step is not None and step.handle.pending is not None:
+        step = dataclasses.replace(step, handle=engine.runner.sample(step.handle))
+    outputs = engine._finish(prev) if prev is not None else []
+    engine._inflight = step
+    return outputs
+
+
+def _alternating(engine) -> list[tuple[str, str]]:
+    spec = StructuredOutput("regex", ALTERNATING)
+    prompt = engine.tokenizer.encode("ad")
+    return _run(engine, [(prompt, SamplingParams(max_tokens=30, temperature=1.0, seed=i, structured=spec))
+                         for i in range(4)])
+
+
+def test_async_grammar_steps_sample_after_the_previous_token_is_consumed(engine, monkeypatch):
+    calls = {"forward": 0, "sample": 0}
+    for name in calls:
+        def spy(*args, _name=name, _orig=getattr(engine.runner, f"_{name}")):
+            calls[_name] += 1
+            return _orig(*args)
+        monkeypatch.setattr(engine.runner, f"_{name}", spy)
+    for text, finish in _alternating(engine):
+        assert finish == "stop" and re.fullmatch(ALTERNATING, text), (text, finish)
+    assert calls["forward"] == calls["sample"] > 6  # the split path ran, one sample per forward
+    # The twin: sampling before the matchers consumed the previous token is refused...
+    monkeypatch.setattr(engine, "step", lambda: _stale_step(engine))
+    with pytest.raises(RuntimeError, match="before its matcher consumed its previous token"):
+        _alternating(engine)
+    for rid in list(engine.requests):
+        engine.abort(rid)
+    engine._inflight = None
+    # ... and without the guard, its masks are stale: replies leave the grammar.
+    monkeypatch.setattr(type(engine.runner), "_check_consumed", staticmethod(lambda req: None))
+    assert not all(f == "stop" and re.fullmatch(ALTERNATING, t) for t, f in _alternating(engine))
+
+
+def test_steps_without_grammar_rows_run_only_the_fused_executables(engine, monkeypatch):
+    ran: list[str] = []
+    for name in ("_run", "_forward", "_sample"):
+        def spy(*args, _name=name, _orig=getattr(engine.runner, name)):
+            ran.append(_name)
+            return _orig(*args)
+        monkeypatch.setattr(engine.runner, name, spy)
+    prompt = engine.tokenizer.encode("hello")
+    _run(engine, [(prompt, SamplingParams(max_tokens=5, temperature=t, seed=1, logprobs=2)) for t in (0.0, 1.0)])
+    assert ran and set(ran) == {"_run"}
+    ran.clear()
+    _run(engine, [(prompt, SamplingParams(max_tokens=5, structured=StructuredOutput("regex", "[ab]{8}")))])
+    assert {"_forward", "_sample"} <= set(ran)  # the twin: a grammar request does reach the split path
+
+
+def test_grammar_requests_stay_valid_through_preemption_stop_strings_and_logprobs(engine):
+    preemptions = engine.scheduler.num_preemptions
+    spec = StructuredOutput("regex", "[ab]{100}")
+    prompt = engine.tokenizer.encode("Give me data:")
+    long = [(prompt, SamplingParams(max_tokens=110, temperature=1.0, seed=i, structured=spec, logprobs=1))
+            for i in range(4)]
+    stopped = [(prompt, SamplingParams(max_tokens=40, temperature=1.0, seed=9, stop=["ba"], structured=StructuredOutput(
+        "regex", "[ab]{30}")))]
+    results = _run(engine, long + stopped)
+    assert engine.scheduler.num_preemptions > preemptions  # four ~110-token requests share 95 blocks of 4
+    for text, finish in results[:4]:
+        assert finish == "stop" and re.fullmatch("[ab]{100}", text), (text, finish)
+    text, finish = results[4]
+    assert finish == "stop" and re.fullmatch("[ab]{0,30}", text) and "ba" not in text, text
+
+
+class _MaskFault:
+    """A matcher whose mask row cannot be built (consumes like the one it wraps)."""
+
+    def __init__(self, grammar) -> None:
+        self._g = grammar
+        self.consume = grammar.consume
+
+    done = property(lambda self: self._g.done)
+    error = property(lambda self: self._g.error)
+
+    @property
+    def ll(self):
+        raise RuntimeError("injected mask fault")
+
+
+def test_a_mask_fault_in_the_deferred_sample_fails_that_request_alone(engine):
+    spec = StructuredOutput("regex", "[ab]{6}")
+    prompt = engine.tokenizer.encode("ab")
+    good = engine.add_request("mask-ok", prompt, SamplingParams(max_tokens=10, temperature=1.0, seed=1, structured=spec))
+    bad = engine.add_request("mask-bad", prompt, SamplingParams(max_tokens=10, structured=spec))
+    bad.grammar = _MaskFault(bad.grammar)
+    text, finish = {"mask-ok": "", "mask-bad": ""}, {}
+    while len(finish) < 2:
+        for out in engine.step():
+            text[out.request_id] += out.new_text
+            if out.finished:
+                finish[out.request_id] = (out.finish_reason, getattr(out, "error", None))
+    assert finish["mask-bad"][0] == "error" and "injected mask fault" in finish["mask-bad"][1]
+    assert finish["mask-ok"][0] == "stop" and re.fullmatch("[ab]{6}", text["mask-ok"]), (text, finish)
+    assert good.status.finished and not engine.has_unfinished()

@@ -46,7 +46,13 @@ def test_engine_steps_lower(device, config, tp):
         chosen.append(next(s for s in shapes if s.grammar and s.decode_only))
     call = KERNEL_CALL["cuda" if device == "h100" else "tpu"]
     for shape in chosen:
-        exported = export(runner.step_fn, runner.abstract_args(shape), device, runner.loaded.plan.mesh)
+        # A grammar shape is a forward (the kernel) then a sampling executable (the mask).
+        fn, args = runner.programs(shape)[0]
+        if shape.grammar:
+            sample_fn, sample_args = runner.programs(shape)[1]
+            sampling = export(sample_fn, sample_args, device, runner.loaded.plan.mesh).mlir_module()
+            assert "x32xi32>" in sampling and call not in sampling, shape
+        exported = export(fn, args, device, runner.loaded.plan.mesh)
         text = exported.mlir_module()
         assert call in text, f"{shape}: no {call}"
         assert exported.nr_devices == tp
