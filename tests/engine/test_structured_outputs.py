@@ -172,7 +172,7 @@ def test_grammar_shapes_share_executables_and_other_steps_carry_no_mask(engine):
     runner = engine.runner
     assert runner.compiled_shapes == shapes
     for shape in runner.compiled_shapes:
-        mask = runner._abstract_inputs(shape)[-1]
+        mask = runner._abstract_inputs(shape)[7]  # tokens, prev_idx, positions, meta, logits_idx, sampling, extras, mask
         assert mask.shape == (shape.num_seqs, 10 if shape.grammar else 0)  # ceil(320 / 32) words
         # One fused executable per shape; a grammar shape is a forward and a sample executable.
         assert len(runner._compiled[shape]) == (2 if shape.grammar else 1)
