@@ -40,7 +40,7 @@ from jaxserve.engine.logits_processors import (
 )
 from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling_tensors
 from jaxserve.engine.scheduler import ScheduledRequest
-from jaxserve.engine.step_functions import build_forward, build_sample, build_step
+from jaxserve.engine.step_functions import build_forward, build_sample, build_step, program_key, split_inputs
 from jaxserve.models.attention import abstract_metadata, build_host_metadata
 from jaxserve.models.attention_backends import KVCache, get_backend
 from jaxserve.request import PLACEHOLDER, Request
@@ -98,19 +98,6 @@ def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
 
 def _abstract(a: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-
-
-def _program_key(fn: Callable, args: tuple) -> tuple:
-    """Identifies an executable: the jitted function, its arguments' structure (with static
-    metadata such as ``decode_only``), shapes and dtypes."""
-    leaves, treedef = jax.tree.flatten(args)
-    return (id(fn), treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
-
-
-def _split_inputs(inputs: tuple) -> tuple[tuple, tuple]:
-    """A step's inputs (the fused step's order) as a grammar step's forward inputs and its sampling
-    inputs (sampling settings, extras, mask)."""
-    return (*inputs[:5], inputs[8]), inputs[5:8]
 
 
 def _local(x: jax.Array) -> np.ndarray:
@@ -346,7 +333,7 @@ class ModelRunner:
             return [(self.step_fn, self.abstract_args(shape))]
         lora = None if self.lora is None else jax.tree.map(_abstract, self.lora.layers)
         state = (*self._abstract_state(), lora, _abstract(self._prev_tokens))
-        forward_inputs, sample_inputs = _split_inputs(self._abstract_inputs(shape))
+        forward_inputs, sample_inputs = split_inputs(self._abstract_inputs(shape))
         rep = self.loaded.plan.replicated
         logits = jax.ShapeDtypeStruct((shape.num_seqs, self.vocab_size), jnp.float32, sharding=rep)
         return [(self.forward_fn, (*state, *forward_inputs)), (self.sample_fn, (logits, *sample_inputs))]
@@ -379,7 +366,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         hits0 = _cache_hits.value
         todo = [s for s in (shapes or self.buckets.all_shapes()) if s not in self._compiled]
-        keyed = {shape: [(_program_key(fn, args), fn, args) for fn, args in self.programs(shape)] for shape in todo}
+        keyed = {shape: [(program_key(fn, args), fn, args) for fn, args in self.programs(shape)] for shape in todo}
         new = {key: (fn, args) for parts in keyed.values() for key, fn, args in parts if key not in self._executables}
         # Accelerator hosts have cores to spare; a 2-core CPU server or a multi-process launch does not.
         parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
@@ -428,7 +415,7 @@ class ModelRunner:
         """Host placeholders with the structure of each executable's inputs of ``shape`` (followers'
         broadcast buffers): one tuple, or a grammar step's forward inputs and sampling inputs."""
         zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), self._abstract_inputs(shape))
-        return list(_split_inputs(zeros)) if shape.grammar else [zeros]
+        return list(split_inputs(zeros)) if shape.grammar else [zeros]
 
     def _lora_layers(self) -> tuple | None:
         return None if self.lora is None else self.lora.layers
@@ -511,7 +498,7 @@ class ModelRunner:
             dispatched_at=time.perf_counter(),
         )
         if shape.grammar:
-            forward_inputs, (sampling, extras, _) = _split_inputs(inputs)
+            forward_inputs, (sampling, extras, _) = split_inputs(inputs)
             self.channel.leader_send(shape, forward_inputs)
             logits = self._forward(shape, forward_inputs)
             # Whether a chunk samples must be read now: launching the step appends its placeholder.

@@ -6,6 +6,8 @@ row's mask, ``build_sample``: the mask needs the matcher to have consumed the pr
 token, and splitting lets the forward of step N+1 run while that token travels to the host (vLLM
 v1's ``execute_model`` / ``sample_tokens`` split, SGLang's overlap scheduler). ``build_step`` is
 the two composed, so a fused step traces exactly the operations it traced before the split.
+``split_inputs`` cuts a step's host inputs into the two halves' inputs; ``program_key`` says when
+two shapes can share an executable.
 """
 
 from __future__ import annotations
@@ -88,3 +90,16 @@ def build_step(graphdef: nnx.GraphDef, state_def, max_rows: int) -> Callable:
         return padded, logprobs, kv_caches
 
     return step
+
+
+def program_key(fn: Callable, args: tuple) -> tuple:
+    """Identifies an executable: the jitted function, its arguments' structure (with static
+    metadata such as ``decode_only``), shapes and dtypes."""
+    leaves, treedef = jax.tree.flatten(args)
+    return (id(fn), treedef, tuple((a.shape, str(a.dtype)) for a in leaves))
+
+
+def split_inputs(inputs: tuple) -> tuple[tuple, tuple]:
+    """A step's inputs (the fused step's order) as a grammar step's forward inputs and its sampling
+    inputs (sampling settings, extras, mask)."""
+    return (*inputs[:5], inputs[8]), inputs[5:8]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from jaxserve.engine.compilation import BucketPolicy, StepShape
-from jaxserve.engine.model_runner import _program_key
+from jaxserve.engine.step_functions import program_key
 from jaxserve.engine.grammar import GrammarError
 from jaxserve.engine.sampler import apply_grammar_mask, build_sampling_tensors, sample
 from jaxserve.engine.logits_processors import build_logits_extras
@@ -180,7 +180,7 @@ def test_grammar_shapes_share_executables_and_other_steps_carry_no_mask(engine):
     assert runner.num_executables == len(shapes) - len(grammar) + 4 + 4
     # Sharing never merges a decode step with a prefill step of the same sizes (static decode_only).
     (decode,), (mixed,) = (runner.programs(StepShape(4, 4, d)) for d in (True, False))
-    assert _program_key(*decode) != _program_key(*mixed)
+    assert program_key(*decode) != program_key(*mixed)
     # The mask's unpacking ([B, W, 32] bits) is traced only into grammar steps' sampling: the detector and its twin.
     plain = next(s for s in runner.compiled_shapes if s.extras and s.decode_only and not s.grammar)
     twin = next(s for s in runner.compiled_shapes if s.grammar and s.decode_only and s.num_seqs == 4)
