@@ -358,12 +358,8 @@ class LLMEngine:
             # A request whose own step inputs (logits-processor rows, grammar mask, sampling row) cannot
             # be built fails alone; the rest are scheduled again next step (nothing was launched). A
             # fault no single request explains is the engine's: it propagates and the loop dies.
-            faulty = self.runner.faulty_rows(sched.scheduled)
-            if not faulty:
+            if not self._fail_alone(self.runner.faulty_rows(sched.scheduled)):
                 raise
-            for req, err in faulty:
-                self._failed.append(self.results.fail(req, err))
-                self.requests.pop(req.request_id, None)
             return None
         return InflightStep(self.results.launch(sched), handle)
 
@@ -373,13 +369,17 @@ class LLMEngine:
         try:
             return dataclasses.replace(step, handle=self.runner.sample(step.handle))
         except Exception:
-            faulty = self.runner.faulty_grammar_rows(step.handle)
-            if not faulty:
+            if not self._fail_alone(self.runner.faulty_grammar_rows(step.handle)):
                 raise
-            for req, err in faulty:
-                self._failed.append(self.results.fail(req, err))
-                self.requests.pop(req.request_id, None)
             return dataclasses.replace(step, handle=self.runner.sample(step.handle))
+
+    def _fail_alone(self, faulty: list[tuple[Request, Exception]]) -> bool:
+        """Fail each request whose own inputs raised (its output goes out with the next step's);
+        False when there is none, so the caller re-raises: the fault is the engine's."""
+        for req, err in faulty:
+            self._failed.append(self.results.fail(req, err))
+            self.requests.pop(req.request_id, None)
+        return bool(faulty)
 
     def _finish(self, step: InflightStep) -> list[RequestOutput]:
         """Wait for ``step``'s tokens and apply them; forget the requests that finished."""
