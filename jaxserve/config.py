@@ -103,6 +103,11 @@ class ServeConfig:
         str(Path.home() / ".cache" / "jaxserve" / "xla"),
         "Persistent XLA compilation cache directory ('' disables it).",
     )
+    background_compile: bool = _field(
+        False, "Become ready once the largest step shape of each family is compiled; compile the others in a "
+        "background thread while serving (smaller batches run padded meanwhile; a logits-processor or grammar "
+        "step waits for its first executable). One process only.",
+    )
     # --- chat: templates, tool calls, reasoning --------------------------------------------------
     chat_template: str | None = _field(
         None, "Chat template to use instead of the tokenizer's: a Jinja file, a shipped one by bare name "

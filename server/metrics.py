@@ -37,6 +37,8 @@ class EngineCollector(Collector):
             ("kv_cache_used_blocks", "KV-cache blocks in use", lambda m: m.kv_used_blocks),
             ("kv_cache_total_blocks", "Usable KV-cache blocks", lambda m: m.kv_total_blocks),
             ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use", lambda m: m.kv_used_blocks / m.kv_total_blocks),
+            ("compiles_pending", "Step shapes still to compile in the background (--background-compile)",
+             lambda m: m.compiles_pending),
         )
         counters = (
             ("num_preemptions", "Preemptions (blocks freed, recomputed later)", lambda m: m.num_preemptions),
@@ -49,6 +51,8 @@ class EngineCollector(Collector):
             ("prefix_cache_hits", "Prompt tokens found in the prefix cache", lambda m: m.prefix_hits),
             ("compiles_while_serving", "XLA compiles on the engine thread since it became ready (should stay 0)",
              lambda m: m.compiles_while_serving),
+            ("compile_waits", "Steps that waited for a background compile (--background-compile)",
+             lambda m: m.compile_waits),
         )
         for family, table in ((GaugeMetricFamily, gauges), (CounterMetricFamily, counters)):
             for name, doc, value in table:

@@ -283,12 +283,14 @@ class AsyncEngine(EngineThread):
         self.fail_all(err)
 
     def _loop(self, engine: LLMEngine) -> None:
-        """Drain commands (waiting for one when idle), step, publish metrics; until Shutdown."""
+        """Drain commands (waiting for one when idle), step, publish metrics; until Shutdown. When
+        idle, warm up shapes the background compiler finished, and wake every 0.5 s while it runs."""
         while True:
-            block = not engine.has_unfinished()
+            block = not engine.has_unfinished() and not engine.idle_work()
             adds = 0
             try:
-                cmd: Command | None = self._commands.get(block=block, timeout=None if block else 0)
+                wait = 0.5 if engine.compiles_pending else None
+                cmd: Command | None = self._commands.get(block=block, timeout=wait if block else 0)
             except queue.Empty:
                 cmd = None
             while cmd is not None:

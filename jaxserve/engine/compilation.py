@@ -16,11 +16,17 @@ on ``(T, B, decode_only)`` and its sampling only on ``(B, extras)``, so the runn
 distinct one once: the forwards of the decode buckets and the largest mixed one, and a small
 sampling executable per decode bucket (docs/benchmarks.md §8 has the counts and seconds). A
 pooling engine (a decoder embedder: no sampling) has neither (``sampling=False``).
+
+Start-up can compile only ``ready_shapes`` (the largest plain bucket of each family) before the
+engine is ready and the rest in the background (``engine/background_compile.py``, in
+``background_order``); meanwhile a step runs in the smallest ready shape of its own family that
+holds it (``fallback``: padding rows and tokens cost compute, not correctness).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -93,6 +99,24 @@ class BucketPolicy:
     def _extras_shape(self, decode: bool) -> StepShape:
         base = self.decode_shape(self.max_num_seqs) if decode else self.mixed_shape(self.max_num_batched_tokens)
         return dataclasses.replace(base, extras=True)
+
+    def ready_shapes(self) -> list[StepShape]:
+        """The shapes every batch without extras or a grammar fits in: the largest of each family."""
+        return sorted({self.decode_shape(self.max_num_seqs), self.mixed_shape(self.max_num_batched_tokens)})
+
+    def background_order(self) -> list[StepShape]:
+        """Every other shape, most useful first: plain decode buckets (single-stream latency), plain
+        prefill buckets, then the shapes only logits processors and grammars use, each ascending."""
+        rest = set(self.all_shapes()) - set(self.ready_shapes())
+        return sorted(rest, key=lambda s: (s.grammar, s.extras, not s.decode_only, s.num_tokens, s.num_seqs))
+
+    @staticmethod
+    def fallback(shape: StepShape, available: Iterable[StepShape]) -> StepShape | None:
+        """The smallest of ``available`` that holds a step of ``shape``: same family (decode-only,
+        extras, grammar), at least as many tokens and sequences; None if there is none."""
+        fits = [s for s in available if (s.decode_only, s.extras, s.grammar) == (shape.decode_only, shape.extras,
+                shape.grammar) and s.num_tokens >= shape.num_tokens and s.num_seqs >= shape.num_seqs]
+        return min(fits, default=None)
 
     def all_shapes(self) -> list[StepShape]:
         shapes = {self.decode_shape(b) for b in self.decode_sizes}

@@ -64,6 +64,8 @@ class EngineMetrics:
     prefix_queries: int
     prefix_hits: int
     compiles_while_serving: int = 0  # XLA compiles on the engine's thread since it became ready
+    compiles_pending: int = 0  # step shapes the background compiler has still to compile
+    compile_waits: int = 0  # steps that waited for a background compile (no ready shape held them)
     histograms: Mapping[str, HistogramSnapshot] = dataclasses.field(default_factory=dict)
     lora_requests: tuple[tuple[str, int, int], ...] = ()  # per served LoRA adapter: (name, running, waiting)
 

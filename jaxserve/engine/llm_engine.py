@@ -143,9 +143,14 @@ class LLMEngine:
         )
 
     def _compile_and_warm_up(self, progress: bool) -> tuple[float, float]:
-        """Start-up phases 3 and 4; returns their seconds."""
-        logger.info("start-up 3/4: compiling %d step shapes", len(self.runner.buckets.all_shapes()))
-        compile_s = self.runner.compile_all(progress=progress)
+        """Start-up phases 3 and 4 (with ``background_compile``, for the ready shapes only: the
+        rest compile in a thread once the engine serves); returns their seconds."""
+        runner = self.runner
+        background = self.config.background_compile and runner.can_compile_in_background and jax.process_count() == 1
+        shapes = runner.buckets.ready_shapes() if background else runner.buckets.all_shapes()
+        logger.info("start-up 3/4: compiling %d step shapes%s", len(shapes),
+                    f" (the other {len(runner.buckets.all_shapes()) - len(shapes)} after ready)" if background else "")
+        compile_s = runner.compile_all(shapes, progress=progress)
         logger.info(
             "compiled %d step shapes (%d executables) in %.1fs (%d from the compilation cache)",
             len(self.runner.compiled_shapes), self.runner.num_executables, compile_s, self.runner.compile_cache_hits,
@@ -153,6 +158,8 @@ class LLMEngine:
         logger.info("start-up 4/4: warm-up (one run of each compiled step shape)")
         warmup_s = self.runner.warm_up()
         logger.info("warmed up in %.1fs", warmup_s)
+        if background:
+            runner.compile_in_background()
         return compile_s, warmup_s
 
     def _load_weights(
@@ -232,6 +239,8 @@ class LLMEngine:
             requests_aborted=c.requests_aborted, steps=c.steps,
             prefix_queries=bm.prefix_queries, prefix_hits=bm.prefix_hits, lora_requests=self._lora_requests(),
             compiles_while_serving=compiles.on_thread(self._thread) - self._compiles_at_ready,
+            compiles_pending=self.compiles_pending,
+            compile_waits=0 if self.runner.background is None else self.runner.background.waits,
             histograms=self.request_stats.snapshot(),
         )
 
@@ -308,8 +317,20 @@ class LLMEngine:
         return True
 
     def close(self) -> None:
-        """Release follower processes (multi-host); the engine cannot step afterwards."""
+        """Release follower processes (multi-host) and stop background compiles; the engine cannot
+        step afterwards."""
+        self.runner.stop_background()
         self.runner.close()
+
+    def idle_work(self) -> bool:
+        """With nothing to step: warm up one shape the background compiler finished (so no request
+        pays its first run); False when there is nothing to do."""
+        return not self.has_unfinished() and self.runner.warm_next()
+
+    @property
+    def compiles_pending(self) -> int:
+        """Step shapes the background compiler has still to compile (0 without ``background_compile``)."""
+        return self.runner.compiles_pending
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._inflight is not None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from jaxserve.engine.background_compile import BackgroundCompiler
 from jaxserve.engine.compilation import BucketPolicy, StepShape
 from jaxserve.engine.grammar import build_mask, mask_width
 from jaxserve.engine.multihost import StepChannel
@@ -96,6 +98,13 @@ def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
     return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * jnp.dtype(loaded.compute_dtype).itemsize
 
 
+@functools.lru_cache(maxsize=8)
+def _zeros(sharding: jax.sharding.Sharding) -> Callable:
+    """``jnp.zeros`` placed with ``sharding``: one jit per sharding, so all layers' caches of one
+    shape share one executable (a jit per cache was 60 compiles for SmolLM2: seconds of start-up)."""
+    return jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)
+
+
 def _abstract(a: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
 
@@ -145,6 +154,8 @@ class StepHandle:
 class ModelRunner:
     """Owns parameters, KV pages and the compiled step executables."""
 
+    can_compile_in_background = True  # dispatch runs a step in a ready shape while others compile
+
     def __init__(
         self,
         loaded: LoadedModel,
@@ -186,6 +197,8 @@ class ModelRunner:
         # One executable per shape, two (forward, sample) for grammar shapes, which share them.
         self._compiled: dict[StepShape, tuple[jax.stages.Compiled, ...]] = {}
         self._executables: dict[tuple, jax.stages.Compiled] = {}
+        self._warm: set[StepShape] = set()  # compiled shapes that ran once (warm_up, warm_next)
+        self.background: BackgroundCompiler | None = None
 
     def _jit_step(self, state_def: jax.tree_util.PyTreeDef, state_sh: list, kv_shs: list) -> Callable:
         """The jitted step (traced per shape by ``lower``): host inputs replicated, parameters, LoRA
@@ -226,7 +239,7 @@ class ModelRunner:
         def allocate(shape: jax.ShapeDtypeStruct, sharding) -> jax.Array | jax.ShapeDtypeStruct:
             if self.abstract:
                 return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
-            return jax.jit(lambda: jnp.zeros(shape.shape, shape.dtype), out_shardings=sharding)()
+            return _zeros(sharding)(shape.shape, shape.dtype)
 
         self.kv_caches: list[KVCache] = [jax.tree.map(allocate, shapes, kv_sh) for _ in range(c.num_layers)]
         return kv_sh
@@ -366,15 +379,26 @@ class ModelRunner:
         t0 = time.perf_counter()
         hits0 = _cache_hits.value
         todo = [s for s in (shapes or self.buckets.all_shapes()) if s not in self._compiled]
-        keyed = {shape: [(program_key(fn, args), fn, args) for fn, args in self.programs(shape)] for shape in todo}
-        new = {key: (fn, args) for parts in keyed.values() for key, fn, args in parts if key not in self._executables}
         # Accelerator hosts have cores to spare; a 2-core CPU server or a multi-process launch does not.
         parallel = jax.default_backend() != "cpu" and jax.process_count() == 1
+        self._compile(todo, parallel=parallel, progress=progress)
+        logger.debug("compiled %d shapes in %.2fs", len(todo), time.perf_counter() - t0)
+        self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
+        self.compile_cache_hits = _cache_hits.value - hits0
+        return time.perf_counter() - t0
+
+    def _compile(self, todo: list[StepShape], *, parallel: bool = False, progress: bool = False) -> None:
+        """Compile the executables of ``todo`` not compiled yet, then register the shapes."""
+        keyed = {shape: [(program_key(fn, args), fn, args) for fn, args in self.programs(shape)] for shape in todo}
+        new = {key: (fn, args) for parts in keyed.values() for key, fn, args in parts if key not in self._executables}
         workers = max(1, min(len(new), os.cpu_count() or 1)) if parallel else 1
         with tqdm(total=len(new), desc="Compiling step executables", unit="exe", disable=not progress) as bar:
             if workers == 1:
                 for key, (fn, args) in new.items():
+                    t0, hits0 = time.perf_counter(), _cache_hits.value
                     self._executables[key] = fn.lower(*args).compile()
+                    logger.debug("executable %s: %.2fs (%s)", key[0], time.perf_counter() - t0,
+                                 "compilation cache" if _cache_hits.value > hits0 else "compiled")
                     bar.update()
             else:
                 lowered = {key: fn.lower(*args) for key, (fn, args) in new.items()}
@@ -385,10 +409,43 @@ class ModelRunner:
                     self._executables.update({key: f.result() for key, f in futures.items()})
         for shape, parts in keyed.items():
             self._compiled[shape] = tuple(self._executables[key] for key, _, _ in parts)
-        logger.debug("compiled %d shapes in %.2fs", len(todo), time.perf_counter() - t0)
-        self.channel = StepChannel(self.compiled_shapes, self._zero_inputs)
-        self.compile_cache_hits = _cache_hits.value - hits0
-        return time.perf_counter() - t0
+
+    def compile_in_background(self) -> None:
+        """Start compiling every shape not compiled yet (``BucketPolicy.background_order``) in a thread;
+        until a shape is compiled and warmed up, ``dispatch`` runs its steps in a larger ready
+        shape of its family, or waits for it (``engine/background_compile.py``)."""
+        todo = [s for s in self.buckets.background_order() if s not in self._compiled]
+        if todo:
+            self.background = BackgroundCompiler(lambda shape: self._compile([shape]), todo)
+
+    def _usable_shape(self, shape: StepShape) -> StepShape:
+        """``shape``, or while background compiles run, a warmed-up shape that holds its step."""
+        if shape in self._warm or self.background is None:
+            return shape
+        fallback = self.buckets.fallback(shape, self._warm)
+        if fallback is not None:
+            return fallback
+        if shape not in self._compiled:
+            self.background.wait_for(shape)
+        return shape
+
+    def warm_next(self) -> bool:
+        """Run one compiled but not yet warmed-up shape once on padding inputs (the engine calls it
+        when idle, so that requests do not pay its first run); False when there is none."""
+        cold = [s for s in self.compiled_shapes if s not in self._warm]
+        if not cold:
+            return False
+        self._warm_up_shapes(cold[:1])
+        return True
+
+    @property
+    def compiles_pending(self) -> int:
+        """Shapes the background compiler has still to compile (0 without one)."""
+        return 0 if self.background is None else self.background.pending
+
+    def stop_background(self) -> None:
+        if self.background is not None:
+            self.background.stop()
 
     def warm_up(self) -> float:
         """Run every compiled shape once on padding inputs; returns the seconds it took.
@@ -401,15 +458,18 @@ class ModelRunner:
         process runs the same shapes in the same order, so multi-host collectives stay matched.
         """
         t0 = time.perf_counter()
+        self._warm_up_shapes(self.compiled_shapes)
+        return time.perf_counter() - t0
+
+    def _warm_up_shapes(self, shapes: list[StepShape]) -> None:
         prev_tokens = self._prev_tokens  # not donated: serving starts from it as if nothing ran
         cpu = jax.devices()[0].platform == "cpu"
-        for shape in self.compiled_shapes:
-            if cpu and shape.num_tokens > CPU_WARM_UP_MAX_TOKENS:
-                continue
-            self._run_parts(shape, self._zero_inputs(shape))
+        for shape in shapes:
+            if not (cpu and shape.num_tokens > CPU_WARM_UP_MAX_TOKENS):
+                self._run_parts(shape, self._zero_inputs(shape))
+            self._warm.add(shape)
         jax.block_until_ready(self.kv_caches)
         self._prev_tokens = prev_tokens
-        return time.perf_counter() - t0
 
     def _zero_inputs(self, shape: StepShape) -> list[tuple]:
         """Host placeholders with the structure of each executable's inputs of ``shape`` (followers'
@@ -485,7 +545,7 @@ class ModelRunner:
         num_tokens = sum(s.num_tokens for s in scheduled)
         extras = any(s.samples and needs_extras(s.request) for s in scheduled)
         grammar = any(s.samples and s.request.grammar is not None for s in scheduled)
-        shape = self.buckets.shape_for(len(scheduled), num_tokens, extras, grammar)
+        shape = self._usable_shape(self.buckets.shape_for(len(scheduled), num_tokens, extras, grammar))
         if shape not in self._compiled:
             raise RuntimeError(f"step shape {shape} was not compiled at start-up")
         inputs = self._host_inputs(shape, scheduled, seeds, prev_rows)

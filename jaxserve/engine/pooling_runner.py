@@ -63,6 +63,8 @@ class PoolingHandle:
 class PoolingRunner(ModelRunner):
     """``ModelRunner`` whose steps return pooled vectors (see the module docstring)."""
 
+    can_compile_in_background = False  # its dispatch needs the step's own shape compiled
+
     def __init__(self, loaded: LoadedModel, *, pooling: PoolingConfig, num_blocks: int, block_size: int,
                  max_model_len: int, buckets: BucketPolicy, backend: str) -> None:
         if buckets.sampling:
