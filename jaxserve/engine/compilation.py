@@ -105,10 +105,11 @@ class BucketPolicy:
         return sorted({self.decode_shape(self.max_num_seqs), self.mixed_shape(self.max_num_batched_tokens)})
 
     def background_order(self) -> list[StepShape]:
-        """Every other shape, most useful first: plain decode buckets (single-stream latency), plain
-        prefill buckets, then the shapes only logits processors and grammars use, each ascending."""
+        """Every other shape, most useful first: plain buckets by size (small decodes and short
+        prefills are the ones that run far below their padded ready shape), then the shapes only
+        logits processors and grammars use."""
         rest = set(self.all_shapes()) - set(self.ready_shapes())
-        return sorted(rest, key=lambda s: (s.grammar, s.extras, not s.decode_only, s.num_tokens, s.num_seqs))
+        return sorted(rest, key=lambda s: (s.grammar, s.extras, s.num_tokens, s.decode_only, s.num_seqs))
 
     @staticmethod
     def fallback(shape: StepShape, available: Iterable[StepShape]) -> StepShape | None:

@@ -68,6 +68,11 @@ class FakeLLM:
     def has_unfinished(self):
         return bool(self.pending)
 
+    compiles_pending = 0  # no background compiles
+
+    def idle_work(self):
+        return False
+
     def close(self):
         pass
 
