@@ -68,6 +68,21 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, shape[0] // n_heads // 2, 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
+class _PlainArrayReader(gguf.GGUFReader):
+    """gguf's reader over a plain ndarray view of its file mapping (no copy). Slicing a
+    ``np.memmap`` runs Python code per slice (``memmap.__array_finalize__``), and the reader slices
+    about a million times for a 49k-token vocabulary: SmolLM2's parse takes 3.3-3.7 s instead of
+    15-17 s on the same (loaded) machine (docs/benchmarks.md §15, start-up)."""
+
+    @property
+    def data(self) -> np.ndarray:
+        return self._data
+
+    @data.setter
+    def data(self, value: np.ndarray) -> None:
+        self._data = np.asarray(value)
+
+
 @functools.lru_cache(maxsize=2)
 def open_gguf(path: Path) -> GGUFCheckpoint:
     """One parsed reader per file per process (parsing the tokenizer arrays takes seconds)."""
@@ -79,7 +94,7 @@ class GGUFCheckpoint:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.reader = gguf.GGUFReader(str(path))
+        self.reader = _PlainArrayReader(str(path))
         self.arch = str(self.field("general.architecture"))
         if self.arch not in GGUF_ARCHITECTURES:
             raise ValueError(
