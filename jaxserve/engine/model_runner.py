@@ -444,8 +444,10 @@ class ModelRunner:
         return 0 if self.background is None else self.background.pending
 
     def stop_background(self) -> None:
+        """Stop background compiles, waiting for the one under way: a daemon thread still inside
+        XLA when the interpreter exits aborts the process ("FATAL: exception not rethrown")."""
         if self.background is not None:
-            self.background.stop()
+            self.background.stop(timeout=None)
 
     def warm_up(self) -> float:
         """Run every compiled shape once on padding inputs; returns the seconds it took.
