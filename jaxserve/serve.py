@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxserve.engine.async_engine import EngineState
     from jaxserve.engine.llm_engine import LLMEngine
     from jaxserve.server.app import build_app
-    from jaxserve.server.request_id import AccessLogRequestId
+    from jaxserve.server.request_id import AccessLogRequestId, uvicorn_log_config
 
     if config.process_id != 0:  # a follower: same weights and compiled steps, no HTTP, no scheduler
         steps = LLMEngine(config).runner.follow()
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     server = draining_server(uvicorn.Config(
         app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
         access_log=not config.disable_uvicorn_access_log, ssl_keyfile=config.ssl_keyfile,
-        ssl_certfile=config.ssl_certfile,
+        ssl_certfile=config.ssl_certfile, log_config=uvicorn_log_config(),
     ), config.shutdown_timeout)
     access = logging.getLogger("uvicorn.access")  # after uvicorn configured logging
     access.addFilter(_drop_health_polls)

@@ -10,6 +10,7 @@ thread's lines about a request carry it as well.
 from __future__ import annotations
 
 import contextvars
+import copy
 import logging
 import re
 import uuid
@@ -64,11 +65,24 @@ class RequestIdFilter(logging.Filter):
 
 
 class AccessLogRequestId(logging.Filter):
-    """uvicorn's access lines: the request id appended to the line."""
+    """uvicorn's access lines: sets ``record.request_tag`` (`` [id]`` or empty) for ``ACCESS_FORMAT``.
+
+    uvicorn's ``AccessFormatter`` unpacks exactly five ``args``, so the id travels as an attribute.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         rid = request_id.get()
-        if rid and isinstance(record.args, tuple):
-            record.msg = f"{record.msg} [%s]"
-            record.args = (*record.args, rid)
+        record.request_tag = f" [{rid}]" if rid else ""
         return True
+
+
+ACCESS_FORMAT = '%(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s%(request_tag)s'
+
+
+def uvicorn_log_config() -> dict:
+    """uvicorn's own logging configuration with the request id at the end of each access line."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["access"]["fmt"] = ACCESS_FORMAT
+    return config

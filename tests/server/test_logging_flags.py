@@ -66,3 +66,22 @@ def test_access_log_drops_only_health_polls():
     assert not _drop_health_polls(_access_record("/health", 503))
     assert _drop_health_polls(_access_record("/v1/models", 200))
     assert _drop_health_polls(_access_record("/healthz", 404))
+
+
+def test_access_line_carries_the_request_id_through_uvicorns_formatter():
+    from uvicorn.logging import AccessFormatter
+
+    from jaxserve.server.request_id import ACCESS_FORMAT, AccessLogRequestId, request_id
+
+    formatter = AccessFormatter(fmt=ACCESS_FORMAT, use_colors=False)
+    outside = _access_record("/v1/models", 200)
+    assert AccessLogRequestId().filter(outside)
+    assert formatter.format(outside).endswith('"GET /v1/models HTTP/1.1" 200 OK')
+    token = request_id.set("req-42")
+    try:
+        inside = _access_record("/v1/models", 200)
+        assert AccessLogRequestId().filter(inside)
+        assert inside.args == ("127.0.0.1:5", "GET", "/v1/models", "1.1", 200)  # uvicorn unpacks five
+        assert formatter.format(inside).endswith('"GET /v1/models HTTP/1.1" 200 OK [req-42]')
+    finally:
+        request_id.reset(token)
