@@ -142,25 +142,21 @@ def holds_kv_cache(config: ServeConfig, task: str) -> bool:
 
 
 def check_memory(configs: list[ServeConfig], kv_cache: list[bool], platform: str,
-                 device: DeviceMemory | None = None) -> None:
+                 device: DeviceMemory | None = None, lora_gib: list[float] | None = None) -> None:
     """Every model's budget fits beside the others', or a one-line ConfigError naming the one that does not.
 
-    CPU: the KV caches' --kv-cache-memory-gib (models with ``kv_cache``) against the host's available
-    memory. Accelerators: each model's --gpu-memory-utilization is its share of the card (as for
-    several vLLM processes on one GPU); with several models the shares, added in order, must fit in
-    XLA's pool (``device``; ``setup_runtime`` sized it to their sum). One model keeps its share within
-    whatever pool there is (``kv_cache_size.device_budget_bytes``).
+    CPU: the KV caches' --kv-cache-memory-gib (models with ``kv_cache``) and the LoRA slots and host
+    copies (``lora_gib``: ``lora_host_gib``) against the host's available memory. Accelerators: each
+    model's --gpu-memory-utilization is its share of the card (as for several vLLM processes on one
+    GPU; its LoRA slots are paid from it, ``kv_cache_size.num_kv_blocks``); with several models the
+    shares, added in order, must fit in XLA's pool (``device``; ``setup_runtime`` sized it to their
+    sum). One model keeps its share within whatever pool there is (``kv_cache_size.device_budget_bytes``).
+    The LoRA host copies must fit in the host's available memory on accelerators too.
     """
-    if platform == "cpu":
-        available = _available_host_gib()
-        total = 0.0
-        for c in (c for c, kv in zip(configs, kv_cache, strict=True) if kv):
-            total += c.kv_cache_memory_gib
-            if available is not None and total > available:
-                raise ConfigError(f"model {c.model_name}: its KV cache ({c.kv_cache_memory_gib:g} GiB) does not fit: "
-                                  f"the models' caches need {total:g} GiB, this host has {available:.1f} GiB available")
-        return
-    if len(configs) == 1:
+    lora_gib = lora_gib or [0.0] * len(configs)
+    if platform == "cpu" or any(lora_gib):
+        _check_host(configs, kv_cache if platform == "cpu" else [False] * len(configs), lora_gib)
+    if platform == "cpu" or len(configs) == 1:
         return
     if device is None:
         from jaxserve.engine.kv_cache_size import device_memory
@@ -176,6 +172,34 @@ def check_memory(configs: list[ServeConfig], kv_cache: list[bool], platform: str
                 f"model {c.model_name}: its --gpu-memory-utilization share ({c.gpu_memory_utilization:g} of the "
                 f"{device.card_bytes / (1 << 30):.1f} GiB {platform} device) does not fit: the models' shares add up "
                 f"to {total:g}, {room}; give each models: entry its own gpu-memory-utilization")
+
+
+def _check_host(configs: list[ServeConfig], kv_cache: list[bool], lora_gib: list[float]) -> None:
+    """The host-memory part of ``check_memory``: KV caches (CPU) and LoRA memory, added in order."""
+    available = _available_host_gib()
+    total = 0.0
+    for c, kv, lora in zip(configs, kv_cache, lora_gib, strict=True):
+        need = (c.kv_cache_memory_gib if kv else 0.0) + lora
+        if not need:
+            continue
+        total += need
+        if available is not None and total > available:
+            what = (f"its KV cache ({c.kv_cache_memory_gib:g} GiB)" if kv else "") + (" and " if kv and lora else "")
+            what += f"its LoRA slots and host copies ({lora:.3g} GiB)" if lora else ""
+            raise ConfigError(f"model {c.model_name}: {what} does not fit: the models need {total:.4g} GiB, this host "
+                              f"has {available:.1f} GiB available")
+
+
+def lora_host_gib(config: ServeConfig, platform: str) -> float:
+    """GiB of host memory ``config``'s LoRA adapters may take (``lora_slots.host_bytes``; 0 without LoRA)."""
+    if not config.enable_lora:
+        return 0.0
+    from jaxserve.engine.lora_slots import host_bytes
+    from jaxserve.weights.loader import read_model_config
+
+    model_config, _ = read_model_config(resolve_model_source(config.model))
+    return host_bytes(model_config, max_loras=config.max_loras, max_rank=config.max_lora_rank,
+                      max_cpu_loras=config.max_cpu_loras or config.max_loras, on_cpu=platform == "cpu") / (1 << 30)
 
 
 def _available_host_gib() -> float | None:
@@ -219,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         import jax
 
         tasks = [preflight(c) for c in configs]
-        check_memory(configs, [holds_kv_cache(c, t) for c, t in zip(configs, tasks, strict=True)],
-                     jax.default_backend())
+        platform = jax.default_backend()
+        check_memory(configs, [holds_kv_cache(c, t) for c, t in zip(configs, tasks, strict=True)], platform,
+                     lora_gib=[lora_host_gib(c, platform) for c in configs])
     except ValueError as e:  # TensorParallelError, unsupported architecture, bad checkpoint config, memory
         print(f"error: {e}", file=sys.stderr)
         return 2

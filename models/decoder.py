@@ -43,7 +43,7 @@ class SelfAttention(nnx.Module):
         lora: LayerLora | None = None,
     ) -> tuple[jax.Array, KVCache]:
         t = x_TD.shape[0]
-        q, k, v = self.layout.split(add_lora(self.qkv_proj(x_TD), x_TD, lora, "qkv_proj"))
+        q, k, v = self.layout.split(add_lora(self.qkv_proj(x_TD), x_TD, lora, "qkv_proj", self.layout))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)

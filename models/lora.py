@@ -13,9 +13,10 @@ so a token's delta is exactly its own adapter's, and a base-model token's delta 
 targets split ``b_OSR`` by output features, row-parallel ones (o_proj, down_proj) ``a_SRI`` by
 input features (GSPMD adds the same all-reduce as for the base product).
 
-The fused q/k/v target ``qkv_proj`` stacks the q, k and v adapters: ``R`` is three ranks
-(``[A_q; A_k; A_v]``) and ``b_OSR`` is block diagonal, its rows in ``models/qkv_layout.py``'s
-fused, shard-major order (built by the slot store).
+The fused q/k/v target ``qkv_proj`` stacks the q, k and v adapters: ``a_SRI`` has three ranks
+(``[A_q; A_k; A_v]``), and ``b_OSR`` one: each fused output row (``models/qkv_layout.py``'s
+shard-major order) holds its own part's B row, so the expand is three products (per shard: its q,
+k and v rows against their rank block) and never multiplies the zeros of a block-diagonal B.
 """
 
 from __future__ import annotations
@@ -24,13 +25,17 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.models.qkv_layout import QKVLayout
 
 TARGETS = ("qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")  # input features split over the model axis
 
 
 class LoraWeights(NamedTuple):
-    """One target's slots: ``a_SRI`` [S, R, in] and ``b_OSR`` [out, S, R] (scaling folded into B)."""
+    """One target's slots: ``a_SRI`` [S, R, in] and ``b_OSR`` [out, S, R] (scaling folded into B;
+    ``qkv_proj``: ``a_SRI`` [S, 3R, in])."""
 
     a_SRI: jax.Array
     b_OSR: jax.Array
@@ -53,20 +58,52 @@ class LoraBatch(NamedTuple):
         return LayerLora(self.layers[i], self.slots_T)
 
 
-def lora_delta(x_TI: jax.Array, w: LoraWeights, slots_T: jax.Array) -> jax.Array:
-    """float32 ``[T, O]``: each token's adapter delta ``B_s (A_s x)`` for its slot ``s`` (0 for -1)."""
+def _shrink(x_TI: jax.Array, w: LoraWeights, slots_T: jax.Array) -> jax.Array:
+    """``[T, S, R]``: every slot's ``A x``, zero except in each token's own slot (float32)."""
     s, r, i = w.a_SRI.shape
-    a = w.a_SRI.reshape(s * r, i)
-    b = w.b_OSR.reshape(w.b_OSR.shape[0], s * r)
     dims = (((1,), (1,)), ((), ()))
+    a = w.a_SRI.reshape(s * r, i)
     h = jax.lax.dot_general(x_TI.astype(a.dtype), a, dims, preferred_element_type=jnp.float32)
     own = slots_T[:, None] == jnp.arange(s, dtype=slots_T.dtype)[None, :]  # [T, S]
-    h = jnp.where(own[:, :, None], h.reshape(-1, s, r), 0.0).reshape(-1, s * r)
-    return jax.lax.dot_general(h.astype(b.dtype), b, dims, preferred_element_type=jnp.float32)
+    return jnp.where(own[:, :, None], h.reshape(-1, s, r), 0.0)
 
 
-def add_lora(y_TO: jax.Array, x_TI: jax.Array, lora: LayerLora | None, target: str) -> jax.Array:
-    """``y_TO`` (a base product of ``x_TI``) plus the LoRA delta of ``target``, if it has slots."""
+def _expand(h_TSR: jax.Array, b_OSR: jax.Array) -> jax.Array:
+    """``[T, O]`` (float32): ``h`` through every slot's B (``b_OSR`` may carry leading output dims)."""
+    dims = (((1, 2), (b_OSR.ndim - 2, b_OSR.ndim - 1)), ((), ()))
+    return jax.lax.dot_general(h_TSR.astype(b_OSR.dtype), b_OSR, dims, preferred_element_type=jnp.float32)
+
+
+def lora_delta(x_TI: jax.Array, w: LoraWeights, slots_T: jax.Array, layout: QKVLayout | None = None) -> jax.Array:
+    """float32 ``[T, O]``: each token's adapter delta ``B_s (A_s x)`` for its slot ``s`` (0 for -1).
+
+    ``layout``: the fused q/k/v target's, whose ``A`` stacks three ranks and whose ``B`` rows each
+    read their own part's rank block only (three expands, one per part, per shard).
+    """
+    h = _shrink(x_TI, w, slots_T)
+    if layout is None:
+        return _expand(h, w.b_OSR)
+    t, (s, r3, _) = x_TI.shape[0], w.a_SRI.shape
+    h = h.reshape(t, s, 3, r3 // 3)
+    nq, nk = layout.num_heads // layout.tp, layout.num_kv_heads // layout.tp  # heads per shard
+    b = w.b_OSR.reshape(layout.tp, -1, s, r3 // 3)  # [shard, its q k v rows, S, R]
+    cuts = np.cumsum([0, nq, nk, nk]) * layout.head_dim
+    parts = [_expand(h[:, :, p], b[:, cuts[p] : cuts[p + 1]]) for p in range(3)]  # [T, shard, rows]
+    return jnp.concatenate(parts, axis=-1).reshape(t, -1)
+
+
+def add_lora(
+    y_TO: jax.Array, x_TI: jax.Array, lora: LayerLora | None, target: str, layout: QKVLayout | None = None
+) -> jax.Array:
+    """``y_TO`` (a base product of ``x_TI``) plus the LoRA delta of ``target``, if it has slots.
+
+    A step in which no token has an adapter skips the products (``lax.cond``; one compiled step).
+    """
     if lora is None or target not in lora.weights:
         return y_TO
-    return (y_TO.astype(jnp.float32) + lora_delta(x_TI, lora.weights[target], lora.slots_T)).astype(y_TO.dtype)
+    w = lora.weights[target]
+
+    def with_delta(y: jax.Array) -> jax.Array:
+        return (y.astype(jnp.float32) + lora_delta(x_TI, w, lora.slots_T, layout)).astype(y.dtype)
+
+    return jax.lax.cond(jnp.any(lora.slots_T >= 0), with_delta, lambda y: y, y_TO)

@@ -72,7 +72,7 @@ def engine_config(args: argparse.Namespace, lora: bool) -> ServeConfig:
     return ServeConfig(model=args.model, dtype=args.dtype, load_format=args.load_format, max_num_seqs=args.num_prompts,
                        max_num_batched_tokens=args.max_num_batched_tokens,
                        max_model_len=args.input_len + args.output_len + 16, kv_cache_memory_gib=0.5,
-                       enable_prefix_caching=False, **extra)  # every round computes the same prompts
+                       enable_prefix_caching=False, compilation_cache_dir=args.compilation_cache_dir, **extra)  # every round computes the same prompts
 
 
 def measure_loads(engine: LLMEngine, root: Path, n: int) -> list[str]:
@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--lora-off", action="store_true", help="also run the batch on an engine without LoRA")
     args = p.parse_args(argv)
     print(json.dumps({"measure": "setup", "python": platform.python_version(), "jax": jax.__version__,

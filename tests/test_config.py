@@ -152,9 +152,39 @@ def test_memory_budgets_are_checked_per_model(monkeypatch):
     a, b = ServeConfig(model="a", kv_cache_memory_gib=3), ServeConfig(model="b", kv_cache_memory_gib=2)
     monkeypatch.setattr(serve, "_available_host_gib", lambda: 4.0)
     serve.check_memory([a, ServeConfig(model="e")], [True, False], "cpu")  # no KV cache: an encoder
-    with pytest.raises(ConfigError, match=r"^model b: its KV cache \(2 GiB\) does not fit: the models' caches need "
+    with pytest.raises(ConfigError, match=r"^model b: its KV cache \(2 GiB\) does not fit: the models need "
                        r"5 GiB, this host has 4.0 GiB available$"):
         serve.check_memory([a, b], [True, True], "cpu")  # b: a generate model or a paged decoder embedder
+
+
+def test_lora_memory_counts_in_the_host_budget(monkeypatch):
+    """LoRA slots (device slots and their host mirror) and --max-cpu-loras host copies count beside
+    the KV caches on CPU, and against the host on accelerators (fake host and model sizes)."""
+    from jaxserve import serve
+    from jaxserve.config import ServeConfig
+    from jaxserve.engine.lora_slots import adapter_params, host_bytes
+    from jaxserve.models.config import ModelConfig
+
+    cfg = ModelConfig(architecture="LlamaForCausalLM", vocab_size=100, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4,
+                      max_position_embeddings=128)
+    one = adapter_params(cfg, (4 + 2 * 2) * 16, 8)
+    # Per layer: q/k/v A 3*8*64 and B 128*8, o 8*(64+64), gate/up 2*8*(64+128), down 8*(128+64).
+    assert one == 2 * (3 * 8 * 64 + 128 * 8 + 8 * 128 + 2 * 8 * 192 + 8 * 192)
+    # CPU: 2 device slots, their host mirror and 5 host copies; an accelerator: no device slots on the host.
+    assert host_bytes(cfg, max_loras=2, max_rank=8, max_cpu_loras=5, on_cpu=True) == (2 + 2 + 5) * one * 4
+    assert host_bytes(cfg, max_loras=2, max_rank=8, max_cpu_loras=5, on_cpu=False) == (2 + 5) * one * 4
+
+    a = ServeConfig(model="a", kv_cache_memory_gib=3)
+    monkeypatch.setattr(serve, "_available_host_gib", lambda: 4.0)
+    serve.check_memory([a], [True], "cpu", lora_gib=[0.5])
+    with pytest.raises(ConfigError, match=r"^model a: its KV cache \(3 GiB\) and its LoRA slots and host copies "
+                       r"\(1.5 GiB\) does not fit: the models need 4.5 GiB, this host has 4.0 GiB available$"):
+        serve.check_memory([a], [True], "cpu", lora_gib=[1.5])
+    one_gpu = [ServeConfig(model="g")]
+    serve.check_memory(one_gpu, [True], "gpu", lora_gib=[3.5])  # the KV cache lives on the device
+    with pytest.raises(ConfigError, match=r"^model g: its LoRA slots and host copies \(4.5 GiB\) does not fit"):
+        serve.check_memory(one_gpu, [True], "gpu", lora_gib=[4.5])
 
 
 def test_accelerator_shares_are_checked_per_model():

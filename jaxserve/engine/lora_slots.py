@@ -8,7 +8,7 @@ never runs more distinct adapters than slots). Host copies are kept for at most
 ``max_cpu_loras`` adapters (LRU); an evicted one is read from its directory again when needed.
 
 Device layout (read by ``models/lora.py``): per layer and target, ``a_SRI`` ``[S, R, in]`` and
-``b_OSR`` ``[out, S, R]`` with ``R = --max-lora-rank`` (three ranks for the fused q/k/v), rank
+``b_OSR`` ``[out, S, R]`` with ``R = --max-lora-rank`` (``a_SRI`` of the fused q/k/v: 3R), rank
 padded with zeros, sharded like the base kernel. Writing a slot replaces those arrays with new
 ones of the same shape and sharding (a host-to-device copy): the compiled steps take them as
 inputs, so loading or evicting an adapter never compiles anything.
@@ -55,6 +55,30 @@ class LoraRef:
     path: Path
 
 
+def target_dims(config: ModelConfig, qkv_features: int, rank: int) -> dict[str, tuple[int, int, int, int]]:
+    """target -> (rank rows of A, rank columns of B, in features, out features); ``qkv_features``:
+    the fused q/k/v outputs (``QKVLayout.num_features``, KV heads repeated as served)."""
+    c, r = config, rank
+    nh = c.num_heads * c.head_dim
+    return {"qkv_proj": (3 * r, r, c.hidden_size, qkv_features), "o_proj": (r, r, nh, c.hidden_size),
+            "gate_proj": (r, r, c.hidden_size, c.intermediate_size), "up_proj": (r, r, c.hidden_size, c.intermediate_size),
+            "down_proj": (r, r, c.intermediate_size, c.hidden_size)}
+
+
+def adapter_params(config: ModelConfig, qkv_features: int, rank: int) -> int:
+    """Parameters of one adapter of ``rank`` on every target of every layer (one slot's size)."""
+    per_layer = sum(ra * i + rb * o for ra, rb, i, o in target_dims(config, qkv_features, rank).values())
+    return per_layer * config.num_layers
+
+
+def host_bytes(config: ModelConfig, *, max_loras: int, max_rank: int, max_cpu_loras: int, on_cpu: bool) -> int:
+    """A bound on the host memory LoRA takes: the slots' host mirror, ``max_cpu_loras`` float32
+    host copies of adapters (at most ``max_rank`` on every target) and, on CPU, the device slots
+    themselves (float32 bound). ``serve.check_memory`` counts it beside the KV caches."""
+    one = adapter_params(config, (config.num_heads + 2 * config.num_kv_heads) * config.head_dim, max_rank) * 4
+    return (max(max_cpu_loras, max_loras) + max_loras * (2 if on_cpu else 1)) * one
+
+
 class LoraSlots:
     """Registry, host LRU and device slots of the adapters served on one base model."""
 
@@ -68,7 +92,7 @@ class LoraSlots:
         self.dtype = np.dtype(dtype)
         self.layout = QKVLayout(config.num_heads, config.num_kv_heads, config.head_dim, tp=plan.tp,
                                 kv_replication=plan.kv_replication)
-        self._dims = self._target_dims()
+        self._dims = target_dims(config, self.layout.num_features, max_rank)
         self._refs: dict[str, LoraRef] = {}
         self._ids = itertools.count(1)
         self._host: OrderedDict[int, LoraAdapter] = OrderedDict()  # id -> adapter, LRU first
@@ -79,14 +103,6 @@ class LoraSlots:
             {t: self._put(t, a, b) for t, (a, b) in layer.items()} for layer in self._host_arrays)
 
     # ------------------------------------------------------------------ shapes and shardings
-    def _target_dims(self) -> dict[str, tuple[int, int, int]]:
-        """target -> (rank columns, in features, out features) as served."""
-        c, r = self.config, self.max_rank
-        nh = c.num_heads * c.head_dim
-        return {"qkv_proj": (3 * r, c.hidden_size, self.layout.num_features), "o_proj": (r, nh, c.hidden_size),
-                "gate_proj": (r, c.hidden_size, c.intermediate_size), "up_proj": (r, c.hidden_size, c.intermediate_size),
-                "down_proj": (r, c.intermediate_size, c.hidden_size)}
-
     def _specs(self, target: str) -> tuple[P, P]:
         if target in ROW_PARALLEL:
             return P(None, None, MODEL_AXIS), P(None, None, None)
@@ -99,8 +115,8 @@ class LoraSlots:
         return tuple(dict(one) for _ in range(self.config.num_layers))
 
     def _zeros(self, target: str) -> tuple[np.ndarray, np.ndarray]:
-        r, i, o = self._dims[target]
-        return np.zeros((self.num_slots, r, i), self.dtype), np.zeros((o, self.num_slots, r), self.dtype)
+        ra, rb, i, o = self._dims[target]
+        return np.zeros((self.num_slots, ra, i), self.dtype), np.zeros((o, self.num_slots, rb), self.dtype)
 
     def _put(self, target: str, a: np.ndarray, b: np.ndarray) -> LoraWeights:
         sa, sb = (NamedSharding(self.plan.mesh, s) for s in self._specs(target))
@@ -108,9 +124,8 @@ class LoraSlots:
 
     @property
     def nbytes(self) -> int:
-        """Device bytes of all slots (every target of every layer)."""
-        per_layer = sum(r * (i + o) for r, i, o in self._dims.values()) * self.num_slots
-        return per_layer * self.config.num_layers * self.dtype.itemsize
+        """Device bytes of all slots (every target of every layer); their host mirror is as large."""
+        return self.num_slots * adapter_params(self.config, self.layout.num_features, self.max_rank) * self.dtype.itemsize
 
     # ------------------------------------------------------------------ registry
     def add(self, name: str, path: str | Path) -> LoraRef:
@@ -203,9 +218,10 @@ class LoraSlots:
         self.loads += 1
 
     def _slot_matrices(self, adapter: LoraAdapter, layer: int, target: str) -> tuple[np.ndarray, np.ndarray]:
-        """One slot's padded ``A [R, in]`` and ``B [out, R]`` of ``target`` (fused rows for q/k/v)."""
-        rank_cols, d_in, d_out = self._dims[target]
-        a = np.zeros((rank_cols, d_in), np.float32)
+        """One slot's padded ``A [R, in]`` and ``B [out, R]`` of ``target``. For q/k/v: ``A [3R, in]``
+        (``[A_q; A_k; A_v]``) and ``B`` in fused rows, each row its own part's B row."""
+        rank_rows, rank_cols, d_in, d_out = self._dims[target]
+        a = np.zeros((rank_rows, d_in), np.float32)
         if target != "qkv_proj":
             b = np.zeros((d_out, rank_cols), np.float32)
             if (layer, target) in adapter.weights:
@@ -214,12 +230,12 @@ class LoraSlots:
             return a, b
         r = self.max_rank
         widths = self.layout.checkpoint_widths
-        b_cat = np.zeros((sum(widths), rank_cols), np.float32)  # one-device [q | k | v] rows, block diagonal
+        b_cat = np.zeros((sum(widths), r), np.float32)  # one-device [q | k | v] rows
         row = 0
         for part, (module, width) in enumerate(zip(("q_proj", "k_proj", "v_proj"), widths, strict=True)):
             if (layer, module) in adapter.weights:
                 wa, wb = adapter.weights[(layer, module)]
                 a[part * r : part * r + wa.shape[0]] = wa
-                b_cat[row : row + width, part * r : part * r + wb.shape[1]] = wb
+                b_cat[row : row + width, : wb.shape[1]] = wb
             row += width
         return a, b_cat[self.layout.fused_rows()]

@@ -1,14 +1,19 @@
-"""LoRA through the engine, at tensor parallelism 2 (one engine for every test; TP 1 is covered by
-tests/models/test_lora_vs_hf.py's logits and the lookback server of tests/server/test_lora_server.py):
-greedy tokens equal PEFT's, mixed batches, prefix-cache isolation, slot reuse after eviction, and
-no compiles while adapters are loaded, evicted or mixed."""
+"""LoRA through the engine, at tensor parallelism 2 (one engine for most tests) and 1: greedy tokens
+equal PEFT's, mixed batches, prefix-cache isolation, slot reuse after eviction, no compiles while
+adapters are loaded, evicted or mixed, and a request queued behind its adapter's unload."""
 
 from __future__ import annotations
+
+import asyncio
+import threading
 
 import numpy as np
 import pytest
 
-from jaxserve.engine.llm_engine import LoraInUseError
+from jaxserve.config import ServeConfig
+from jaxserve.engine.async_engine import AsyncEngine
+from jaxserve.engine.llm_engine import LLMEngine, LoraInUseError
+from jaxserve.engine.lora_slots import LoraNotFoundError
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.engine_helpers import make_engine
 from tests.engine.test_compilation import _Compiles
@@ -116,3 +121,66 @@ def test_runtime_add_and_remove(peft_llama, tmp_path):
     assert compiles == []
     with pytest.raises(KeyError, match="attn2"):
         eng.add_request("gone", prompts["attn"], GREEDY, "attn2")
+
+
+@pytest.fixture(scope="module")
+def tp1_engine(peft_llama):
+    """A TP 1 engine (its fused q/k/v one shard), not cached: the last test here closes it."""
+    directory, _, adapters, _, _ = peft_llama
+    modules = [f"{name}={d}" for name, (d, _) in adapters.items()]
+    return LLMEngine(ServeConfig(
+        model=str(directory), max_num_seqs=2, max_num_batched_tokens=16, block_size=4, max_model_len=64,
+        compilation_cache_dir="", dtype="float32", kv_cache_memory_gib=0.0625, enable_lora=True,
+        lora_modules=modules, max_loras=3, max_lora_rank=8), progress=False)
+
+
+def test_greedy_tokens_equal_peft_at_tp1(peft_llama, tp1_engine):
+    _, _, _, prompts, expected = peft_llama
+    assert tp1_engine.runner.loaded.plan.tp == 1
+    names = ["all", *prompts]
+    got = tp1_engine.generate([prompts[n] for n in names], GREEDY, [_lora(n) for n in names])
+    assert got == [expected[n] for n in names]
+
+
+def test_a_request_queued_behind_its_adapters_unload_gets_not_found(peft_llama, tp1_engine):
+    """Submitted while its adapter was served but reaching the engine thread after the adapter's
+    unload (one FIFO of commands): that request alone fails with LoraNotFoundError (HTTP 404, as for
+    a request arriving after the unload); the unload succeeds and the engine keeps serving."""
+    _, _, adapters, prompts, expected = peft_llama
+    entered, hold = threading.Event(), threading.Event()
+    step = tp1_engine.step
+
+    def held_step() -> list:
+        entered.set()
+        hold.wait(30)
+        return step()
+
+    tp1_engine.step = held_step
+    engine = AsyncEngine(lambda: tp1_engine)
+    engine.start()
+    engine.wait_ready(60)
+
+    async def tokens(sub) -> list[int]:
+        return [t for _, out in [x async for x in sub.outputs()] for t in out.new_token_ids]
+
+    async def scenario() -> None:
+        busy = engine.submit("busy", [prompts["base"]], [GREEDY])
+        await asyncio.to_thread(entered.wait, 30)  # the engine thread now waits inside a step
+        unload = asyncio.ensure_future(engine.unload_lora("attn"))
+        await asyncio.sleep(0)  # the unload command is queued ...
+        late = engine.submit("late", [prompts["attn"]], [GREEDY], lora="attn")  # ... and this request behind it
+        hold.set()
+        await unload
+        with pytest.raises(LoraNotFoundError, match="unloaded"):
+            await tokens(late)
+        assert await tokens(busy) == expected["base"]
+        with pytest.raises(LoraNotFoundError):  # after the unload: refused at once
+            engine.submit("after", [prompts["attn"]], [GREEDY], lora="attn")
+        await engine.load_lora("attn", str(adapters["attn"][0]))  # served again, under a new id
+        assert await tokens(engine.submit("again", [prompts["attn"]], [GREEDY], lora="attn")) == expected["attn"]
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        hold.set()
+        engine.shutdown()

@@ -93,7 +93,8 @@ def test_slots_and_delta_equal_a_numpy_reference(tmp_path, tp):
                               ("gate_proj", ("gate_proj",)), ("down_proj", ("down_proj",))):
             x = rng.randn(len(rows), dims[parts[0]][0]).astype(np.float32)
             width = layout.num_features if target == "qkv_proj" else dims[parts[0]][1]
-            got = np.asarray(jax.jit(add_lora, static_argnums=3)(jnp.zeros((len(rows), width)), x, lora, target))
+            qkv = layout if target == "qkv_proj" else None
+            got = np.asarray(jax.jit(add_lora, static_argnums=(3, 4))(jnp.zeros((len(rows), width)), x, lora, target, qkv))
             pieces = layout.split(jnp.asarray(got)) if target == "qkv_proj" else (got,)
             for part, piece in zip(parts, pieces, strict=True):
                 piece = np.asarray(piece).reshape(len(rows), -1)
@@ -119,3 +120,4 @@ def test_scheduler_runs_at_most_max_loras_adapters():
     assert [s.request.request_id for s in out.scheduled] == ["r0", "r1", "r3", "r4"]  # adapter 3 waits
     sched.finish(reqs[1], RequestStatus.FINISHED_STOPPED)
     assert [s.request.request_id for s in sched.schedule().scheduled][-2:] == ["r2", "r5"]
+

@@ -1,11 +1,12 @@
 """LoRA adapters over HTTP (no torch): a YAML ``models:`` entry with ``lora-modules``, routing by
 the request's ``model``, ``/v1/models`` parents, runtime load/unload behind the API key (409 while
-requests use the adapter), and ``/metrics`` by adapter. The lookback model's shift adapters make
+requests use the adapter), ``/metrics`` by adapter, streaming and structured outputs under an adapter. The lookback model's shift adapters make
 every answer hand-checkable (``tests/lora_helpers.shift_continue``)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import threading
 
 import httpx
@@ -84,6 +85,60 @@ def test_mixed_concurrent_requests_get_their_own_tokens(lora_server):
     shifts = {"base": 0, "s1": 1, "s5": 5}
     assert got == [shift_continue(p, 12, shifts[m]) for m, p in jobs]
     assert len({tuple(g) for g in got}) == len(got), "each adapter must change the tokens"
+
+
+def test_streaming_with_an_adapter_equals_non_streaming(lora_server):
+    server, _ = lora_server
+    url = server.base_url
+    whole = _tokens(_complete(url, "s5", 10))
+    streamed, models = [], set()
+    body = {"model": "s5", "prompt": PROMPT, "max_tokens": 10, "temperature": 0, "ignore_eos": True,
+            "return_tokens_as_token_ids": True, "logprobs": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", headers=AUTH, json=body, timeout=60) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunk = json.loads(line[6:])
+                models.add(chunk["model"])
+                for c in chunk["choices"]:
+                    streamed += [int(t.split(":")[1]) for t in (c.get("logprobs") or {}).get("tokens", [])]
+    assert streamed == whole == shift_continue(PROMPT, 10, 5) and models == {"s5"}
+    assert whole != lookback_continue(PROMPT, 10)  # the adapter changes the tokens
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "level": {"type": "integer", "minimum": 0, "maximum": 9}},
+          "required": ["name", "level"], "additionalProperties": False}
+
+
+def test_structured_output_with_an_adapter(lora_server):
+    """json_schema under an adapter: valid JSON, the same answer streamed or not, and not the base
+    model's answer (the adapter's weights steer the choices the grammar leaves free)."""
+    server, _ = lora_server
+    url = f"{server.base_url}/v1/chat/completions"
+    fmt = {"type": "json_schema", "json_schema": {"name": "status", "schema": SCHEMA, "strict": True}}
+
+    def run(model: str, stream: bool = False) -> str:
+        body = {"model": model, "messages": [{"role": "user", "content": "status"}], "max_tokens": 40,
+                "temperature": 0, "response_format": fmt, "stream": stream}
+        if not stream:
+            r = httpx.post(url, headers=AUTH, json=body, timeout=60)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["finish_reason"] == "stop"
+            return r.json()["choices"][0]["message"]["content"]
+        text = ""
+        with httpx.stream("POST", url, headers=AUTH, json=body, timeout=60) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+        return text
+
+    answers = {m: run(m) for m in ("base", "s1", "s5")}
+    for text in answers.values():
+        value = json.loads(text)
+        assert set(value) == {"name", "level"} and len(value["name"]) <= 8 and value["level"] in range(10)
+    assert run("s5", stream=True) == answers["s5"]
+    assert len(set(answers.values())) == 3, answers
 
 
 def test_runtime_load_and_unload(lora_server):
