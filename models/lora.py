@@ -97,13 +97,11 @@ def add_lora(
 ) -> jax.Array:
     """``y_TO`` (a base product of ``x_TI``) plus the LoRA delta of ``target``, if it has slots.
 
-    A step in which no token has an adapter skips the products (``lax.cond``; one compiled step).
+    Computed in every step, even one without an adapter row: a ``lax.cond`` on ``any(slot >= 0)``
+    per target measured slower with adapter rows on CPU (docs/benchmarks.md §13) and costs a
+    predicate read per conditional on GPU.
     """
     if lora is None or target not in lora.weights:
         return y_TO
-    w = lora.weights[target]
-
-    def with_delta(y: jax.Array) -> jax.Array:
-        return (y.astype(jnp.float32) + lora_delta(x_TI, w, lora.slots_T, layout)).astype(y.dtype)
-
-    return jax.lax.cond(jnp.any(lora.slots_T >= 0), with_delta, lambda y: y, y_TO)
+    delta = lora_delta(x_TI, lora.weights[target], lora.slots_T, layout)
+    return (y_TO.astype(jnp.float32) + delta).astype(y_TO.dtype)
