@@ -2,9 +2,6 @@
 model hands every backend the same per-sequence ``AttentionMetadata`` (``models/attention.py``).
 
 - ``reference``: pure jnp (the semantics; the CPU serving path), split K/V pages ``[P, S, K, H]``.
-  Its prefill steps attend this step's own K/V directly and read pages only for cached prefixes
-  (``prefill_reference.py``: no page gather for a chunk that starts its sequence); decode steps
-  read everything from the pages.
 - ``pallas`` / ``pallas_interpret``: the Pallas Triton kernel (CUDA GPUs; interpreted on CPU for
   tests), the same split pages, queries tiled in rows of ``PREFILL_ROW_WIDTH`` for prefill steps.
 - ``tpu``: jax's bundled TPU ragged paged attention (``jax.experimental.pallas.ops.tpu``) over its
@@ -27,7 +24,6 @@ from jax.sharding import PartitionSpec
 from jaxserve.pallas_kernels.kv_cache_write.reference import scatter_into_slots, write_kv
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata, with_rows
 from jaxserve.pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
-from jaxserve.pallas_kernels.ragged_paged_attention.prefill_reference import ref_prefill_attention
 from jaxserve.pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
 
 if TYPE_CHECKING:
@@ -44,7 +40,6 @@ class SplitPagesBackend:
     name: str
     kernel: str  # "reference" | "pallas"
     interpret: bool = False
-    direct_prefill: bool = True  # reference: prefill steps attend their new K/V directly (False: all from pages)
 
     def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
         page = jax.ShapeDtypeStruct((num_pages, page_size, num_kv_heads, head_dim), dtype)
@@ -67,9 +62,7 @@ class SplitPagesBackend:
     def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
         k_pages, v_pages = write_kv(cache[0], cache[1], k_TKH, v_TKH, meta.slot_mapping)
         rows = self.rows(meta, q_TNH.shape[0])
-        if self.kernel == "reference" and self.direct_prefill and not meta.decode_only:
-            o = ref_prefill_attention(q_TNH, k_TKH, v_TKH, k_pages, v_pages, rows, sm_scale=sm_scale)
-        elif self.kernel == "reference":
+        if self.kernel == "reference":
             o = ref_ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale)
         else:
             o = ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale, interpret=self.interpret)

@@ -136,35 +136,13 @@ def ref_ragged_paged_attention(
     validate_inputs(q_TNH, k_pages_PSKH, v_pages_PSKH, meta, sliding_window, soft_cap)
     q_TNH, k_pages_PSKH, v_pages_PSKH = map(jnp.asarray, (q_TNH, k_pages_PSKH, v_pages_PSKH))
     t, n, h = q_TNH.shape
-    rows = row_layout(meta, t)
-    _, l_f, acc = paged_softmax_state(q_TNH, k_pages_PSKH, v_pages_PSKH, meta, rows, sm_scale=sm_scale,
-                                      sliding_window=sliding_window, soft_cap=soft_cap, kv_chunk=kv_chunk)
-    r, qw = rows.q_pos.shape
-    out = acc / jnp.where(l_f > 0, l_f, 1.0)[..., None]  # [R, K, G, Q, H]
-    out_RQNH = out.transpose(0, 3, 1, 2, 4).reshape(r, qw, n, h).astype(q_TNH.dtype)
-    return scatter_rows(out_RQNH, rows, t)
-
-
-def paged_softmax_state(
-    q_TNH: jax.Array,
-    k_pages_PSKH: jax.Array,
-    v_pages_PSKH: jax.Array,
-    meta: RaggedMetadata,
-    rows: RowLayout,
-    *,
-    sm_scale: float,
-    sliding_window: int | None = None,
-    soft_cap: float | None = None,
-    kv_chunk: int = DEFAULT_KV_CHUNK,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Online-softmax state (max, sum, acc) of each row's queries over KV positions ``< rows.kv_len``
-    read from the pages: [R, K, G, Q], [R, K, G, Q], [R, K, G, Q, H], float32, unnormalised."""
-    _, n, h = q_TNH.shape
     _, page, kh, _ = k_pages_PSKH.shape
     g = n // kh
     qw = meta.row_width
     pages_per_chunk = max(1, -(-kv_chunk // page))
     c = pages_per_chunk * page
+
+    rows = row_layout(meta, t)
     row_bt = pad_block_table(meta.block_tables, pages_per_chunk)[meta.row_seq]  # [R, Wp]
     r = rows.q_pos.shape[0]
     q_RQKGH = gather_rows(q_TNH, rows).reshape(r, qw, kh, g, h).astype(jnp.float32) * sm_scale
@@ -179,7 +157,10 @@ def paged_softmax_state(
         jnp.zeros((r, kh, g, qw), jnp.float32),
         jnp.zeros((r, kh, g, qw, h), jnp.float32),
     )
-    return jax.lax.fori_loop(0, num_chunks, body, init)
+    _, l_f, acc = jax.lax.fori_loop(0, num_chunks, body, init)
+    out = acc / jnp.where(l_f > 0, l_f, 1.0)[..., None]  # [R, K, G, Q, H]
+    out_RQNH = out.transpose(0, 3, 1, 2, 4).reshape(r, qw, n, h).astype(q_TNH.dtype)
+    return scatter_rows(out_RQNH, rows, t)
 
 
 def _attend_chunk(
