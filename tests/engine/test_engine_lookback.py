@@ -48,11 +48,10 @@ def test_chunked_prefill_reads_the_earlier_chunks(lookback_model):
 
 
 def test_packed_fresh_prompts_then_prefix_hits(lookback_model):
-    # Prefill steps attend their own new K/V directly and read pages only for cached prefixes
-    # (the reference backend's prefill path). Step 1 packs four fresh prompts (31 of 32 tokens, so
-    # a padding token too); step 2 a prompt whose first 20 tokens (five blocks) hit the prefix cache beside a
-    # fresh one. [100] follows [.., 30] in the packed tokens: were sequences to see each other,
-    # it would read 30 as its previous token, and the expected tokens differ.
+    # Step 1 packs four fresh prompts (31 of 32 tokens, so a padding token too); step 2 a prompt
+    # whose first 20 tokens (five blocks) hit the prefix cache beside a fresh one. [100] follows
+    # [.., 30] in the packed tokens: were sequences to see each other, it would read 30 as its
+    # previous token, and the expected tokens differ.
     assert lookback_continue([100], 6) != lookback_continue([30, 100], 6)
     eng = make_engine(lookback_model)
     fresh = [[10, 20, 30], [100], [7, 8, 9, 250, 251, 13, 14], list(range(130, 150))]
