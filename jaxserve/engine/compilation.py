@@ -4,11 +4,11 @@ Two families keep the count small:
 - decode-only steps (every sequence advances one token): ``B`` sequences, ``T = B``;
 - mixed steps (prefill chunks, possibly with decodes): ``T`` tokens, ``B = min(T, max_num_seqs)``.
 Decode sizes are powers of two, capped at ``max_num_seqs``. Mixed sizes are powers of two up to a
-step of ``prefill_step`` tokens, then every multiple of that step up to the budget
-(``_prefill_sizes``): a burst of prompts pads to the next multiple, not to the next power of two,
-and at most ``MAX_LINEAR_BUCKETS`` such multiples keep large budgets' compile count in check. How an attention backend tiles a
-step's queries is its own business (``models/attention_backends.py``): no tile width is part of a
-step's shape.
+step of ``MIN_PREFILL_STEP`` tokens, then every multiple of the step up to the budget
+(``_prefill_sizes``): a burst of prompts pads to the next multiple, not to the next power of two;
+the step doubles until at most ``MAX_LINEAR_BUCKETS`` multiples fit, which keeps large budgets'
+compile count close to the powers of two's. How an attention backend tiles a step's queries is its
+own business (``models/attention_backends.py``): no tile width is part of a step's shape.
 
 Steps with a request that needs logit bias or penalties carry per-row token histories
 (``extras``); to keep compiles few, such steps use the largest bucket of their family. Steps with
@@ -44,7 +44,7 @@ class StepShape:
 
 
 MIN_PREFILL_STEP = 128  # smallest step between the large mixed buckets (docs/benchmarks.md §15)
-MAX_LINEAR_BUCKETS = 8  # the step grows (powers of two) so that at most this many multiples fit
+MAX_LINEAR_BUCKETS = 4  # the step grows (powers of two) so that at most this many multiples fit
 
 
 def _prefill_sizes(lo: int, hi: int) -> list[int]:
