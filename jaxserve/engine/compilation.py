@@ -3,9 +3,12 @@
 Two families keep the count small:
 - decode-only steps (every sequence advances one token): ``B`` sequences, ``T = B``;
 - mixed steps (prefill chunks, possibly with decodes): ``T`` tokens, ``B = min(T, max_num_seqs)``.
-Bucket sizes are powers of two, capped at the configured maxima. How an attention backend tiles a
-step's queries is its own business (``models/attention_backends.py``): no tile width is part of a
-step's shape.
+Decode sizes are powers of two, capped at ``max_num_seqs``. Mixed sizes are powers of two up to a
+step of ``MIN_PREFILL_STEP`` tokens, then every multiple of the step up to the budget
+(``_prefill_sizes``): a burst of prompts pads to the next multiple, not to the next power of two;
+the step doubles until at most ``MAX_LINEAR_BUCKETS`` multiples fit, which keeps large budgets'
+compile count close to the powers of two's. How an attention backend tiles a step's queries is its
+own business (``models/attention_backends.py``): no tile width is part of a step's shape.
 
 Steps with a request that needs logit bias or penalties carry per-row token histories
 (``extras``); to keep compiles few, such steps use the largest bucket of their family. Steps with
@@ -38,6 +41,19 @@ class StepShape:
     decode_only: bool  # every sequence has at most one new token
     extras: bool = False  # carries logits-processor inputs (bias, penalty histories)
     grammar: bool = False  # carries the packed grammar mask; runs as forward + sample
+
+
+MIN_PREFILL_STEP = 128  # smallest step between the large mixed buckets (docs/benchmarks.md §15)
+MAX_LINEAR_BUCKETS = 4  # the step grows (powers of two) so that at most this many multiples fit
+
+
+def _prefill_sizes(lo: int, hi: int) -> list[int]:
+    """Powers of two from ``lo`` below the step, then the step's multiples up to ``hi`` (always in)."""
+    step = MIN_PREFILL_STEP
+    while step * MAX_LINEAR_BUCKETS < hi:
+        step *= 2
+    out = [s for s in _powers_of_two(lo, hi) if s < min(step, hi)]
+    return out + list(range(step, hi, step)) + [hi]
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -74,7 +90,7 @@ class BucketPolicy:
 
     @property
     def prefill_sizes(self) -> list[int]:
-        return _powers_of_two(min(self.min_prefill_tokens, self.max_num_batched_tokens), self.max_num_batched_tokens)
+        return _prefill_sizes(min(self.min_prefill_tokens, self.max_num_batched_tokens), self.max_num_batched_tokens)
 
     def decode_shape(self, num_seqs: int) -> StepShape:
         b = next(s for s in self.decode_sizes if s >= num_seqs)

@@ -34,6 +34,20 @@ def test_bucket_choice():
     assert sum(s.grammar for s in b.all_shapes()) == len(b.decode_sizes) + 2
 
 
+def test_mixed_buckets_step_by_multiples_above_128_tokens():
+    # A burst of 603 prompt tokens pads to 640 at a 640 budget, to 768 at 1024 (not to 1024);
+    # larger budgets keep at most 4 multiples of a doubled step.
+    assert BucketPolicy(32, 640).shape_for(16, 603) == StepShape(640, 32, False)
+    b = BucketPolicy(max_num_seqs=32, max_num_batched_tokens=1024)
+    assert b.prefill_sizes == [16, 32, 64, 128, 256, 512, 768, 1024]
+    assert b.shape_for(16, 603) == StepShape(768, 32, False)
+    assert BucketPolicy(32, 256).prefill_sizes == [16, 32, 64, 128, 256]
+    assert BucketPolicy(32, 300).prefill_sizes == [16, 32, 64, 128, 256, 300]
+    assert BucketPolicy(32, 512).prefill_sizes == [16, 32, 64, 128, 256, 384, 512]
+    assert BucketPolicy(256, 8192).prefill_sizes == [16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 6144, 8192]
+    assert BucketPolicy(4, 48).prefill_sizes == [16, 32, 48]
+
+
 def test_decode_floor_holds_with_one_sequence():
     # bf16 on CPU: a one-row product is a slow path, so even --max-num-seqs 1 decodes two rows.
     b = BucketPolicy(max_num_seqs=1, max_num_batched_tokens=64, min_decode_batch=2)

@@ -47,6 +47,21 @@ def test_chunked_prefill_reads_the_earlier_chunks(lookback_model):
     assert outs == [lookback_continue(p, 6) for p in prompts]
 
 
+def test_packed_fresh_prompts_then_prefix_hits(lookback_model):
+    # Step 1 packs four fresh prompts (31 of 32 tokens, so a padding token too); step 2 a prompt
+    # whose first 20 tokens (five blocks) hit the prefix cache beside a fresh one. [100] follows
+    # [.., 30] in the packed tokens: were sequences to see each other, it would read 30 as its
+    # previous token, and the expected tokens differ.
+    assert lookback_continue([100], 6) != lookback_continue([30, 100], 6)
+    eng = make_engine(lookback_model)
+    fresh = [[10, 20, 30], [100], [7, 8, 9, 250, 251, 13, 14], list(range(130, 150))]
+    assert eng.generate(fresh, GREEDY) == [lookback_continue(p, 6) for p in fresh]
+    hits0 = eng.scheduler.block_manager.prefix_hits
+    second = [list(range(130, 150)) + [5, 6], [3, 4, 5]]
+    assert eng.generate(second, GREEDY) == [lookback_continue(p, 6) for p in second]
+    assert eng.scheduler.block_manager.prefix_hits > hits0
+
+
 def test_eos_stop_tokens_and_ignore_eos(lookback_model):
     eng = make_engine(lookback_model)
     # After 310 the first token with residue (1 + 1) mod 16 is 322 mod 320 = 2, the EOS.
