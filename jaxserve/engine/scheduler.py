@@ -86,12 +86,6 @@ class Scheduler:
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
 
-    @property
-    def needs_host_tokens(self) -> bool:
-        """A running request with a token in flight reads its history on the host (penalties).
-        (Grammar requests need none: their step samples after the previous one is applied.)"""
-        return any(r.num_pending and r.params.has_penalties for r in self.running)
-
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
