@@ -26,22 +26,25 @@ from jaxserve.request import Request, RequestStatus
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledRequest:
-    """``request`` computes ``num_tokens`` tokens this step, starting at ``start``."""
+    """``request`` computes ``num_tokens`` tokens this step, starting at ``start``.
+
+    ``reaches_end``: this chunk computes the sequence's last token (a prompt's last chunk, or a
+    decode). ``samples``: it reaches the end of a generating sequence, so its last logits are
+    sampled (a prefill-only request's last chunk is pooled instead). Both are fixed when the chunk
+    is scheduled (launching it appends a placeholder output, after which the sequence is longer)
+    and read several times per step, so they are stored, not recomputed.
+    """
 
     request: Request
     start: int
     num_tokens: int
+    reaches_end: bool = dataclasses.field(init=False)
+    samples: bool = dataclasses.field(init=False)
 
-    @property
-    def reaches_end(self) -> bool:
-        """This chunk computes the sequence's last token (a prompt's last chunk, or a decode)."""
-        return self.start + self.num_tokens == self.request.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True if this chunk reaches the end of a generating sequence, so its last logits are
-        sampled (a prefill-only request's last chunk is pooled instead)."""
-        return self.reaches_end and not self.request.prefill_only
+    def __post_init__(self) -> None:
+        end = self.start + self.num_tokens == self.request.num_tokens
+        object.__setattr__(self, "reaches_end", end)
+        object.__setattr__(self, "samples", end and not self.request.prefill_only)
 
 
 @dataclasses.dataclass(frozen=True)
