@@ -52,13 +52,14 @@ bench() {  # name port model
 }
 
 peak_rss_mib() {  # pid: the sum of VmHWM over the process and its descendants, in MiB
-  local pids=($1) i=0 kb=0 c
+  local pids=("$1") i=0 kb=0 c v
   while [ $i -lt ${#pids[@]} ]; do
     for c in $(ps -o pid= --ppid "${pids[$i]}" 2>/dev/null); do pids+=("$c"); done
     i=$((i + 1))
   done
   for c in "${pids[@]}"; do
-    kb=$((kb + $(awk '/^VmHWM:/ {print $2}' "/proc/$c/status" 2>/dev/null || echo 0)))
+    v=$(awk '/^VmHWM:/ {print $2}' "/proc/$c/status" 2>/dev/null || true)
+    kb=$((kb + ${v:-0}))
   done
   echo $((kb / 1024))
 }
