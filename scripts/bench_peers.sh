@@ -1,14 +1,23 @@
 #!/usr/bin/env bash
 # Side-by-side CPU benchmark: jaxserve, llama.cpp's server and vLLM's CPU build on the same
-# SmolLM2-135M-Instruct, one server at a time on this machine, the same bench_serving.py workload:
-# 16 concurrent chat requests x 64 output tokens (temperature 0), then a single stream.
+# SmolLM2-135M-Instruct, one server at a time on this machine, the same bench_serving.py workloads
+# (chat, temperature 0, ignore_eos, one warm-up request each):
+#   concurrent16  16 concurrent requests x 64 output tokens
+#   concurrent64  64 concurrent requests x 128 output tokens
+#   prefix16      16 concurrent x 64 tokens behind one shared 512-word system prompt (prefix-cache hits)
+#   single        8 requests one at a time x 64 tokens
+# and each server's peak memory: the sum of VmHWM (peak RSS) over its process tree, read just
+# before it is stopped (vLLM runs its engine core in a child process).
 #
 # Peers come from ../shared/peers/setup_peers.sh (built into $PEERS_DIR, default /tmp/peers).
 # Usage: scripts/bench_peers.sh [out_dir] [jaxserve|llama|vllm ...]
+#   WORKLOADS="concurrent16 single" runs a subset; JAXSERVE_ARGS adds flags to jaxserve's command
+#   (the shipped configs/smollm2.yaml otherwise decides, e.g. --max-num-seqs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_results/peers-$(date -u +%Y%m%d-%H%M)}; shift || true
 WHICH=${*:-jaxserve llama vllm}
+WORKLOADS=${WORKLOADS:-concurrent16 concurrent64 prefix16 single}
 PEERS=${PEERS_DIR:-/tmp/peers}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
@@ -22,14 +31,37 @@ wait_ready() {  # url timeout_s
   done
 }
 
+workload_args() {  # workload -> bench_serving.py flags
+  case $1 in
+    concurrent16) echo "--num-prompts 16 --max-concurrency 16 --random-output-len 64" ;;
+    concurrent64) echo "--num-prompts 64 --max-concurrency 64 --random-output-len 128" ;;
+    prefix16) echo "--num-prompts 16 --max-concurrency 16 --random-output-len 64 --prefix-repetition-prefix-len 512" ;;
+    single) echo "--num-prompts 8 --max-concurrency 1 --random-output-len 64" ;;
+    *) echo "unknown workload $1" >&2; return 2 ;;
+  esac
+}
+
 bench() {  # name port model
-  local name=$1 port=$2 model=$3
-  "$PY" scripts/bench_serving.py --base-url "http://127.0.0.1:$port" --model "$model" --endpoint chat \
-    --num-prompts 16 --max-concurrency 16 --random-output-len 64 --temperature 0 --ignore-eos --warmup \
-    --no-progress --save-result "$OUT/$name-concurrent16.json" | tee "$OUT/$name-concurrent16.txt"
-  "$PY" scripts/bench_serving.py --base-url "http://127.0.0.1:$port" --model "$model" --endpoint chat \
-    --num-prompts 8 --max-concurrency 1 --random-output-len 64 --temperature 0 --ignore-eos --warmup \
-    --no-progress --save-result "$OUT/$name-single.json" | tee "$OUT/$name-single.txt"
+  local name=$1 port=$2 model=$3 w
+  for w in $WORKLOADS; do
+    # shellcheck disable=SC2046
+    "$PY" scripts/bench_serving.py --base-url "http://127.0.0.1:$port" --model "$model" --endpoint chat \
+      $(workload_args "$w") --temperature 0 --ignore-eos --warmup \
+      --no-progress --save-result "$OUT/$name-$w.json" | tee "$OUT/$name-$w.txt" || true
+  done
+}
+
+peak_rss_mib() {  # pid: the sum of VmHWM over the process and its descendants, in MiB
+  local pids=("$1") i=0 kb=0 c v
+  while [ $i -lt ${#pids[@]} ]; do
+    for c in $(ps -o pid= --ppid "${pids[$i]}" 2>/dev/null); do pids+=("$c"); done
+    i=$((i + 1))
+  done
+  for c in "${pids[@]}"; do
+    v=$(awk '/^VmHWM:/ {print $2}' "/proc/$c/status" 2>/dev/null || true)
+    kb=$((kb + ${v:-0}))
+  done
+  echo $((kb / 1024))
 }
 
 run() {  # name port model ready_path ready_timeout command...
@@ -41,6 +73,7 @@ run() {  # name port model ready_path ready_timeout command...
   if wait_ready "http://127.0.0.1:$port$ready" "$timeout"; then
     echo "$((SECONDS - t0))" >"$OUT/$name-startup_s.txt"
     bench "$name" "$port" "$model" || true
+    peak_rss_mib "$pid" >"$OUT/$name-peak_rss_mib.txt"
   fi
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
@@ -50,7 +83,7 @@ run() {  # name port model ready_path ready_timeout command...
 for w in $WHICH; do
   case $w in
     jaxserve) run jaxserve 8000 SmolLM2-135M-Instruct /health 600 \
-                "$PY" -m jaxserve.serve --config configs/smollm2.yaml --port 8000 --log-level warning ;;
+                "$PY" -m jaxserve.serve --config configs/smollm2.yaml --port 8000 --log-level warning ${JAXSERVE_ARGS:-} ;;
     llama) run llama.cpp 8081 smol /v1/models 300 \
              "$PEERS/venv-llama/bin/python" -m llama_cpp.server --model "$GGUF" --host 127.0.0.1 --port 8081 \
              --n_ctx 2048 --n_threads 2 --model_alias smol --interrupt_requests False ;;
@@ -64,15 +97,20 @@ done
 "$PY" - "$OUT" <<'PYEOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print("| server | startup s | 16 concurrent: output tok/s | TTFT mean ms | single stream: output tok/s | TTFT mean ms | TPOT mean ms |")
-print("|---|---|---|---|---|---|---|")
+print("| server | startup s | peak RSS MiB | workload | output tok/s | TTFT mean ms | TTFT median ms | ITL median ms | TPOT mean ms |")
+print("|---|---|---|---|---|---|---|---|---|")
 for name in ("jaxserve", "llama.cpp", "vllm-cpu"):
-    c, s = out / f"{name}-concurrent16.json", out / f"{name}-single.json"
-    if not c.exists():
+    runs = {w: out / f"{name}-{w}.json" for w in ("concurrent16", "concurrent64", "prefix16", "single")}
+    if not any(p.exists() for p in runs.values()):
         continue
-    c, s = json.loads(c.read_text()), json.loads(s.read_text()) if s.exists() else None
-    st = (out / f"{name}-startup_s.txt").read_text().strip()
-    row = [name, st, f"{c['output_throughput']:.1f}", f"{c['ttft_ms']['mean']:.0f}"]
-    row += [f"{s['output_throughput']:.1f}", f"{s['ttft_ms']['mean']:.0f}", f"{s['tpot_ms']['mean']:.1f}"] if s else ["-"] * 3
-    print("| " + " | ".join(row) + " |")
+    read = lambda f: (out / f).read_text().strip() if (out / f).exists() else "-"
+    head = [name, read(f"{name}-startup_s.txt"), read(f"{name}-peak_rss_mib.txt")]
+    for w, path in runs.items():
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        bad = f" ({r['failed_requests']} failed)" if r["failed_requests"] else ""
+        row = head + [w + bad, f"{r['output_throughput']:.1f}", f"{r['ttft_ms']['mean']:.0f}",
+                      f"{r['ttft_ms']['median']:.0f}", f"{r['itl_ms']['median']:.1f}", f"{r['tpot_ms']['mean']:.1f}"]
+        print("| " + " | ".join(row) + " |")
 PYEOF

@@ -7,6 +7,11 @@ p99). Streaming with ``stream_options.include_usage``; token counts come from th
 
   python scripts/bench_serving.py --base-url http://127.0.0.1:8000 --model SmolLM2-135M-Instruct \
       --endpoint chat --num-prompts 16 --max-concurrency 16 --random-output-len 64 --temperature 0
+
+A shared prefix (vLLM's ``prefix_repetition`` dataset): ``--prefix-repetition-prefix-len N`` puts one
+of ``--prefix-repetition-num-prefixes`` random prefixes of N words (tokens with ``--tokenizer``) in
+front of every prompt, request i taking prefix i mod num_prefixes; on the chat endpoint the prefix
+is the system message (a shared system prompt), on the completions endpoint it is prepended.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import random
 import statistics
@@ -47,6 +53,30 @@ class Result:
     error: str = ""
 
 
+def build_prefixes(args: argparse.Namespace) -> list[str]:
+    """The shared prefixes (none without ``--prefix-repetition-prefix-len``), seeded apart from the prompts."""
+    if not args.prefix_repetition_prefix_len:
+        return []
+    rng = random.Random(args.seed + 1)
+    n = args.prefix_repetition_prefix_len
+    return [_random_text(args, rng, n) for _ in range(args.prefix_repetition_num_prefixes)]
+
+
+@functools.cache
+def _tokenizer(name: str):  # noqa: ANN202 - a transformers tokenizer
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _random_text(args: argparse.Namespace, rng: random.Random, n: int) -> str:
+    """``n`` random words, or ``n`` random tokens of ``--tokenizer``."""
+    if args.tokenizer:
+        tok = _tokenizer(args.tokenizer)
+        return tok.decode([rng.randrange(100, tok.vocab_size - 100) for _ in range(n)])
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
 def build_prompts(args: argparse.Namespace) -> list[str]:
     rng = random.Random(args.seed)
     if args.dataset:
@@ -55,17 +85,10 @@ def build_prompts(args: argparse.Namespace) -> list[str]:
         return [texts[i % len(texts)] for i in range(args.num_prompts)]
     if args.random_input_len is None:
         return [CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)] for i in range(args.num_prompts)]
-    if args.tokenizer:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(args.tokenizer)
-        vocab = tok.vocab_size
-        return [tok.decode([rng.randrange(100, vocab - 100) for _ in range(args.random_input_len)])
-                for _ in range(args.num_prompts)]
-    return [" ".join(rng.choice(WORDS) for _ in range(args.random_input_len)) for _ in range(args.num_prompts)]
+    return [_random_text(args, rng, args.random_input_len) for _ in range(args.num_prompts)]
 
 
-async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, prompt: str) -> Result:
+async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, prompt: str, prefix: str = "") -> Result:
     body: dict = {
         "model": args.model, "stream": True, "stream_options": {"include_usage": True},
         "max_tokens": args.random_output_len, "temperature": args.temperature,
@@ -73,10 +96,11 @@ async def one_request(client: httpx.AsyncClient, args: argparse.Namespace, promp
     if args.ignore_eos:
         body["ignore_eos"] = True
     if args.endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        system = [{"role": "system", "content": prefix}] if prefix else []
+        body["messages"] = [*system, {"role": "user", "content": prompt}]
         url = "/v1/chat/completions"
     else:
-        body["prompt"] = prompt
+        body["prompt"] = f"{prefix} {prompt}" if prefix else prompt
         url = "/v1/completions"
     start = time.perf_counter()
     last = start
@@ -131,25 +155,27 @@ def _stats(values: list[float], scale: float = 1000.0) -> dict[str, float]:
 
 async def run(args: argparse.Namespace) -> dict:
     prompts = build_prompts(args)
+    prefixes = build_prefixes(args)
+    prefix_of = lambda i: prefixes[i % len(prefixes)] if prefixes else ""  # noqa: E731
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=max(args.max_concurrency or len(prompts), 1) + 4)
     sem = asyncio.Semaphore(args.max_concurrency or len(prompts))
     rng = random.Random(args.seed)
     async with httpx.AsyncClient(base_url=args.base_url, headers=headers, timeout=None, limits=limits) as client:
         if args.warmup:
-            await one_request(client, args, prompts[0])
+            await one_request(client, args, prompts[0], prefix_of(0))
         bar = tqdm(total=len(prompts), desc="requests", disable=args.no_progress)
 
-        async def limited(p: str) -> Result:
+        async def limited(p: str, prefix: str) -> Result:
             async with sem:
-                r = await one_request(client, args, p)
+                r = await one_request(client, args, p, prefix)
             bar.update(1)
             return r
 
         start = time.perf_counter()
         tasks = []
-        for p in prompts:
-            tasks.append(asyncio.create_task(limited(p)))
+        for i, p in enumerate(prompts):
+            tasks.append(asyncio.create_task(limited(p, prefix_of(i))))
             if args.request_rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(args.request_rate))
         results = await asyncio.gather(*tasks)
@@ -161,7 +187,8 @@ async def run(args: argparse.Namespace) -> dict:
     tpots = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     summary = {
         "base_url": args.base_url, "model": args.model, "endpoint": args.endpoint,
-        "num_prompts": len(prompts), "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
+        "num_prompts": len(prompts), "prefix_len": args.prefix_repetition_prefix_len,
+        "num_prefixes": len(prefixes), "max_concurrency": args.max_concurrency, "request_rate": args.request_rate,
         "successful_requests": len(ok), "failed_requests": len(results) - len(ok),
         "errors": sorted({r.error for r in results if not r.ok})[:5],
         "duration_s": duration, "total_input_tokens": in_tokens, "total_output_tokens": out_tokens,
@@ -205,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-output-len", type=int, default=64, help="max_tokens of every request")
     p.add_argument("--tokenizer", default=None, help="make random prompts of exact token length with this tokenizer")
     p.add_argument("--dataset", default=None, help="JSONL with a 'prompt' (or 'text') per line")
+    p.add_argument("--prefix-repetition-prefix-len", type=int, default=0,
+                   help="a shared prefix of this many words/tokens before every prompt (chat: the system message)")
+    p.add_argument("--prefix-repetition-num-prefixes", type=int, default=1, help="distinct shared prefixes")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson rate (req/s); inf = all at once")
     p.add_argument("--max-concurrency", type=int, default=None)
     p.add_argument("--temperature", type=float, default=0.0)

@@ -339,8 +339,8 @@ class LLMEngine:
         """Dispatch the next step, then finish the previous one; returns the finished step's outputs.
 
         With async scheduling the device runs step N+1 while the host applies step N's tokens. The
-        previous step is finished first when there is no async scheduling, or when a penalty reads
-        the token history on the host. A step with a grammar row is dispatched in two parts: its
+        previous step is finished first only without async scheduling (a penalty row's in-flight
+        token is read on device: ``logits_processors.fill_pending_history``). A step with a grammar row is dispatched in two parts: its
         forward before step N is finished, its sampling after (the matchers must have consumed
         step N's tokens before its mask exists). The in-flight step is a value: ``_dispatch``
         makes it, ``_finish`` consumes it.
@@ -348,7 +348,7 @@ class LLMEngine:
         t0 = time.perf_counter()
         prev, self._inflight = self._inflight, None
         outputs: list[RequestOutput] = []
-        if prev is not None and (not self.async_scheduling or self.scheduler.needs_host_tokens):
+        if prev is not None and not self.async_scheduling:
             outputs += self._finish(prev)
             prev = None
         step = self._dispatch(self.scheduler.schedule(), prev)

@@ -4,7 +4,9 @@ bias first, then repetition (prompt + output tokens), then frequency and presenc
 
 They need per-row token histories, so only steps with such a request carry them
 (``LogitsExtras`` with non-zero widths); other steps pass zero-width arrays and the code below
-vanishes at trace time.
+vanishes at trace time. With async scheduling a row's last output token may still be in flight
+(``PLACEHOLDER`` on the host): its history column is named in ``pending_col`` and filled on device
+from the step's own input token (``fill_pending_history``), so penalty steps stay asynchronous.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.request import Request
+from jaxserve.request import PLACEHOLDER, Request
 from jaxserve.sampling_params import MAX_LOGIT_BIAS
 
 MAX_BIAS_ENTRIES = MAX_LOGIT_BIAS + 64  # + EOS and stop_token_ids masked while below min_tokens
@@ -34,6 +36,7 @@ class LogitsExtras:
     presence: jax.Array  # f32[B]
     frequency: jax.Array  # f32[B]
     repetition: jax.Array  # f32[B] (1 = off)
+    pending_col: jax.Array  # i32[B]   history column of the row's in-flight output token (-1: none)
 
 
 jax.tree_util.register_dataclass(
@@ -62,6 +65,7 @@ def build_logits_extras(reqs: list[Request], num_rows: int, *, with_extras: bool
     presence = np.zeros(num_rows, np.float32)
     frequency = np.zeros(num_rows, np.float32)
     repetition = np.ones(num_rows, np.float32)
+    pending_col = np.full(num_rows, -1, np.int32)
     if with_extras:
         for i, req in enumerate(reqs):
             p = req.params
@@ -75,12 +79,34 @@ def build_logits_extras(reqs: list[Request], num_rows: int, *, with_extras: bool
                 bias_vals[i, j] = val
             presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
             if p.has_penalties:
-                n_p, n_o = req.num_prompt_tokens, req.num_output_tokens
-                hist_ids[i, :n_p] = req.prompt_token_ids
-                hist_ids[i, n_p : n_p + n_o] = req.output_token_ids
-                hist_kind[i, :n_p] = HIST_PROMPT
-                hist_kind[i, n_p : n_p + n_o] = HIST_OUTPUT
-    return LogitsExtras(bias_ids, bias_vals, hist_ids, hist_kind, presence, frequency, repetition)
+                pending_col[i] = _fill_history(req, hist_ids[i], hist_kind[i])
+    return LogitsExtras(bias_ids, bias_vals, hist_ids, hist_kind, presence, frequency, repetition, pending_col)
+
+
+def _fill_history(req: Request, ids: np.ndarray, kind: np.ndarray) -> int:
+    """Write ``req``'s prompt and output tokens into one history row; returns the column of its
+    in-flight last output (-1: none). Only the last output can be in flight (one step at a time)."""
+    n_p, n_o = req.num_prompt_tokens, req.num_output_tokens
+    ids[:n_p] = req.prompt_token_ids
+    kind[:n_p] = HIST_PROMPT
+    kind[n_p : n_p + n_o] = HIST_OUTPUT
+    if not req.num_pending:
+        ids[n_p : n_p + n_o] = req.output_token_ids
+        return -1
+    if req.num_pending != 1 or req.output_token_ids[-1] != PLACEHOLDER:
+        raise RuntimeError(f"request {req.request_id}: {req.num_pending} outputs in flight; penalties read one at most")
+    ids[n_p : n_p + n_o - 1] = req.output_token_ids[:-1]
+    return n_p + n_o - 1
+
+
+def fill_pending_history(ex: LogitsExtras, last_tokens_B: jax.Array) -> LogitsExtras:
+    """The histories with each row's in-flight output (``pending_col``) set to ``last_tokens_B``
+    (the token the row's chunk ends with, read on device); a no-op without histories."""
+    if not ex.hist_ids.shape[1]:
+        return ex
+    cols = jnp.arange(ex.hist_ids.shape[1])[None, :]
+    hist = jnp.where(cols == ex.pending_col[:, None], last_tokens_B[:, None], ex.hist_ids)
+    return dataclasses.replace(ex, hist_ids=hist)
 
 
 def apply_logits_processors(logits_BV: jax.Array, ex: LogitsExtras) -> jax.Array:

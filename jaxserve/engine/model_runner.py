@@ -109,6 +109,20 @@ def _abstract(a: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
 
 
+def _known_history(extras: LogitsExtras, requests: list[Request]) -> LogitsExtras:
+    """A grammar step's host extras with each in-flight history token (``pending_col``) filled from
+    its request: the previous step has been applied when its sampling is dispatched."""
+    rows = np.flatnonzero(extras.pending_col >= 0)
+    if not rows.size:
+        return extras
+    hist = extras.hist_ids.copy()
+    for b in rows:
+        req, col = requests[b], int(extras.pending_col[b])
+        out = req.output_token_ids  # a request that finished meanwhile may have dropped it: its row is ignored
+        hist[b, col] = max(out[col - req.num_prompt_tokens], 0) if col - req.num_prompt_tokens < len(out) else 0
+    return dataclasses.replace(extras, hist_ids=hist, pending_col=np.full_like(extras.pending_col, -1))
+
+
 def _local(x: jax.Array) -> np.ndarray:
     """A replicated array's value from this process's first shard (works across hosts too)."""
     return np.asarray(x.addressable_shards[0].data)
@@ -130,6 +144,7 @@ class PendingSample:
     shape: StepShape
     logits: jax.Array  # [B, V] (device)
     grammar_rows: list[tuple[int, Request]]  # (row, request) for each sampling request with a grammar
+    requests: list[Request]  # the request of each row (penalty histories are completed from them)
     sampling: SamplingTensors
     extras: LogitsExtras
 
@@ -332,7 +347,7 @@ class ModelRunner:
         )
         e = MAX_BIAS_ENTRIES if shape.extras else 0
         hl = self.max_model_len if shape.extras else 0
-        extras = LogitsExtras(i32(b, e), f32(b, e), i32(b, hl), i32(b, hl), f32(b), f32(b), f32(b))
+        extras = LogitsExtras(i32(b, e), f32(b, e), i32(b, hl), i32(b, hl), f32(b), f32(b), f32(b), i32(b))
         t = shape.num_tokens
         mask = i32(b, mask_width(self.vocab_size) if shape.grammar else 0)
         lora_slots = None if self.lora is None else i32(t)
@@ -565,7 +580,8 @@ class ModelRunner:
             logits = self._forward(shape, forward_inputs)
             # Whether a chunk samples must be read now: launching the step appends its placeholder.
             rows = [(b, s.request) for b, s in enumerate(scheduled) if s.samples and s.request.grammar is not None]
-            return dataclasses.replace(handle, pending=PendingSample(shape, logits, rows, sampling, extras))
+            reqs = [s.request for s in scheduled]
+            return dataclasses.replace(handle, pending=PendingSample(shape, logits, rows, reqs, sampling, extras))
         self.channel.leader_send(shape, inputs)
         tokens, logprobs = self._run(shape, inputs)
         return dataclasses.replace(handle, tokens=tokens, logprobs=logprobs)
@@ -575,7 +591,7 @@ class ModelRunner:
         its request's earlier tokens (the engine applies the previous step first)."""
         p = handle.pending
         assert p is not None, "sample() takes a pending grammar step"
-        inputs = (p.sampling, p.extras, self._grammar_mask(p.shape, p.grammar_rows))
+        inputs = (p.sampling, _known_history(p.extras, p.requests), self._grammar_mask(p.shape, p.grammar_rows))
         self.channel.leader_send_part(inputs)
         tokens, logprobs = self._sample(p.shape, p.logits, inputs)
         return dataclasses.replace(handle, tokens=tokens, logprobs=logprobs, pending=None)

@@ -26,22 +26,25 @@ from jaxserve.request import Request, RequestStatus
 
 @dataclasses.dataclass(frozen=True)
 class ScheduledRequest:
-    """``request`` computes ``num_tokens`` tokens this step, starting at ``start``."""
+    """``request`` computes ``num_tokens`` tokens this step, starting at ``start``.
+
+    ``reaches_end``: this chunk computes the sequence's last token (a prompt's last chunk, or a
+    decode). ``samples``: it reaches the end of a generating sequence, so its last logits are
+    sampled (a prefill-only request's last chunk is pooled instead). Both are fixed when the chunk
+    is scheduled (launching it appends a placeholder output, after which the sequence is longer)
+    and read several times per step, so they are stored, not recomputed.
+    """
 
     request: Request
     start: int
     num_tokens: int
+    reaches_end: bool = dataclasses.field(init=False)
+    samples: bool = dataclasses.field(init=False)
 
-    @property
-    def reaches_end(self) -> bool:
-        """This chunk computes the sequence's last token (a prompt's last chunk, or a decode)."""
-        return self.start + self.num_tokens == self.request.num_tokens
-
-    @property
-    def samples(self) -> bool:
-        """True if this chunk reaches the end of a generating sequence, so its last logits are
-        sampled (a prefill-only request's last chunk is pooled instead)."""
-        return self.reaches_end and not self.request.prefill_only
+    def __post_init__(self) -> None:
+        end = self.start + self.num_tokens == self.request.num_tokens
+        object.__setattr__(self, "reaches_end", end)
+        object.__setattr__(self, "samples", end and not self.request.prefill_only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +88,6 @@ class Scheduler:
     @property
     def num_unfinished(self) -> int:
         return len(self.waiting) + len(self.running)
-
-    @property
-    def needs_host_tokens(self) -> bool:
-        """A running request with a token in flight reads its history on the host (penalties).
-        (Grammar requests need none: their step samples after the previous one is applied.)"""
-        return any(r.num_pending and r.params.has_penalties for r in self.running)
 
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens

@@ -18,11 +18,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxserve.engine.logits_processors import LogitsExtras
+from jaxserve.engine.logits_processors import LogitsExtras, fill_pending_history
 from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, sample
 from jaxserve.models.attention import AttentionMetadata
 from jaxserve.models.attention_backends import KVCache
 from jaxserve.models.lora import LoraBatch, LoraWeights
+
+
+def resolve_tokens(prev_tokens_M: jax.Array, tokens_T: jax.Array, prev_idx_T: jax.Array) -> jax.Array:
+    """The step's input tokens: those sampled by the previous step that the host has not seen yet
+    (``prev_idx_T >= 0``) come from its output."""
+    return jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
 
 
 def build_forward(graphdef: nnx.GraphDef, state_def) -> Callable:
@@ -44,8 +50,7 @@ def build_forward(graphdef: nnx.GraphDef, state_def) -> Callable:
         logits_indices_B: jax.Array,
         lora_slots_T: jax.Array | None,
     ) -> tuple[jax.Array, list[KVCache]]:
-        # Tokens sampled by the previous step that the host has not seen yet come from its output.
-        tokens_T = jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
+        tokens_T = resolve_tokens(prev_tokens_M, tokens_T, prev_idx_T)
         model = nnx.merge(graphdef, jax.tree_util.tree_unflatten(state_def, params))
         lora = None if lora_layers is None else LoraBatch(lora_layers, lora_slots_T)
         return model(tokens_T, positions_T, kv_caches, meta, logits_indices_B, lora)
@@ -66,7 +71,8 @@ def build_sample(max_rows: int) -> Callable:
 
 
 def build_step(graphdef: nnx.GraphDef, state_def, max_rows: int) -> Callable:
-    """The fused device step: forward then sampling; the KV caches come back updated."""
+    """The fused device step: forward then sampling; the KV caches come back updated. A penalty
+    row's in-flight output token is its chunk's last input token (read here on device)."""
     forward, sample_step = build_forward(graphdef, state_def), build_sample(max_rows)
 
     def step(
@@ -86,6 +92,7 @@ def build_step(graphdef: nnx.GraphDef, state_def, max_rows: int) -> Callable:
     ) -> tuple[jax.Array, LogprobsOut, list[KVCache]]:
         logits, kv_caches = forward(params, kv_caches, lora_layers, prev_tokens_M, tokens_T, prev_idx_T, positions_T,
                                     meta, logits_indices_B, lora_slots_T)
+        extras = fill_pending_history(extras, resolve_tokens(prev_tokens_M, tokens_T, prev_idx_T)[logits_indices_B])
         padded, logprobs = sample_step(logits, sampling, extras, mask_BW)
         return padded, logprobs, kv_caches
 
