@@ -6,6 +6,7 @@
 #   concurrent64  64 concurrent requests x 128 output tokens
 #   prefix16      16 concurrent x 64 tokens behind one shared 512-word system prompt (prefix-cache hits)
 #   single        8 requests one at a time x 64 tokens
+# jaxserve's workloads start once its background compiles are done (start-up shows both times),
 # and each server's peak memory: the sum of VmHWM (peak RSS) over its process tree, read just
 # before it is stopped (vLLM runs its engine core in a child process).
 #
@@ -27,6 +28,16 @@ wait_ready() {  # url timeout_s
   local deadline=$((SECONDS + $2))
   until curl -sf -o /dev/null "$1"; do
     [ $SECONDS -lt $deadline ] || { echo "not ready after $2 s: $1" >&2; return 1; }
+    sleep 1
+  done
+}
+
+wait_compiled() {  # url timeout_s: jaxserve's --background-compile has compiled every shape
+  local deadline=$((SECONDS + $2)) n
+  while :; do
+    n=$(curl -sf "$1/metrics" | awk '/^jaxserve:compiles_pending/ {s += $2} END {print s + 0}')
+    [ "${n%.*}" = 0 ] && return 0
+    [ $SECONDS -lt $deadline ] || { echo "compiles still pending after $2 s" >&2; return 1; }
     sleep 1
   done
 }
@@ -72,6 +83,10 @@ run() {  # name port model ready_path ready_timeout command...
   local pid=$!
   if wait_ready "http://127.0.0.1:$port$ready" "$timeout"; then
     echo "$((SECONDS - t0))" >"$OUT/$name-startup_s.txt"
+    # jaxserve is ready before its background compiles end; the workloads start once they have
+    if [ "$name" = jaxserve ] && wait_compiled "http://127.0.0.1:$port" "$timeout"; then
+      echo "$((SECONDS - t0))" >"$OUT/$name-all_compiled_s.txt"
+    fi
     bench "$name" "$port" "$model" || true
     peak_rss_mib "$pid" >"$OUT/$name-peak_rss_mib.txt"
   fi
@@ -97,14 +112,17 @@ done
 "$PY" - "$OUT" <<'PYEOF'
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
-print("| server | startup s | peak RSS MiB | workload | output tok/s | TTFT mean ms | TTFT median ms | ITL median ms | TPOT mean ms |")
+print("| server | startup s (all compiled) | peak RSS MiB | workload | output tok/s | TTFT mean ms | TTFT median ms | ITL median ms | TPOT mean ms |")
 print("|---|---|---|---|---|---|---|---|---|")
 for name in ("jaxserve", "llama.cpp", "vllm-cpu"):
     runs = {w: out / f"{name}-{w}.json" for w in ("concurrent16", "concurrent64", "prefix16", "single")}
     if not any(p.exists() for p in runs.values()):
         continue
     read = lambda f: (out / f).read_text().strip() if (out / f).exists() else "-"
-    head = [name, read(f"{name}-startup_s.txt"), read(f"{name}-peak_rss_mib.txt")]
+    started = read(f"{name}-startup_s.txt")
+    if (out / f"{name}-all_compiled_s.txt").exists():
+        started += f" ({read(f'{name}-all_compiled_s.txt')})"
+    head = [name, started, read(f"{name}-peak_rss_mib.txt")]
     for w, path in runs.items():
         if not path.exists():
             continue
