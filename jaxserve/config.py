@@ -95,7 +95,8 @@ class ServeConfig:
     coordinator_address: str | None = _field(None, "host:port of process 0's jax.distributed coordinator.")
     attention_backend: str = _field(
         "auto",
-        "Attention implementation: auto = Pallas kernel on CUDA GPUs, pure-jnp reference elsewhere; "
+        "Attention implementation: auto = Pallas kernel on CUDA GPUs, jax's TPU kernel on TPUs, on CPUs the "
+        "pure-jnp reference with large decode batches grouped by context length, the reference elsewhere; "
         "pallas off-GPU runs the kernel in interpret mode.",
         choices=("auto", "pallas", "reference"),
     )

@@ -1,7 +1,9 @@
 """Attention backends. Each owns its KV-cache layout, its KV write and how it tiles queries; the
 model hands every backend the same per-sequence ``AttentionMetadata`` (``models/attention.py``).
 
-- ``reference``: pure jnp (the semantics; the CPU serving path), split K/V pages ``[P, S, K, H]``.
+- ``reference``: pure jnp (the semantics), split K/V pages ``[P, S, K, H]``.
+- ``cpu``: the CPU serving path: the reference's layout and arithmetic, with large decode batches
+  attended in groups of rows sorted by context length (``models/cpu_decode_attention.py``).
 - ``pallas`` / ``pallas_interpret``: the Pallas Triton kernel (CUDA GPUs; interpreted on CPU for
   tests), the same split pages, queries tiled in rows of ``PREFILL_ROW_WIDTH`` for prefill steps.
 - ``tpu``: jax's bundled TPU ragged paged attention (``jax.experimental.pallas.ops.tpu``) over its
@@ -21,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from jaxserve.models.cpu_decode_attention import grouped_decode_attention
 from jaxserve.pallas_kernels.kv_cache_write.reference import scatter_into_slots, write_kv
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata, with_rows
 from jaxserve.pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
@@ -66,6 +69,24 @@ class SplitPagesBackend:
             o = ref_ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale)
         else:
             o = ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale, interpret=self.interpret)
+        return o, (k_pages, v_pages)
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuBackend(SplitPagesBackend):
+    """The reference's split pages; decode steps of at least ``group_min_rows`` rows attend in
+    ``decode_groups`` groups sorted by context length (less KV padding gathered; XLA:CPU)."""
+
+    decode_groups: int = 2
+    group_min_rows: int = 32
+
+    def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
+        t = q_TNH.shape[0]
+        if not meta.decode_only or t < self.group_min_rows or t % self.decode_groups:
+            return super().forward(q_TNH, k_TKH, v_TKH, cache, meta, sm_scale=sm_scale)
+        k_pages, v_pages = write_kv(cache[0], cache[1], k_TKH, v_TKH, meta.slot_mapping)
+        o = grouped_decode_attention(q_TNH, k_pages, v_pages, self.rows(meta, t), sm_scale=sm_scale,
+                                     groups=self.decode_groups)
         return o, (k_pages, v_pages)
 
 
@@ -122,6 +143,7 @@ BACKENDS = {
         SPLIT_REFERENCE,
         SplitPagesBackend("pallas", "pallas"),
         SplitPagesBackend("pallas_interpret", "pallas", interpret=True),
+        CpuBackend("cpu", "reference"),
         TpuBackend("tpu"),
         TpuBackend("tpu_split", split_reference=True),
     )
@@ -139,8 +161,9 @@ def get_backend(name: str) -> SplitPagesBackend | TpuBackend:
 def resolve_backend(requested: str, platform: str) -> str:
     """Map the config's ``attention_backend`` to an implementation for ``platform``.
 
-    ``auto``: the Pallas (Triton) kernel on CUDA GPUs, jax's bundled TPU kernel on TPUs, the jnp
-    reference elsewhere. ``pallas``: the platform's kernel (interpreted off GPU/TPU, for tests).
+    ``auto``: the Pallas (Triton) kernel on CUDA GPUs, jax's bundled TPU kernel on TPUs, ``cpu`` on
+    CPUs, the jnp reference elsewhere. ``pallas``: the platform's kernel (interpreted off GPU/TPU,
+    for tests).
     """
     if requested not in CONFIG_CHOICES:
         raise ValueError(f"attention_backend must be one of {', '.join(CONFIG_CHOICES)}, got {requested!r}")
@@ -150,4 +173,6 @@ def resolve_backend(requested: str, platform: str) -> str:
         return "pallas"
     if platform == "tpu":
         return "tpu"
-    return "pallas_interpret" if requested == "pallas" else "reference"
+    if requested == "pallas":
+        return "pallas_interpret"
+    return "cpu" if platform == "cpu" else "reference"

@@ -62,6 +62,7 @@ def test_tpu_layout_and_metadata_match_the_bundled_kernels_contract():
 
 def test_backend_resolution():
     assert resolve_backend("auto", "gpu") == "pallas" and resolve_backend("auto", "tpu") == "tpu"
-    assert resolve_backend("auto", "cpu") == "reference" and resolve_backend("pallas", "cpu") == "pallas_interpret"
+    assert resolve_backend("auto", "cpu") == "cpu" and resolve_backend("pallas", "cpu") == "pallas_interpret"
+    assert resolve_backend("reference", "cpu") == "reference" and resolve_backend("auto", "metal") == "reference"
     with pytest.raises(ValueError, match="attention_backend must be one of"):
         resolve_backend("flash", "cpu")

