@@ -263,6 +263,11 @@ class ServeConfig:
         return self.enable_lora and (self.enable_lora_runtime_updates or env)
 
     @property
+    def cpu_loras(self) -> int:
+        """Adapters kept in host memory: ``--max-cpu-loras``, by default ``--max-loras``."""
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+    @property
     def lora_module_paths(self) -> list[tuple[str, str]]:
         """``lora_modules`` as (name, path) pairs (``name=path`` or vLLM's JSON object form)."""
         pairs = []

@@ -199,7 +199,7 @@ def lora_host_gib(config: ServeConfig, platform: str) -> float:
 
     model_config, _ = read_model_config(resolve_model_source(config.model))
     return host_bytes(model_config, max_loras=config.max_loras, max_rank=config.max_lora_rank,
-                      max_cpu_loras=config.max_cpu_loras or config.max_loras, on_cpu=platform == "cpu") / (1 << 30)
+                      max_cpu_loras=config.cpu_loras, on_cpu=platform == "cpu") / (1 << 30)
 
 
 def _available_host_gib() -> float | None:

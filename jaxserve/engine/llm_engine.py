@@ -186,7 +186,7 @@ class LLMEngine:
         if jax.process_count() > 1:
             raise ValueError("enable_lora: LoRA adapters are not supported in a multi-host launch")
         loras = LoraSlots(sharded_config(self.model_config, loaded.plan), loaded.plan, max_loras=c.max_loras,
-                          max_rank=c.max_lora_rank, max_cpu_loras=c.max_cpu_loras or c.max_loras, dtype=loaded.dtype)
+                          max_rank=c.max_lora_rank, max_cpu_loras=c.cpu_loras, dtype=loaded.dtype)
         logger.info("LoRA: %d slots of rank %d (%.1f MiB on device)", c.max_loras, c.max_lora_rank,
                     loras.nbytes / 2**20)
         for name, path in c.lora_module_paths:
