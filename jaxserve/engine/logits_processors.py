@@ -99,6 +99,20 @@ def _fill_history(req: Request, ids: np.ndarray, kind: np.ndarray) -> int:
     return n_p + n_o - 1
 
 
+def complete_pending_history(extras: LogitsExtras, requests: list[Request]) -> LogitsExtras:
+    """A grammar step's host extras with each in-flight history token (``pending_col``) filled from
+    its request: the previous step has been applied when its sampling is dispatched."""
+    rows = np.flatnonzero(extras.pending_col >= 0)
+    if not rows.size:
+        return extras
+    hist = extras.hist_ids.copy()
+    for b in rows:
+        req, col = requests[b], int(extras.pending_col[b])
+        out = req.output_token_ids  # a request that finished meanwhile may have dropped it: its row is ignored
+        hist[b, col] = max(out[col - req.num_prompt_tokens], 0) if col - req.num_prompt_tokens < len(out) else 0
+    return dataclasses.replace(extras, hist_ids=hist, pending_col=np.full_like(extras.pending_col, -1))
+
+
 def fill_pending_history(ex: LogitsExtras, last_tokens_B: jax.Array) -> LogitsExtras:
     """The histories with each row's in-flight output (``pending_col``) set to ``last_tokens_B``
     (the token the row's chunk ends with, read on device); a no-op without histories."""

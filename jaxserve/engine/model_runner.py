@@ -38,6 +38,7 @@ from jaxserve.engine.logits_processors import (
     MAX_BIAS_ENTRIES,
     LogitsExtras,
     build_logits_extras,
+    complete_pending_history,
     needs_extras,
 )
 from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling_tensors
@@ -107,20 +108,6 @@ def _zeros(sharding: jax.sharding.Sharding) -> Callable:
 
 def _abstract(a: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
-
-
-def _known_history(extras: LogitsExtras, requests: list[Request]) -> LogitsExtras:
-    """A grammar step's host extras with each in-flight history token (``pending_col``) filled from
-    its request: the previous step has been applied when its sampling is dispatched."""
-    rows = np.flatnonzero(extras.pending_col >= 0)
-    if not rows.size:
-        return extras
-    hist = extras.hist_ids.copy()
-    for b in rows:
-        req, col = requests[b], int(extras.pending_col[b])
-        out = req.output_token_ids  # a request that finished meanwhile may have dropped it: its row is ignored
-        hist[b, col] = max(out[col - req.num_prompt_tokens], 0) if col - req.num_prompt_tokens < len(out) else 0
-    return dataclasses.replace(extras, hist_ids=hist, pending_col=np.full_like(extras.pending_col, -1))
 
 
 def _local(x: jax.Array) -> np.ndarray:
@@ -591,7 +578,7 @@ class ModelRunner:
         its request's earlier tokens (the engine applies the previous step first)."""
         p = handle.pending
         assert p is not None, "sample() takes a pending grammar step"
-        inputs = (p.sampling, _known_history(p.extras, p.requests), self._grammar_mask(p.shape, p.grammar_rows))
+        inputs = (p.sampling, complete_pending_history(p.extras, p.requests), self._grammar_mask(p.shape, p.grammar_rows))
         self.channel.leader_send_part(inputs)
         tokens, logprobs = self._sample(p.shape, p.logits, inputs)
         return dataclasses.replace(handle, tokens=tokens, logprobs=logprobs, pending=None)
