@@ -174,17 +174,25 @@ def _kind(name: str, frames: list[tuple[str, str]], in_loop: bool) -> str:
         if fn in fns:
             return kind
     if "Linear.__call__" in fns:
-        caller = frames[fns.index("Linear.__call__") + 1][1] if fns.index("Linear.__call__") + 1 < len(frames) else ""
+        i = fns.index("Linear.__call__") + 1
+        caller = frames[i][1] if i < len(frames) else ""  # the line calling the projection
         proj = next((k for key, k in _LINEAR if key in caller), "other")
-        return f"product {proj}" if name.startswith(("ynn_fusion", "dot")) else "Linear input convert (+ fused norm or SiLU)"
+        if name.startswith(("ynn_fusion", "dot")):
+            return f"product {proj}"
+        return "Linear input convert (+ fused norm or SiLU)"
     for fn, kind in (("RMSNorm", "RMSNorm"), ("GatedMLP", "SiLU × up"), ("Embedding", "embedding"),
                      ("DecoderLayer", "residual adds")):
         if any(f.startswith(fn) for f in fns):
             return kind
+    if not fns and name.startswith("copy"):
+        return "XLA copy (no source line)"
     return f"other ({fns[0] if fns else name.rstrip('0123456789.')})"
 
 
-def op_summary(trace_dir: Path, hlo_text: str, steps: int) -> tuple[list[tuple[str, float, int]], list[tuple[str, float, int]]]:
+Rows = list[tuple[str, float, int]]
+
+
+def op_summary(trace_dir: Path, hlo_text: str, steps: int) -> tuple[Rows, Rows]:
     """XLA ops of the newest perfetto trace under ``trace_dir``: self time (children on the same
     thread subtracted) per step, as (name, ms, ops) largest first, summed by op name (a product
     fusion by its output shape) and by ``op_kinds``."""
