@@ -1,0 +1,1 @@
+"""CPU ragged paged attention: a C++ kernel behind an XLA FFI custom call (see README.md)."""
