@@ -2,8 +2,10 @@
 model hands every backend the same per-sequence ``AttentionMetadata`` (``models/attention.py``).
 
 - ``reference``: pure jnp (the semantics), split K/V pages ``[P, S, K, H]``.
-- ``cpu``: the CPU serving path: the reference's layout and arithmetic, with large decode batches
-  attended in groups of rows sorted by context length (``models/cpu_decode_attention.py``).
+- ``cpu``: the CPU serving path: the reference's layout, attended by a C++ kernel outside XLA's loop
+  emitter (an XLA FFI custom call, ``pallas_kernels/cpu_ragged_paged_attention``, built at first use);
+  where it cannot be built, ``cpu_xla``: the reference, with large decode batches attended in groups
+  of rows sorted by context length (``models/cpu_decode_attention.py``).
 - ``pallas`` / ``pallas_interpret``: the Pallas Triton kernel (CUDA GPUs; interpreted on CPU for
   tests), the same split pages, queries tiled in rows of ``PREFILL_ROW_WIDTH`` for prefill steps.
 - ``tpu``: jax's bundled TPU ragged paged attention (``jax.experimental.pallas.ops.tpu``) over its
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from jaxserve.models.cpu_decode_attention import grouped_decode_attention
+from jaxserve.pallas_kernels.cpu_ragged_paged_attention import ops as cpu_attention
 from jaxserve.pallas_kernels.kv_cache_write.reference import scatter_into_slots, write_kv
 from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata, with_rows
 from jaxserve.pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
@@ -64,30 +67,36 @@ class SplitPagesBackend:
 
     def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
         k_pages, v_pages = write_kv(cache[0], cache[1], k_TKH, v_TKH, meta.slot_mapping)
+        return self.attend(q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale), (k_pages, v_pages)
+
+    def attend(self, q_TNH, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float) -> jax.Array:
+        """[T, N, H] attention of this step's queries over pages that already hold its K/V."""
         rows = self.rows(meta, q_TNH.shape[0])
         if self.kernel == "reference":
-            o = ref_ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale)
-        else:
-            o = ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale, interpret=self.interpret)
-        return o, (k_pages, v_pages)
+            return ref_ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale)
+        return ragged_paged_attention(q_TNH, k_pages, v_pages, rows, sm_scale=sm_scale, interpret=self.interpret)
 
 
 @dataclasses.dataclass(frozen=True)
 class CpuBackend(SplitPagesBackend):
-    """The reference's split pages; decode steps of at least ``group_min_rows`` rows attend in
-    ``decode_groups`` groups sorted by context length (less KV padding gathered; XLA:CPU)."""
+    """The reference's split pages, attended by the C++ kernel (``pallas_kernels/cpu_ragged_paged_attention``)
+    when it builds and takes the dtypes; otherwise by XLA: decode steps of at least ``group_min_rows``
+    rows in ``decode_groups`` groups sorted by context length (less KV padding gathered), the rest
+    by the reference."""
 
     decode_groups: int = 2
     group_min_rows: int = 32
+    use_kernel: bool = True
 
-    def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
+    def attend(self, q_TNH, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float) -> jax.Array:
+        if self.use_kernel and cpu_attention.supports(q_TNH.dtype, k_pages.dtype) and cpu_attention.available():
+            return cpu_attention.cpu_ragged_paged_attention(q_TNH, k_pages, v_pages, meta.query_start_loc,
+                                                            meta.seq_lens, meta.block_tables, sm_scale=sm_scale)
         t = q_TNH.shape[0]
         if not meta.decode_only or t < self.group_min_rows or t % self.decode_groups:
-            return super().forward(q_TNH, k_TKH, v_TKH, cache, meta, sm_scale=sm_scale)
-        k_pages, v_pages = write_kv(cache[0], cache[1], k_TKH, v_TKH, meta.slot_mapping)
-        o = grouped_decode_attention(q_TNH, k_pages, v_pages, self.rows(meta, t), sm_scale=sm_scale,
-                                     groups=self.decode_groups)
-        return o, (k_pages, v_pages)
+            return super().attend(q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale)
+        return grouped_decode_attention(q_TNH, k_pages, v_pages, self.rows(meta, t), sm_scale=sm_scale,
+                                        groups=self.decode_groups)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +153,7 @@ BACKENDS = {
         SplitPagesBackend("pallas", "pallas"),
         SplitPagesBackend("pallas_interpret", "pallas", interpret=True),
         CpuBackend("cpu", "reference"),
+        CpuBackend("cpu_xla", "reference", use_kernel=False),
         TpuBackend("tpu"),
         TpuBackend("tpu_split", split_reference=True),
     )

@@ -55,9 +55,21 @@ inline float hsum(vf v) {
 }
 
 inline float hmax(vf v) {
-  float m = v[0];
-  for (int i = 1; i < L; ++i) m = std::max(m, v[i]);
-  return m;
+  float m[L];
+  std::memcpy(m, &v, sizeof m);
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i) m[i] = std::max(m[i], m[i + w]);
+  return m[0];
+}
+
+// out[i] = sum of a[i]'s lanes, for 16 vectors (a transposing reduction tree: 15 pairs of shuffles).
+inline vf reduce16(vf* a) {
+  const vi even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const vi odd = even + 1;
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i)
+      a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) + __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
+  return a[0];
 }
 
 // exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); x < -87.3 (and -inf) gives exactly 0.
@@ -86,7 +98,11 @@ inline vf vexp(vf x) {
 }
 
 // Element types: float, or bfloat16 as its bits (uint16_t).
-inline void to_f32(const float* src, float* dst, int n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void to_f32(const float* src, float* dst, int n) {
+  int i = 0;
+  for (; i + L <= n; i += L) storeu(dst + i, loadu(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+}
 inline void to_f32(const uint16_t* src, float* dst, int n) {
   for (int i = 0; i < n; ++i) {
     const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
@@ -143,6 +159,19 @@ inline void qk_rows(const float* Q, const float* KT, float* S, int Hp) {
   }
   for (int i = 0; i < NR; ++i)
     for (int c = 0; c < NC; ++c) storeu(S + i * C + c * L, a[i][c]);
+}
+
+// S[r, 0:L] = Q[r, :] . Kbuf[j, :] for R rows and L tokens (Kbuf is [L, Hp]).
+inline void qk_dots(const float* Q, int R, const float* Kbuf, float* S, int Hp) {
+  for (int r = 0; r < R; ++r) {
+    vf a[L] = {};
+    for (int h = 0; h < Hp; h += L) {
+      const vf q = loadu(Q + r * Hp + h);
+#pragma GCC unroll 16
+      for (int j = 0; j < L; ++j) a[j] += q * loadu(Kbuf + j * Hp + h);
+    }
+    storeu(S + r * C, reduce16(a));
+  }
 }
 
 // acc[r, h0 : h0 + NV * L] += sum_j P[r, j] V[j, h0 : ...] for NR rows, j < n.
@@ -207,6 +236,22 @@ inline void softmax_tile(Scratch& s, int R, int Hp, int t0) {
   }
 }
 
+// Asks for the K/V rows of tokens [t0, t1) of KV head kh ahead of their use (the pages are scattered).
+template <typename KVT>
+inline void prefetch_tile(const Problem& p, int64_t kh, const int32_t* table, int64_t t0, int64_t t1) {
+  const KVT* kp = static_cast<const KVT*>(p.k);
+  const KVT* vp = static_cast<const KVT*>(p.v);
+  const int64_t bytes = p.H * static_cast<int64_t>(sizeof(KVT));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t page = std::min<int64_t>(std::max<int32_t>(table[t / p.S], 0), p.P - 1);
+    const int64_t off = ((page * p.S + t % p.S) * p.K + kh) * p.H;
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(kp + off) + b);
+      __builtin_prefetch(reinterpret_cast<const char*>(vp + off) + b);
+    }
+  }
+}
+
 template <typename KVT, typename QT>
 void run_item(const Problem& p, const Item& it, Scratch& s) {
   const int H = p.H, S = p.S, K = p.K, G = p.N / p.K;
@@ -222,8 +267,8 @@ void run_item(const Problem& p, const Item& it, Scratch& s) {
   s.pos.resize(R);
   s.s.resize(static_cast<size_t>(R) * C);
   s.kt.resize(static_cast<size_t>(Hp) * C);
-  s.kv.assign(static_cast<size_t>(C) * Hp, 0.0f);
-  s.vv.assign(static_cast<size_t>(C) * Hp, 0.0f);
+  s.kv.resize(static_cast<size_t>(C) * Hp);  // rows past a tile's tokens are zeroed below
+  s.vv.resize(static_cast<size_t>(C) * Hp);
   const QT* q = static_cast<const QT*>(p.q);
   for (int i = 0; i < it.nq; ++i) {
     for (int g = 0; g < G; ++g) {
@@ -240,27 +285,25 @@ void run_item(const Problem& p, const Item& it, Scratch& s) {
   const bool dots = R <= kDotRows;
   for (int64_t t0 = 0; t0 < kv_end; t0 += C) {
     const int n = static_cast<int>(std::min<int64_t>(C, kv_end - t0));
+    prefetch_tile<KVT>(p, it.kh, table, t0 + C, std::min<int64_t>(t0 + 2 * C, kv_end));
+    int64_t pi = t0 / S, slot = t0 % S;
     for (int j = 0; j < n; ++j) {
-      const int64_t t = t0 + j;
-      const int64_t page = std::min<int64_t>(std::max<int32_t>(table[t / S], 0), p.P - 1);
-      const int64_t off = ((page * S + t % S) * K + it.kh) * H;
+      const int64_t page = std::min<int64_t>(std::max<int32_t>(table[pi], 0), p.P - 1);
+      const int64_t off = ((page * S + slot) * K + it.kh) * H;
+      if (++slot == S) slot = 0, ++pi;
       to_f32(kp + off, s.kv.data() + j * Hp, H);
       to_f32(vp + off, s.vv.data() + j * Hp, H);
+      if (Hp != H) {
+        std::fill_n(s.kv.data() + j * Hp + H, Hp - H, 0.0f);
+        std::fill_n(s.vv.data() + j * Hp + H, Hp - H, 0.0f);
+      }
     }
     if (n < C) {  // the last tile: stale rows past n must not reach the output (0 * NaN)
       std::fill(s.kv.begin() + n * Hp, s.kv.end(), 0.0f);
       std::fill(s.vv.begin() + n * Hp, s.vv.end(), 0.0f);
     }
     if (dots) {
-      for (int j = 0; j < n; ++j) {
-        const float* kr = s.kv.data() + j * Hp;
-        for (int r = 0; r < R; ++r) {
-          const float* qr = s.q.data() + r * Hp;
-          vf a = {};
-          for (int h = 0; h < Hp; h += L) a += loadu(qr + h) * loadu(kr + h);
-          s.s[r * C + j] = hsum(a);
-        }
-      }
+      for (int j0 = 0; j0 < n; j0 += L) qk_dots(s.q.data(), R, s.kv.data() + j0 * Hp, s.s.data() + j0, Hp);
     } else {
       for (int j = 0; j < C; ++j)
         for (int h = 0; h < Hp; ++h) s.kt[h * C + j] = s.kv[j * Hp + h];
@@ -271,7 +314,14 @@ void run_item(const Problem& p, const Item& it, Scratch& s) {
     softmax_tile(s, R, Hp, static_cast<int>(t0));
     int r = 0;
     for (; r + 4 <= R; r += 4) pv_rows_all<4>(s.acc.data() + r * Hp, s.s.data() + r * C, s.vv.data(), Hp, n);
-    for (; r < R; ++r) pv_rows_all<1>(s.acc.data() + r * Hp, s.s.data() + r * C, s.vv.data(), Hp, n);
+    float* acc = s.acc.data() + r * Hp;
+    const float* pr = s.s.data() + r * C;
+    switch (R - r) {
+      case 3: pv_rows_all<3>(acc, pr, s.vv.data(), Hp, n); break;
+      case 2: pv_rows_all<2>(acc, pr, s.vv.data(), Hp, n); break;
+      case 1: pv_rows_all<1>(acc, pr, s.vv.data(), Hp, n); break;
+      default: break;
+    }
   }
   QT* out = static_cast<QT*>(p.out);
   for (int i = 0; i < it.nq; ++i) {

@@ -51,7 +51,7 @@ def test_grouped_decode_equals_the_reference(monkeypatch):
     monkeypatch.setattr(attention_backends, "grouped_decode_attention",
                         lambda *a, **kw: calls.append(kw["groups"]) or grouped(*a, **kw))
     for groups in (2, 4):
-        backend = CpuBackend("cpu_test", "reference", decode_groups=groups, group_min_rows=8)
+        backend = CpuBackend("cpu_test", "reference", decode_groups=groups, group_min_rows=8, use_kernel=False)
         got, got_cache = _step(backend, seed=groups)
         want, want_cache = _step(SPLIT_REFERENCE, seed=groups)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -68,7 +68,7 @@ def test_grouped_decode_in_the_engine(lookback_model, monkeypatch):
     grouped = attention_backends.grouped_decode_attention
     monkeypatch.setattr(attention_backends, "grouped_decode_attention",
                         lambda *a, **kw: calls.append(kw["groups"]) or grouped(*a, **kw))
-    monkeypatch.setitem(attention_backends.BACKENDS, "cpu", CpuBackend("cpu", "reference", group_min_rows=4))
+    monkeypatch.setitem(attention_backends.BACKENDS, "cpu", CpuBackend("cpu", "reference", group_min_rows=4, use_kernel=False))
     eng = make_engine(lookback_model, max_model_len=252)  # a config no other test shares: its own engine
     model = nnx.merge(eng.runner.loaded.graphdef, eng.runner.loaded.state)
     assert model.layers[0].self_attn.backend == "cpu" and calls  # auto on CPU; the grouped path was traced

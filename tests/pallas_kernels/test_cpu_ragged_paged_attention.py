@@ -1,0 +1,144 @@
+"""The CPU ragged paged attention kernel (C++, XLA FFI) against the dense oracle and the jnp
+reference, the ``cpu`` backend serving it in the engine, and its fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.models.attention import build_host_metadata as model_metadata
+from jaxserve.models.attention_backends import BACKENDS, SPLIT_REFERENCE
+from jaxserve.pallas_kernels.cpu_ragged_paged_attention import build
+from jaxserve.pallas_kernels.cpu_ragged_paged_attention.ops import cpu_ragged_paged_attention
+from jaxserve.sampling_params import SamplingParams
+from tests.engine.engine_helpers import make_engine
+from tests.helpers import lookback_continue
+from tests.pallas_kernels.helpers import MIXES, check_against_dense
+
+# Besides the shared mixes: prefill blocks of 16 queries and KV tiles of 32 tokens cut mid-page,
+# a chunk over a long cached prefix, decode rows beside it.
+MIXES = {**MIXES, "tiles_and_blocks": ([40, 1, 17, 1, 33], [140, 77, 50, 33, 33])}
+SHAPES = [(6, 2, 32), (8, 8, 64), (12, 2, 24)]  # (query heads, KV heads, head dim): GQA 3, MHA, H % 16 != 0
+
+
+def _kernel(q_dtype):
+    """``impl`` for ``check_against_dense``: the kernel on the per-sequence metadata, queries in ``q_dtype``."""
+
+    @functools.partial(jax.jit, static_argnames="sm_scale")
+    def impl(q, k_pages, v_pages, meta, *, sm_scale):
+        return cpu_ragged_paged_attention(q.astype(q_dtype), k_pages, v_pages, meta.query_start_loc,
+                                          meta.seq_lens, meta.block_tables, sm_scale=sm_scale)
+
+    return impl
+
+
+@pytest.mark.parametrize("dtypes", ["f32", "bf16_pages", "bf16"])
+def test_kernel_matches_the_dense_oracle(dtypes):
+    """Every mix, each with one of the head shapes and page sizes in turn; pages NaN outside the
+    sequences, scattered block tables, two padded sequences, five padding tokens."""
+    dtype = jnp.float32 if dtypes == "f32" else jnp.bfloat16
+    impl = _kernel(jnp.bfloat16 if dtypes == "bf16" else jnp.float32)  # bf16_pages: f32 queries (the CPU default)
+    for i, mix in enumerate(sorted(MIXES)):
+        q_lens, kv_lens = MIXES[mix]
+        n, k, h = SHAPES[i % len(SHAPES)]
+        check_against_dense(impl, q_lens, kv_lens, n_heads=n, kv_heads=k, head_dim=h, page=(8, 16)[i % 2],
+                            dtype=dtype, row_width=1, seed=i)
+
+
+def _backend_step(backend, seed: int, dtype=jnp.float32):
+    """One mixed step (decode rows, a chunk over a cached prefix, a fresh prompt, padding) through
+    ``backend.forward``: the KV write and the attention, jitted. Returns (out, caches) as numpy."""
+    rng = np.random.RandomState(seed)
+    n, k, h, page, pages = 6, 2, 32, 8, 64
+    q_lens, seq_lens = [1, 20, 1, 7], [57, 60, 9, 7]
+    perm = rng.permutation(np.arange(1, pages))
+    tables, used = [], 0
+    for s in seq_lens:
+        tables.append(perm[used:used + -(-s // page)].tolist())
+        used += len(tables[-1])
+    meta = model_metadata(q_lens, seq_lens, tables, page, num_tokens=32, num_seqs=6, table_width=10)
+    cache = tuple(jnp.asarray(rng.randn(pages, page, k, h), dtype) for _ in range(2))
+    q, kk, vv = (jnp.asarray(rng.randn(32, m, h), jnp.float32) for m in (n, k, k))
+    fwd = jax.jit(functools.partial(backend.forward, sm_scale=h**-0.5))
+    o, new = fwd(q, kk.astype(dtype), vv.astype(dtype), cache, meta)
+    hlo = fwd.lower(q, kk.astype(dtype), vv.astype(dtype), cache, meta).as_text()
+    return np.asarray(o), tuple(np.asarray(x.astype(jnp.float32)) for x in new), hlo
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cpu_backend_step_equals_the_reference(dtype):
+    got, got_cache, hlo = _backend_step(BACKENDS["cpu"], 3, dtype)
+    want, want_cache, _ = _backend_step(SPLIT_REFERENCE, 3, dtype)
+    assert build.TARGET in hlo  # the kernel served the step
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert not np.any(got[29:])  # padding tokens
+    for g, w in zip(got_cache, want_cache, strict=True):
+        np.testing.assert_array_equal(g[1:], w[1:])  # the KV write is the reference's (page 0: padding)
+
+
+@pytest.fixture
+def failing_build(tmp_path, monkeypatch):
+    """A compiler that reports a version and fails every build, and an empty kernel cache; the
+    outcome is forgotten before and after, so later tests build (or load) the kernel again."""
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo broken 1.0; exit 0; }\necho "error: no" >&2; exit 1\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("JAXSERVE_KERNEL_CACHE", str(tmp_path / "cache"))
+    build.reset()
+    yield
+    build.reset()
+
+
+def test_failed_build_falls_back_to_xla(failing_build, caplog):
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        got, _, hlo = _backend_step(BACKENDS["cpu"], 4)
+        assert build.load() is False  # tried once: no second build, no second warning
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "using XLA's attention instead" in warnings[0].getMessage()
+    assert build.TARGET not in hlo and "custom_call" not in hlo
+    want, _, _ = _backend_step(BACKENDS["cpu_xla"], 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert not list((build.cache_dir()).glob("*.so*"))  # no half-written library left behind
+
+
+def test_cpu_backend_in_the_engine(lookback_model):
+    """The lookback model (greedy tokens follow its previous-token rule only when attention reads
+    exactly the right positions) served by the kernel: chunked prefills over cached prefixes
+    (32-token steps, a prompt repeated as the prefix of a longer one), mixed and decode steps."""
+    eng = make_engine(lookback_model)  # auto on CPU: the cpu backend, the kernel
+    assert build.load()
+    rng = np.random.RandomState(11)
+    base = rng.randint(3, 300, size=70).tolist()
+    first = [base, rng.randint(3, 300, size=5).tolist()]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    assert eng.generate(first, params) == [lookback_continue(p, 12) for p in first]
+    second = [base + rng.randint(3, 300, size=45).tolist(), rng.randint(3, 300, size=1).tolist(),
+              base[:37], rng.randint(3, 300, size=100).tolist()]
+    assert eng.generate(second, params) == [lookback_continue(p, 12) for p in second]
+    assert eng.scheduler.block_manager.num_used_blocks == 0
+
+
+def test_random_model_greedy_tokens_equal_the_reference_backend(tmp_path_factory):
+    """A tiny Qwen2 with random weights (``--load-format dummy``): the cpu backend's greedy tokens
+    are the reference backend's, prompts of 3-90 tokens chunked over 16-token steps."""
+    from tests.helpers import hf_config, write_tiny_tokenizer
+
+    d = tmp_path_factory.mktemp("random_qwen2")
+    cfg = hf_config("qwen2")
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    cfg.save_pretrained(d)
+    write_tiny_tokenizer(d)
+    rng = np.random.RandomState(2)
+    prompts = [rng.randint(3, 300, size=n).tolist() for n in (3, 90, 41, 17)]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    outs = {b: make_engine(d, load_format="dummy", attention_backend=b, max_num_seqs=2, max_num_batched_tokens=16,
+                           max_model_len=128).generate(prompts, params)
+            for b in ("auto", "reference")}
+    assert outs["auto"] == outs["reference"]
+    assert len({tuple(o) for o in outs["auto"]}) == len(prompts)  # the prompts are told apart
