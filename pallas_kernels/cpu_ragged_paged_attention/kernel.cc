@@ -366,6 +366,11 @@ template <typename KVT, typename QT>
 void drain(const Problem* p, Claims* c) {
   thread_local Scratch scratch;
   for (int64_t i; (i = c->next.fetch_add(1)) < c->n;) {
+    if (i + 1 < c->n) {  // the next item's first tile: its scattered rows arrive while this one runs
+      const Item& nx = p->items[i + 1];
+      const int64_t end = p->seq_lens[nx.b] - (p->qsl[nx.b + 1] - p->qsl[nx.b]) + nx.q0 + nx.nq;
+      prefetch_tile<KVT>(*p, nx.kh, p->tables + nx.b * p->W, 0, std::min<int64_t>(C, end));
+    }
     run_item<KVT, QT>(*p, p->items[i], scratch);
     c->done.fetch_add(1, std::memory_order_release);
   }
