@@ -17,7 +17,6 @@ from jaxserve.pallas_kernels.cpu_ragged_paged_attention import build
 from jaxserve.pallas_kernels.cpu_ragged_paged_attention.ops import cpu_ragged_paged_attention
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.engine_helpers import make_engine
-from tests.helpers import lookback_continue
 from tests.pallas_kernels.helpers import MIXES, check_against_dense
 
 # Besides the shared mixes: prefill blocks of 16 queries and KV tiles of 32 tokens cut mid-page,
@@ -107,26 +106,11 @@ def test_failed_build_falls_back_to_xla(failing_build, caplog):
     assert not list((build.cache_dir()).glob("*.so*"))  # no half-written library left behind
 
 
-def test_cpu_backend_in_the_engine(lookback_model):
-    """The lookback model (greedy tokens follow its previous-token rule only when attention reads
-    exactly the right positions) served by the kernel: chunked prefills over cached prefixes
-    (32-token steps, a prompt repeated as the prefix of a longer one), mixed and decode steps."""
-    eng = make_engine(lookback_model)  # auto on CPU: the cpu backend, the kernel
-    assert build.load()
-    rng = np.random.RandomState(11)
-    base = rng.randint(3, 300, size=70).tolist()
-    first = [base, rng.randint(3, 300, size=5).tolist()]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    assert eng.generate(first, params) == [lookback_continue(p, 12) for p in first]
-    second = [base + rng.randint(3, 300, size=45).tolist(), rng.randint(3, 300, size=1).tolist(),
-              base[:37], rng.randint(3, 300, size=100).tolist()]
-    assert eng.generate(second, params) == [lookback_continue(p, 12) for p in second]
-    assert eng.scheduler.block_manager.num_used_blocks == 0
-
-
 def test_random_model_greedy_tokens_equal_the_reference_backend(tmp_path_factory):
     """A tiny Qwen2 with random weights (``--load-format dummy``): the cpu backend's greedy tokens
-    are the reference backend's, prompts of 3-90 tokens chunked over 16-token steps."""
+    are the reference backend's, prompts of 3-90 tokens chunked over 16-token steps. (The engine
+    suite runs on the cpu backend too: the lookback model's exact outputs under chunking, prefix
+    caching and preemption, ``tests/engine``.)"""
     from tests.helpers import hf_config, write_tiny_tokenizer
 
     d = tmp_path_factory.mktemp("random_qwen2")
