@@ -101,30 +101,37 @@ def pack_sequences(
         raise ValueError("q_lens, seq_lens and block_tables must have one entry per sequence")
     if n > num_seqs:
         raise ValueError(f"{n} sequences do not fit num_seqs={num_seqs}")
-    total = int(sum(q_lens))
+    q_list, s_list = [int(q) for q in q_lens], [int(s) for s in seq_lens]
+    total = sum(q_list)
     if total > num_tokens:
         raise ValueError(f"{total} tokens do not fit num_tokens={num_tokens}")
+    # Checks and the block-table entries in plain Python; the per-token work in numpy, once per batch
+    # (a numpy call per sequence was most of the engine's host time for metadata).
+    need, flat_pages = [], []
+    for b, (q, s, pages) in enumerate(zip(q_list, s_list, block_tables)):
+        if q > s:
+            raise ValueError(f"sequence {b}: q_len {q} exceeds seq_len {s}")
+        k = -(-s // page_size)
+        if k > len(pages) or k > table_width:
+            raise ValueError(f"sequence {b}: {s} positions need {k} pages, has {len(pages)}")
+        need.append(k)
+        flat_pages.extend(pages[:k])
     slot_mapping = np.zeros(num_tokens, np.int32)
     qsl = np.zeros(num_seqs + 1, np.int32)
     sl = np.zeros(num_seqs, np.int32)
     bt = np.zeros((num_seqs, table_width), np.int32)
-    t = 0
-    for b in range(n):
-        q, s, pages = int(q_lens[b]), int(seq_lens[b]), block_tables[b]
-        if q > s:
-            raise ValueError(f"sequence {b}: q_len {q} exceeds seq_len {s}")
-        need = -(-s // page_size)
-        if need > len(pages) or need > table_width:
-            raise ValueError(f"sequence {b}: {s} positions need {need} pages, has {len(pages)}")
-        bt[b, :need] = pages[:need]
-        sl[b] = s
-        qsl[b + 1] = qsl[b] + q
-        if q:
-            pos = np.arange(s - q, s)
-            page_ids = np.asarray(pages, np.int64)[pos // page_size]
-            slot_mapping[t : t + q] = page_ids * page_size + pos % page_size
-        t += q
-    qsl[n + 1 :] = qsl[n]
+    if n == 0:
+        return slot_mapping, qsl, sl, bt
+    need_n = np.asarray(need, np.int64)
+    rows = np.repeat(np.arange(n), need_n)
+    bt[rows, np.arange(rows.size) - np.repeat(np.cumsum(need_n) - need_n, need_n)] = flat_pages
+    q_n, s_n = np.asarray(q_list, np.int64), np.asarray(s_list, np.int64)
+    sl[:n] = s_n
+    qsl[1 : n + 1] = np.cumsum(q_n)
+    qsl[n + 1 :] = total
+    seq = np.repeat(np.arange(n), q_n)  # each new token's sequence
+    pos = np.arange(total) + np.repeat(s_n - q_n - qsl[:n], q_n)  # its position in that sequence
+    slot_mapping[:total] = bt[seq, pos // page_size].astype(np.int64) * page_size + pos % page_size
     return slot_mapping, qsl, sl, bt
 
 
