@@ -12,6 +12,7 @@ from the step's own input token (``fill_pending_history``), so penalty steps sta
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -55,9 +56,11 @@ def needs_extras(req: Request) -> bool:
 
 
 def build_logits_extras(reqs: list[Request], num_rows: int, *, with_extras: bool, history_len: int) -> LogitsExtras:
-    """Host arrays for one step; zero-width unless ``with_extras``."""
-    e = MAX_BIAS_ENTRIES if with_extras else 0
-    hl = history_len if with_extras else 0
+    """Host arrays for one step; zero-width unless ``with_extras`` (then the same read-only arrays
+    for every step of ``num_rows``)."""
+    if not with_extras:
+        return _no_extras(num_rows)
+    e, hl = MAX_BIAS_ENTRIES, history_len
     bias_ids = np.zeros((num_rows, e), np.int32)
     bias_vals = np.zeros((num_rows, e), np.float32)
     hist_ids = np.zeros((num_rows, hl), np.int32)
@@ -66,21 +69,31 @@ def build_logits_extras(reqs: list[Request], num_rows: int, *, with_extras: bool
     frequency = np.zeros(num_rows, np.float32)
     repetition = np.ones(num_rows, np.float32)
     pending_col = np.full(num_rows, -1, np.int32)
-    if with_extras:
-        for i, req in enumerate(reqs):
-            p = req.params
-            entries = dict(p.logit_bias)
-            if req.num_output_tokens < p.min_tokens:
-                for t in (*req.eos_token_ids, *p.stop_token_ids):
-                    if not p.ignore_eos or t not in req.eos_token_ids:
-                        entries[t] = -np.inf
-            for j, (tid, val) in enumerate(entries.items()):
-                bias_ids[i, j] = tid
-                bias_vals[i, j] = val
-            presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
-            if p.has_penalties:
-                pending_col[i] = _fill_history(req, hist_ids[i], hist_kind[i])
+    for i, req in enumerate(reqs):
+        p = req.params
+        entries = dict(p.logit_bias)
+        if req.num_output_tokens < p.min_tokens:
+            for t in (*req.eos_token_ids, *p.stop_token_ids):
+                if not p.ignore_eos or t not in req.eos_token_ids:
+                    entries[t] = -np.inf
+        for j, (tid, val) in enumerate(entries.items()):
+            bias_ids[i, j] = tid
+            bias_vals[i, j] = val
+        presence[i], frequency[i], repetition[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+        if p.has_penalties:
+            pending_col[i] = _fill_history(req, hist_ids[i], hist_kind[i])
     return LogitsExtras(bias_ids, bias_vals, hist_ids, hist_kind, presence, frequency, repetition, pending_col)
+
+
+@functools.lru_cache(maxsize=16)
+def _no_extras(num_rows: int) -> LogitsExtras:
+    """Zero-width bias and histories, neutral penalties, no pending column: a step without extras."""
+    z = np.zeros((num_rows, 0), np.int32)
+    extras = LogitsExtras(z, z.astype(np.float32), z, z, np.zeros(num_rows, np.float32),
+                          np.zeros(num_rows, np.float32), np.ones(num_rows, np.float32), np.full(num_rows, -1, np.int32))
+    for a in jax.tree.leaves(extras):
+        a.flags.writeable = False
+    return extras
 
 
 def _fill_history(req: Request, ids: np.ndarray, kind: np.ndarray) -> int:

@@ -106,13 +106,23 @@ def _zeros(sharding: jax.sharding.Sharding) -> Callable:
     return jax.jit(jnp.zeros, static_argnums=(0, 1), out_shardings=sharding)
 
 
+@functools.lru_cache(maxsize=16)
+def _no_mask(num_rows: int) -> np.ndarray:
+    """The zero-width mask of a step whose mask, if any, ``sample`` makes (one read-only array per
+    row count: the host inputs are built every step)."""
+    mask = np.zeros((num_rows, 0), np.int32)
+    mask.flags.writeable = False
+    return mask
+
+
 def _abstract(a: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding)
 
 
 def _local(x: jax.Array) -> np.ndarray:
-    """A replicated array's value from this process's first shard (works across hosts too)."""
-    return np.asarray(x.addressable_shards[0].data)
+    """A replicated array's value from this process's first shard (works across hosts too; cheaper
+    than ``addressable_shards``, which builds every shard's index)."""
+    return np.asarray(x.addressable_data(0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,24 +260,13 @@ class ModelRunner:
     def _host_inputs(
         self, shape: StepShape, scheduled: list[ScheduledRequest], seeds: list[int], prev_rows: dict[str, int]
     ) -> tuple:
-        tokens = np.zeros(shape.num_tokens, np.int32)
-        prev_idx = np.full(shape.num_tokens, -1, np.int32)
-        positions = np.zeros(shape.num_tokens, np.int32)
-        logits_indices = np.zeros(shape.num_seqs, np.int32)
-        t = 0
-        for b, s in enumerate(scheduled):
-            n = s.num_tokens
-            chunk = s.request.tokens(s.start, s.start + n)
-            if chunk[-1] == PLACEHOLDER:  # only a sequence's last token can still be in flight
-                prev_idx[t + n - 1] = prev_rows[s.request.request_id]
-                chunk[-1] = 0
-            tokens[t : t + n] = chunk
-            positions[t : t + n] = np.arange(s.start, s.start + n)
-            logits_indices[b] = t + n - 1
-            t += n
+        """The step's host arrays, padded to ``shape`` (the fused step's argument order)."""
+        q_lens = [s.num_tokens for s in scheduled]
+        starts = [s.start for s in scheduled]
+        tokens, prev_idx, positions, logits_indices = self._token_arrays(shape, scheduled, q_lens, starts, prev_rows)
         meta = build_host_metadata(
-            [s.num_tokens for s in scheduled],
-            [s.start + s.num_tokens for s in scheduled],
+            q_lens,
+            [a + q for a, q in zip(starts, q_lens, strict=True)],
             [s.request.block_ids for s in scheduled],
             self.block_size,
             num_tokens=shape.num_tokens,
@@ -284,9 +283,36 @@ class ModelRunner:
         extras = build_logits_extras(
             [s.request for s in scheduled], shape.num_seqs, with_extras=shape.extras, history_len=self.max_model_len
         )
-        no_mask = np.zeros((shape.num_seqs, 0), np.int32)  # a grammar step's mask is made by ``sample``
-        return (tokens, prev_idx, positions, meta, logits_indices, sampling, extras, no_mask,
+        return (tokens, prev_idx, positions, meta, logits_indices, sampling, extras, _no_mask(shape.num_seqs),
                 self._lora_slots(shape, scheduled))
+
+    @staticmethod
+    def _token_arrays(
+        shape: StepShape, scheduled: list[ScheduledRequest], q_lens: list[int], starts: list[int],
+        prev_rows: dict[str, int],
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Token ids (0 where in flight), the previous step's output row of each in-flight token
+        (-1: known on the host), positions, and each sequence's last token index."""
+        flat: list[int] = []
+        pending: list[tuple[int, int]] = []  # (token index, previous step's row) of in-flight tokens
+        for s in scheduled:
+            flat += s.request.tokens(s.start, s.start + s.num_tokens)
+            if flat[-1] == PLACEHOLDER:  # only a sequence's last token can still be in flight
+                pending.append((len(flat) - 1, prev_rows[s.request.request_id]))
+                flat[-1] = 0
+        t, n = len(flat), len(scheduled)
+        tokens = np.zeros(shape.num_tokens, np.int32)
+        tokens[:t] = flat
+        prev_idx = np.full(shape.num_tokens, -1, np.int32)
+        if pending:
+            idx, rows = zip(*pending, strict=True)
+            prev_idx[list(idx)] = rows
+        ends = np.cumsum(q_lens)
+        positions = np.zeros(shape.num_tokens, np.int32)
+        positions[:t] = np.arange(t) + np.repeat(np.asarray(starts) - (ends - q_lens), q_lens)
+        logits_indices = np.zeros(shape.num_seqs, np.int32)
+        logits_indices[:n] = ends - 1
+        return tokens, prev_idx, positions, logits_indices
 
     def _lora_slots(self, shape: StepShape, scheduled: list[ScheduledRequest]) -> np.ndarray | None:
         """Each token's adapter slot (-1: the base model and padding); None without LoRA."""
@@ -568,10 +594,11 @@ class ModelRunner:
             # Whether a chunk samples must be read now: launching the step appends its placeholder.
             rows = [(b, s.request) for b, s in enumerate(scheduled) if s.samples and s.request.grammar is not None]
             reqs = [s.request for s in scheduled]
-            return dataclasses.replace(handle, pending=PendingSample(shape, logits, rows, reqs, sampling, extras))
+            handle.pending = PendingSample(shape, logits, rows, reqs, sampling, extras)
+            return handle
         self.channel.leader_send(shape, inputs)
-        tokens, logprobs = self._run(shape, inputs)
-        return dataclasses.replace(handle, tokens=tokens, logprobs=logprobs)
+        handle.tokens, handle.logprobs = self._run(shape, inputs)
+        return handle
 
     def sample(self, handle: StepHandle) -> StepHandle:
         """Dispatch a grammar step's sampling; call it once every grammar row's matcher has consumed

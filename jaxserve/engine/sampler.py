@@ -54,13 +54,13 @@ def build_sampling_tensors(
     seed = np.zeros(num_rows, np.uint32)
     step = np.zeros(num_rows, np.int32)
     want = np.zeros(num_rows, np.bool_)
-    for i, p in enumerate(params):
-        temp[i] = p.temperature
-        top_p[i] = p.top_p
-        top_k[i] = max(p.top_k, 0)
-        min_p[i] = p.min_p
-        want[i] = p.logprobs is not None
-    seed[:n] = np.asarray([s & 0xFFFFFFFF for s in seeds], np.uint32)
+    # one numpy assignment per field from a list (per-element numpy writes cost host time every step)
+    temp[:n] = [p.temperature for p in params]
+    top_p[:n] = [p.top_p for p in params]
+    top_k[:n] = [max(p.top_k, 0) for p in params]
+    min_p[:n] = [p.min_p for p in params]
+    want[:n] = [p.logprobs is not None for p in params]
+    seed[:n] = [s & 0xFFFFFFFF for s in seeds]
     step[:n] = steps
     return SamplingTensors(temp, top_p, top_k, min_p, seed, step, want)
 
