@@ -104,6 +104,12 @@ class Outbox:
         self._engine._release(self._ids, self._unfinished)
 
 
+def _put_all(batch: list[tuple[Outbox, int, RequestOutput | BaseException]]) -> None:
+    """On the event loop: one step's outputs into their outboxes."""
+    for outbox, index, item in batch:
+        outbox.put(index, item)
+
+
 class Submission:
     """The engine requests behind one client request (choice ``i`` is ``{request_id}-{i}``).
 
@@ -262,12 +268,21 @@ class AsyncEngine(EngineThread):
 
     # ------------------------------------------------------------------ engine thread
     def _deliver(self, request_id: str, item: RequestOutput | BaseException) -> None:
+        self._deliver_all([(request_id, item)])
+
+    def _deliver_all(self, items: list[tuple[str, RequestOutput | BaseException]]) -> None:
+        """Hand each item to its submission's outbox, in order: one ``call_soon_threadsafe`` (one
+        wake-up of the event loop) per loop and step, not per token."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[Outbox, int, RequestOutput | BaseException]]] = {}
         with self._lock:
-            target = self._streams.get(request_id)
-        if target is not None:
-            loop, outbox, index = target
+            for request_id, item in items:
+                target = self._streams.get(request_id)
+                if target is not None:
+                    loop, outbox, index = target
+                    batches.setdefault(loop, []).append((outbox, index, item))
+        for loop, batch in batches.items():
             try:
-                loop.call_soon_threadsafe(outbox.put, index, item)
+                loop.call_soon_threadsafe(_put_all, batch)
             except RuntimeError:  # loop closed
                 pass
 
@@ -309,8 +324,9 @@ class AsyncEngine(EngineThread):
             with self._lock:  # the snapshot now counts these adds among the waiting
                 self._metrics = engine.metrics()
                 self._unpublished_adds -= adds
-            for out in outputs:  # a request that failed alone ends its submission with the error
-                self._deliver(out.request_id, out if out.error is None else RequestFailedError(out.error))
+            # a request that failed alone ends its submission with the error
+            self._deliver_all([(out.request_id, out if out.error is None else RequestFailedError(out.error))
+                               for out in outputs])
 
     def _abort_ended(self, engine: LLMEngine) -> None:
         while self._ended:
