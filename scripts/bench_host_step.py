@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-cache-memory-gib", type=float, default=2.0)
     p.add_argument("--compilation-cache-dir", default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--glibc-malloc-defaults", action="store_true",
+                   help="keep glibc's allocator defaults (the server sets engine/host_memory.py's policy on CPU)")
     p.add_argument("--clock", choices=("wall", "thread"), default="thread",
                    help="thread: the engine thread's CPU time (what the host takes from XLA's threads; "
                         "not inflated when other processes preempt it); wall: perf_counter")
@@ -161,6 +163,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     global _clock
     _clock = time.thread_time if args.clock == "thread" else time.perf_counter
+    if not args.glibc_malloc_defaults:
+        from jaxserve.engine.host_memory import keep_freed_host_memory
+
+        keep_freed_host_memory()  # as the server does (before jax starts its CPU client)
     ns = argparse.Namespace(
         model=args.model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, dtype="auto", sync=False, no_prefix_caching=False,

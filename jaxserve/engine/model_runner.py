@@ -120,9 +120,8 @@ def _abstract(a: jax.Array | jax.ShapeDtypeStruct) -> jax.ShapeDtypeStruct:
 
 
 def _local(x: jax.Array) -> np.ndarray:
-    """A replicated array's value from this process's first shard (works across hosts too; cheaper
-    than ``addressable_shards``, which builds every shard's index)."""
-    return np.asarray(x.addressable_data(0))
+    """A replicated array's value from this process's first shard (works across hosts too)."""
+    return np.asarray(x.addressable_shards[0].data)
 
 
 @dataclasses.dataclass(frozen=True)
