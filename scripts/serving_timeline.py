@@ -1,0 +1,248 @@
+"""Where a serving burst's time goes: a per-step timeline and each request's TTFT, server side.
+
+Starts ``python -m jaxserve.serve`` (the flags after ``--``) in a child process whose engine is
+instrumented by wrapping a few methods (nothing in the engine changes): every step records its
+scheduled chunks (prefill or decode, tokens, prefix-cache hit tokens of newly admitted requests),
+its shape, the host time of ``LLMEngine.step`` and the moment its result reached the host. Once its
+background compiles are done, the parent sends the workload (bench_serving.py's prompts and
+request bodies, each with an ``X-Request-Id``) ``--bursts`` times and stamps each request's send and
+first content chunk on the same clock (CLOCK_MONOTONIC). Then it splits every request's TTFT into:
+client → admission (HTTP, chat template, tokenization), admission → first scheduled (queueing),
+first scheduled → the step holding its last prompt chunk ends (prefill steps), → its token reaches
+the host (async scheduling: fetched after the next step is dispatched), → first chunk at the client
+(detokenize, event loop, SSE, client parse), and prints the step table.
+
+    .venv/bin/python scripts/serving_timeline.py --workload concurrent16 --bursts 3 -- \\
+        --config configs/smollm2.yaml --port 8010 --compilation-cache-dir /tmp/xlacache_sched
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_serving  # noqa: E402
+
+WORKLOADS = {  # (prompts, output tokens, shared system-prompt words): scripts/bench_peers.sh's
+    "concurrent16": (16, 64, 0),
+    "concurrent64": (64, 128, 0),
+    "prefix16": (16, 64, 512),
+}
+
+
+def workload_args(name: str) -> argparse.Namespace:
+    """bench_serving.py's arguments for a workload (chat, temperature 0, ignore_eos)."""
+    n, out, prefix = WORKLOADS[name]
+    return argparse.Namespace(
+        model="SmolLM2-135M-Instruct", endpoint="chat", num_prompts=n, random_output_len=out, random_input_len=None,
+        tokenizer=None, dataset=None, prefix_repetition_prefix_len=prefix, prefix_repetition_num_prefixes=1,
+        temperature=0.0, ignore_eos=True, seed=0)
+
+
+def serve_traced(trace_path: str, argv: list[str]) -> int:
+    """The child: jaxserve.serve with the engine's step, scheduler and fetch wrapped to log JSON lines."""
+    from jaxserve import serve
+    from jaxserve.engine import llm_engine, model_runner, scheduler
+
+    out = open(trace_path, "a", buffering=1)  # noqa: SIM115 - one line per step, closed at exit
+    state: dict = {}
+
+    def log(rec: dict) -> None:
+        out.write(json.dumps(rec) + "\n")
+
+    orig_schedule = scheduler.Scheduler.schedule
+
+    def schedule(self: scheduler.Scheduler):  # noqa: ANN202
+        t = time.monotonic()
+        res = orig_schedule(self)
+        state["sched"] = {"t_sched": t, "sched_s": time.monotonic() - t, "waiting": len(self.waiting),
+                          "running": len(self.running), "chunks": [
+                              [s.request.request_id, s.start, s.num_tokens, s.request.num_prompt_tokens,
+                               (s.request.first_scheduled_time or 0.0) >= t]  # admitted in this step
+                              for s in res.scheduled]}
+        return res
+
+    orig_run = model_runner.ModelRunner._run
+
+    def run(self, shape, inputs):  # noqa: ANN001, ANN202
+        state["shape"] = [shape.num_tokens, shape.num_seqs, shape.decode_only]
+        state["t_launch"] = time.monotonic()
+        return orig_run(self, shape, inputs)
+
+    orig_fetch = model_runner.ModelRunner.fetch
+
+    def fetch(self, handle):  # noqa: ANN001, ANN202
+        t = time.monotonic()
+        res = orig_fetch(self, handle)
+        state.setdefault("fetches", []).append([t, time.monotonic()])
+        return res
+
+    orig_step = llm_engine.LLMEngine.step
+
+    def step(self):  # noqa: ANN001, ANN202
+        state.clear()
+        t0 = time.monotonic()
+        outs = orig_step(self)
+        rec = {"t0": t0, "t1": time.monotonic(), **state}
+        rec["firsts"] = [[o.request_id, len(o.new_token_ids)] for o in outs if o.new_token_ids]
+        log(rec)
+        return outs
+
+    orig_finish = scheduler.Scheduler.finish
+
+    def finish(self, req, status):  # noqa: ANN001, ANN202
+        log({"request": req.request_id, "arrival": req.arrival_time, "first_scheduled": req.first_scheduled_time,
+             "first_token": req.first_token_time, "prompt_tokens": req.num_prompt_tokens})
+        return orig_finish(self, req, status)
+
+    scheduler.Scheduler.schedule = schedule
+    scheduler.Scheduler.finish = finish
+    model_runner.ModelRunner._run = run
+    model_runner.ModelRunner.fetch = fetch
+    llm_engine.LLMEngine.step = step
+    return serve.main(argv)
+
+
+async def burst(args: argparse.Namespace, bargs: argparse.Namespace, tag: str) -> list[dict]:
+    """One burst of the workload; each request's id, send and first-content moments (monotonic)."""
+    prompts, prefixes = bench_serving.build_prompts(bargs), bench_serving.build_prefixes(bargs)
+    limits = httpx.Limits(max_connections=len(prompts) + 4)
+    async with httpx.AsyncClient(base_url=args.base_url, timeout=None, limits=limits) as client:
+        async def one(i: int, prompt: str) -> dict:
+            rid = f"{tag}x{i}"
+            client.headers["X-Request-Id"] = rid  # read when the request is built, before the first await
+            t_send = time.monotonic()
+            res = await bench_serving.one_request(client, bargs, prompt, prefixes[i % len(prefixes)] if prefixes else "")
+            return {"id": rid, "send": t_send, "first": t_send + res.ttft, "end": t_send + res.e2e,
+                    "tokens": res.output_tokens, "ok": res.ok, "error": res.error}
+        t = time.monotonic()
+        rows = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        print(f"burst {tag}: {time.monotonic() - t:.2f} s", flush=True)
+        return rows
+
+
+def wait_ready(base_url: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            m = httpx.get(base_url + "/metrics", timeout=2)
+            pend = [float(line.split()[-1]) for line in m.text.splitlines()
+                    if line.startswith("jaxserve:compiles_pending")]
+            if httpx.get(base_url + "/health", timeout=2).status_code == 200 and pend and sum(pend) == 0:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit("server not ready (or compiles still pending)")
+
+
+def analyse(trace: Path, clients: list[dict], t_start: float) -> str:
+    recs = [json.loads(line) for line in trace.read_text().splitlines()]
+    steps = [r for r in recs if "t0" in r and r.get("sched", {}).get("chunks")]
+    reqs = {r["request"]: r for r in recs if "request" in r}
+    lines = ["| step | t0 ms | host ms (step()) | wait ms (fetch) | shape T/B | rows: prefill (tokens) / decode | "
+             "new reqs (hit tokens) | waiting after |", "|---|---|---|---|---|---|---|---|"]
+    steps = [s for s in steps if s["t0"] >= t_start]
+    first_done: dict[str, float] = {}  # request -> when the step with its last prompt chunk ended on device
+    prev_end = None
+    for i, s in enumerate(steps):
+        ch = s["sched"]["chunks"]
+        pre = [c for c in ch if c[2] > 1 or c[1] < c[3]]
+        dec = [c for c in ch if c not in pre]
+        new = [c for c in ch if c[4]]
+        # this step's result reached the host in the next step's fetch
+        end = steps[i + 1]["fetches"][0][1] if i + 1 < len(steps) and steps[i + 1].get("fetches") else s["t1"]
+        for c in pre:
+            if c[1] + c[2] == c[3]:
+                first_done[c[0]] = end
+        wait = sum(b - a for a, b in steps[i + 1].get("fetches", [])) * 1e3 if i + 1 < len(steps) else 0.0
+        shape = s.get("shape") or ["?", "?", "?"]
+        lines.append(
+            f"| {i} | {(s['t0'] - t_start) * 1e3:.0f} | {(s['t1'] - s['t0'] - sum(b - a for a, b in s.get('fetches', []))) * 1e3:.1f} "
+            f"| {wait:.1f} | {shape[0]}/{shape[1]} | {len(pre)} ({sum(c[2] for c in pre)}) / {len(dec)} "
+            f"| {len(new)} ({', '.join(str(c[1]) for c in new)}) | {s['sched']['waiting']} |")
+        prev_end = end
+    del prev_end
+    out = ["\n".join(lines), ""]
+    rows = []
+    for c in clients:
+        rq = next((r for k, r in reqs.items() if f"{c['id']}-" in k), None)
+        if rq is None or rq["first_token"] is None:
+            continue
+        key = next(k for k in reqs if f"{c['id']}-" in k)
+        pf = first_done.get(key, rq["first_token"])
+        rows.append({
+            "ttft": c["first"] - c["send"], "admit": rq["arrival"] - c["send"], "queue": rq["first_scheduled"] - rq["arrival"],
+            "prefill": pf - rq["first_scheduled"], "to_host": rq["first_token"] - pf,
+            "out": c["first"] - rq["first_token"], "prompt": rq["prompt_tokens"],
+        })
+    if rows:
+        keys = ["ttft", "admit", "queue", "prefill", "to_host", "out"]
+        out.append("| request | " + " | ".join(f"{k} ms" for k in keys) + " | prompt tokens |")
+        out.append("|---" * (len(keys) + 2) + "|")
+        for i, r in enumerate(sorted(rows, key=lambda r: r["ttft"])):
+            out.append(f"| {i} | " + " | ".join(f"{r[k] * 1e3:.0f}" for k in keys) + f" | {r['prompt']} |")
+        out.append("| **mean** | " + " | ".join(f"**{statistics.fmean(r[k] for r in rows) * 1e3:.0f}**" for k in keys)
+                   + " | |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--serve-traced"]:  # the child
+        return serve_traced(sys.argv[2], sys.argv[3:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=sorted(WORKLOADS), default="concurrent16")
+    p.add_argument("--bursts", type=int, default=2)
+    p.add_argument("--port", type=int, default=8010)
+    p.add_argument("--out", type=Path, default=None, help="directory for the raw trace and client stamps")
+    args, rest = p.parse_known_args()
+    rest = [a for a in rest if a != "--"]
+    args.base_url = f"http://127.0.0.1:{args.port}"
+    out = args.out or Path(tempfile.mkdtemp(prefix="timeline_"))
+    out.mkdir(parents=True, exist_ok=True)
+    trace = out / "trace.jsonl"
+    trace.write_text("")
+    cmd = [sys.executable, __file__, "--serve-traced", str(trace), *rest, "--port", str(args.port), "--log-level", "warning"]
+    server = subprocess.Popen(cmd, stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    try:
+        wait_ready(args.base_url, 900)
+        bargs = workload_args(args.workload)
+        prefixes = bench_serving.build_prefixes(bargs)
+        asyncio.run(_warmup(args, bargs, prefixes))
+        reports = []
+        for b in range(args.bursts):
+            time.sleep(1.0)
+            t_start = time.monotonic()
+            clients = asyncio.run(burst(args, bargs, f"b{b}"))
+            time.sleep(0.5)
+            reports.append((b, clients, t_start))
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    for b, clients, t_start in reports:
+        (out / f"clients-b{b}.json").write_text(json.dumps(clients))
+        print(f"\n### {args.workload}, burst {b}\n")
+        print(analyse(trace, clients, t_start))
+    print(f"\nraw: {out}")
+    return 0
+
+
+async def _warmup(args: argparse.Namespace, bargs: argparse.Namespace, prefixes: list[str]) -> None:
+    async with httpx.AsyncClient(base_url=args.base_url, timeout=None) as client:
+        prompts = bench_serving.build_prompts(bargs)
+        await bench_serving.one_request(client, bargs, prompts[0], prefixes[0] if prefixes else "")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
