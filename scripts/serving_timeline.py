@@ -53,7 +53,10 @@ def workload_args(name: str) -> argparse.Namespace:
 def serve_traced(trace_path: str, argv: list[str]) -> int:
     """The child: jaxserve.serve with the engine's step, scheduler and fetch wrapped to log JSON lines."""
     from jaxserve import serve
-    from jaxserve.engine import llm_engine, model_runner, scheduler
+    from jaxserve.engine import async_engine, llm_engine, model_runner, scheduler
+
+    if os.environ.get("TIMELINE_BURST_WINDOW_MS"):  # A/B of the engine loop's burst gathering
+        async_engine.AsyncEngine.burst_window_s = float(os.environ["TIMELINE_BURST_WINDOW_MS"]) / 1e3
 
     out = open(trace_path, "a", buffering=1)  # noqa: SIM115 - one line per step, closed at exit
     state: dict = {}
@@ -153,7 +156,8 @@ def analyse(trace: Path, clients: list[dict], t_start: float) -> str:
     reqs = {r["request"]: r for r in recs if "request" in r}
     lines = ["| step | t0 ms | host ms (step()) | wait ms (fetch) | shape T/B | rows: prefill (tokens) / decode | "
              "new reqs (hit tokens) | waiting after |", "|---|---|---|---|---|---|---|---|"]
-    steps = [s for s in steps if s["t0"] >= t_start]
+    t_end = max(c["end"] for c in clients) + 0.1
+    steps = [s for s in steps if t_start <= s["t0"] <= t_end]
     first_done: dict[str, float] = {}  # request -> when the step with its last prompt chunk ended on device
     prev_end = None
     for i, s in enumerate(steps):
@@ -174,7 +178,13 @@ def analyse(trace: Path, clients: list[dict], t_start: float) -> str:
             f"| {len(new)} ({', '.join(str(c[1]) for c in new)}) | {s['sched']['waiting']} |")
         prev_end = end
     del prev_end
-    out = ["\n".join(lines), ""]
+    ok = [c for c in clients if c["ok"]]
+    dur = max(c["end"] for c in ok) - min(c["send"] for c in ok)
+    ttft = statistics.fmean(c["first"] - c["send"] for c in ok) * 1e3
+    n_mixed = sum(1 for s in steps if s.get("shape") and not s["shape"][2])
+    summary = (f"SUMMARY ok {len(ok)}/{len(clients)}: output {sum(c['tokens'] for c in ok) / dur:.1f} tok/s, "
+               f"TTFT mean {ttft:.0f} ms, {len(steps)} steps ({n_mixed} mixed)")
+    out = [summary, "", "\n".join(lines), ""]
     rows = []
     for c in clients:
         rq = next((r for k, r in reqs.items() if f"{c['id']}-" in k), None)
@@ -202,9 +212,11 @@ def main() -> int:
     if sys.argv[1:2] == ["--serve-traced"]:  # the child
         return serve_traced(sys.argv[2], sys.argv[3:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workload", choices=sorted(WORKLOADS), default="concurrent16")
+    p.add_argument("--workload", default="concurrent16", help=f"comma-separated, run in order: {sorted(WORKLOADS)}")
     p.add_argument("--bursts", type=int, default=2)
     p.add_argument("--port", type=int, default=8010)
+    p.add_argument("--burst-window-ms", type=float, default=None,
+                   help="override AsyncEngine.burst_window_s in the server (0: no burst gathering)")
     p.add_argument("--out", type=Path, default=None, help="directory for the raw trace and client stamps")
     args, rest = p.parse_known_args()
     rest = [a for a in rest if a != "--"]
@@ -214,25 +226,30 @@ def main() -> int:
     trace = out / "trace.jsonl"
     trace.write_text("")
     cmd = [sys.executable, __file__, "--serve-traced", str(trace), *rest, "--port", str(args.port), "--log-level", "warning"]
-    server = subprocess.Popen(cmd, stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+    env = dict(os.environ)
+    if args.burst_window_ms is not None:
+        env["TIMELINE_BURST_WINDOW_MS"] = str(args.burst_window_ms)
+    server = subprocess.Popen(cmd, stdout=open(out / "server.log", "w"), stderr=subprocess.STDOUT,  # noqa: SIM115
+                              env=env)
     try:
         wait_ready(args.base_url, 900)
-        bargs = workload_args(args.workload)
-        prefixes = bench_serving.build_prefixes(bargs)
-        asyncio.run(_warmup(args, bargs, prefixes))
         reports = []
-        for b in range(args.bursts):
-            time.sleep(1.0)
-            t_start = time.monotonic()
-            clients = asyncio.run(burst(args, bargs, f"b{b}"))
-            time.sleep(0.5)
-            reports.append((b, clients, t_start))
+        for name in args.workload.split(","):
+            bargs = workload_args(name)
+            prefixes = bench_serving.build_prefixes(bargs)
+            asyncio.run(_warmup(args, bargs, prefixes))
+            for b in range(args.bursts):
+                time.sleep(1.0)
+                t_start = time.monotonic()
+                clients = asyncio.run(burst(args, bargs, f"{name}b{b}"))
+                time.sleep(0.5)
+                reports.append((name, b, clients, t_start))
     finally:
         server.terminate()
         server.wait(timeout=60)
-    for b, clients, t_start in reports:
-        (out / f"clients-b{b}.json").write_text(json.dumps(clients))
-        print(f"\n### {args.workload}, burst {b}\n")
+    for name, b, clients, t_start in reports:
+        (out / f"clients-{name}-b{b}.json").write_text(json.dumps(clients))
+        print(f"\n### {name}, burst {b}\n")
         print(analyse(trace, clients, t_start))
     print(f"\nraw: {out}")
     return 0

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections.abc import AsyncIterator, Callable
 
@@ -143,6 +144,8 @@ class AsyncEngine(EngineThread):
     """Thread-hosted engine with an asyncio API (``submit`` -> ``Submission``)."""
 
     task = "generate"  # the endpoints it serves (AsyncEmbeddingEngine: "embed")
+    burst_gap_s = 0.005  # _gather_burst: a burst goes on while requests come this close together
+    burst_window_s = 0.03  # ... for at most this long (0: never wait)
 
     def __init__(
         self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None, log_requests: bool = False,
@@ -301,24 +304,19 @@ class AsyncEngine(EngineThread):
         """Drain commands (waiting for one when idle), step, publish metrics; until Shutdown. When
         idle, warm up shapes the background compiler finished, and wake every 0.5 s while it runs."""
         while True:
-            block = not engine.has_unfinished() and not engine.idle_work()
-            adds = 0
+            idle = not engine.has_unfinished()
+            block = idle and not engine.idle_work()
+            admitting = engine.admitting
             try:
                 wait = 0.5 if engine.compiles_pending else None
                 cmd: Command | None = self._commands.get(block=block, timeout=wait if block else 0)
             except queue.Empty:
                 cmd = None
-            while cmd is not None:
-                if isinstance(cmd, Shutdown):
-                    self.state = EngineState.STOPPED
-                    self.fail_all(EngineDeadError("the engine is shutting down"))
-                    engine.close()
-                    return
-                adds += self._handle(engine, cmd)
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    cmd = None
+            adds = self._drain(engine, cmd)
+            if adds is not None and (idle and adds >= 2 or admitting):
+                adds = self._gather_burst(engine, adds, busy=admitting)
+            if adds is None:
+                return
             self._abort_ended(engine)
             outputs = engine.step() if engine.has_unfinished() else []
             with self._lock:  # the snapshot now counts these adds among the waiting
@@ -327,6 +325,43 @@ class AsyncEngine(EngineThread):
             # a request that failed alone ends its submission with the error
             self._deliver_all([(out.request_id, out if out.error is None else RequestFailedError(out.error))
                                for out in outputs])
+
+    def _drain(self, engine: LLMEngine, cmd: Command | None) -> int | None:
+        """Handle ``cmd`` and every command queued behind it; the requests added, None on Shutdown."""
+        adds = 0
+        while cmd is not None:
+            if isinstance(cmd, Shutdown):
+                self.state = EngineState.STOPPED
+                self.fail_all(EngineDeadError("the engine is shutting down"))
+                engine.close()
+                return None
+            adds += self._handle(engine, cmd)
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                cmd = None
+        return adds
+
+    def _gather_burst(self, engine: LLMEngine, adds: int, busy: bool) -> int | None:
+        """Requests are arriving together (clients that send at once reach the engine over a few
+        ms, one tokenization after another): keep taking commands while the next comes within
+        ``burst_gap_s``, for at most ``burst_window_s``, so that the burst's prompts share one
+        prefill step instead of splitting into steps that each pay a mixed step's fixed cost and
+        queue behind one another (docs/benchmarks.md §15, "Serving timeline"). The loop calls it
+        when an idle engine received several requests at once, or when requests arrive while a
+        step with prompt chunks runs (``busy``: the wait also ends when that step is done, so the
+        device never idles for it). A lone request on an idle engine never waits."""
+        deadline = time.monotonic() + self.burst_window_s
+        while adds is not None and (left := deadline - time.monotonic()) > 0:
+            if busy and not engine.admitting:
+                break
+            try:
+                cmd = self._commands.get(timeout=min(self.burst_gap_s, left))
+            except queue.Empty:
+                break
+            more = self._drain(engine, cmd)
+            adds = None if more is None else adds + more
+        return adds
 
     def _abort_ended(self, engine: LLMEngine) -> None:
         while self._ended:

@@ -332,6 +332,17 @@ class LLMEngine:
         """Step shapes the background compiler has still to compile (0 without ``background_compile``)."""
         return self.runner.compiles_pending
 
+    @property
+    def admitting(self) -> bool:
+        """The step in flight carries prompt chunks (requests are arriving) and is still running on
+        the device: waiting for more requests before scheduling the next step costs no device time
+        (``AsyncEngine._gather_burst``)."""
+        step = self._inflight
+        if step is None or step.handle.tokens is None:
+            return False
+        started = any(s.start < s.request.num_prompt_tokens for s in step.launched.scheduled)
+        return started and not step.handle.tokens.is_ready()
+
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._inflight is not None
 

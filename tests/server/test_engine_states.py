@@ -69,6 +69,7 @@ class FakeLLM:
         return bool(self.pending)
 
     compiles_pending = 0  # no background compiles
+    admitting = False  # no step with prompt chunks is running on a device (AsyncEngine._gather_burst)
 
     def idle_work(self):
         return False
