@@ -46,6 +46,7 @@ __all__ = ["AsyncEngine", "EngineDeadError", "EngineState", "QueueFullError", "R
            "Submission"]
 
 MAX_UNDELIVERED = 1000  # outputs a stream may have waiting for its reader (--max-undelivered-chunks)
+POLL_S = 0.002  # AsyncEngine._gather_burst looks this often whether the step in flight is done
 
 
 class SlowReaderError(RuntimeError):
@@ -144,8 +145,11 @@ class AsyncEngine(EngineThread):
     """Thread-hosted engine with an asyncio API (``submit`` -> ``Submission``)."""
 
     task = "generate"  # the endpoints it serves (AsyncEmbeddingEngine: "embed")
-    burst_gap_s = 0.005  # _gather_burst: a burst goes on while requests come this close together
-    burst_window_s = 0.03  # ... for at most this long (0: never wait)
+    # _gather_burst: an idle engine's burst goes on while requests come burst_gap_s apart, for at
+    # most burst_window_s (0: never gather); during a prompt step, busy_gap_s apart (at most 10 gaps)
+    burst_gap_s = 0.005
+    burst_window_s = 0.03
+    busy_gap_s = 0.02
 
     def __init__(
         self, factory: Callable[[], LLMEngine], *, max_queue_size: int | None = None, log_requests: bool = False,
@@ -344,21 +348,27 @@ class AsyncEngine(EngineThread):
 
     def _gather_burst(self, engine: LLMEngine, adds: int, busy: bool) -> int | None:
         """Requests are arriving together (clients that send at once reach the engine over a few
-        ms, one tokenization after another): keep taking commands while the next comes within
-        ``burst_gap_s``, for at most ``burst_window_s``, so that the burst's prompts share one
-        prefill step instead of splitting into steps that each pay a mixed step's fixed cost and
-        queue behind one another (docs/benchmarks.md §15, "Serving timeline"). The loop calls it
-        when an idle engine received several requests at once, or when requests arrive while a
-        step with prompt chunks runs (``busy``: the wait also ends when that step is done, so the
-        device never idles for it). A lone request on an idle engine never waits."""
-        deadline = time.monotonic() + self.burst_window_s
-        while adds is not None and (left := deadline - time.monotonic()) > 0:
-            if busy and not engine.admitting:
+        ms, one chat template and tokenization after another): keep taking commands while the next
+        comes within the gap, so that the burst's prompts share one prefill step instead of
+        splitting into steps that each pay a mixed step's fixed cost and queue behind one another
+        (docs/benchmarks.md §15, "Serving timeline"). The loop calls it when an idle engine
+        received several requests at once (``burst_gap_s``, at most ``burst_window_s``: the device
+        waits), or when requests may arrive while a step with prompt chunks runs (``busy``:
+        ``busy_gap_s``, and the wait ends when that step is done, so the device does not wait). A
+        lone request on an idle engine never waits."""
+        now = time.monotonic()
+        gap, deadline = (self.busy_gap_s, now + 10 * self.busy_gap_s) if busy else (
+            self.burst_gap_s, now + self.burst_window_s)
+        last = now
+        while adds is not None and self.burst_window_s > 0:
+            now = time.monotonic()
+            if now >= deadline or now - last >= gap or (busy and not engine.admitting):
                 break
             try:
-                cmd = self._commands.get(timeout=min(self.burst_gap_s, left))
+                cmd = self._commands.get(timeout=min(POLL_S, deadline - now, last + gap - now))
             except queue.Empty:
-                break
+                continue
+            last = time.monotonic()
             more = self._drain(engine, cmd)
             adds = None if more is None else adds + more
         return adds

@@ -37,7 +37,7 @@ class RecordingLLM(FakeLLM):
 def _engine(gap: float, window: float, prefill_s: float = 0.0) -> tuple[AsyncEngine, RecordingLLM]:
     llm = RecordingLLM(prefill_s)
     engine = AsyncEngine(lambda: llm)
-    engine.burst_gap_s, engine.burst_window_s = gap, window
+    engine.burst_gap_s, engine.busy_gap_s, engine.burst_window_s = gap, gap, window
     engine.start()
     engine.wait_ready(5)
     return engine, llm
