@@ -217,9 +217,15 @@ def main() -> int:
     p.add_argument("--port", type=int, default=8010)
     p.add_argument("--burst-window-ms", type=float, default=None,
                    help="override AsyncEngine.burst_window_s in the server (0: no burst gathering)")
+    p.add_argument("--external", default=None, metavar="URL",
+                   help="send the bursts to a server already running there (e.g. vLLM's; --model names its model) "
+                        "and print each request's TTFT, without a server-side trace")
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--out", type=Path, default=None, help="directory for the raw trace and client stamps")
     args, rest = p.parse_known_args()
     rest = [a for a in rest if a != "--"]
+    if args.external:
+        return external(args)
     args.base_url = f"http://127.0.0.1:{args.port}"
     out = args.out or Path(tempfile.mkdtemp(prefix="timeline_"))
     out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +258,25 @@ def main() -> int:
         print(f"\n### {name}, burst {b}\n")
         print(analyse(trace, clients, t_start))
     print(f"\nraw: {out}")
+    return 0
+
+
+def external(args: argparse.Namespace) -> int:
+    """The bursts against a server this script did not start: client-side TTFTs only."""
+    args.base_url = args.external.rstrip("/")
+    for name in args.workload.split(","):
+        bargs = workload_args(name)
+        bargs.model = args.model
+        asyncio.run(_warmup(args, bargs, bench_serving.build_prefixes(bargs)))
+        for b in range(args.bursts):
+            time.sleep(1.0)
+            clients = asyncio.run(burst(args, bargs, f"{name}b{b}"))
+            ok = [c for c in clients if c["ok"]]
+            ttfts = sorted((c["first"] - c["send"]) * 1e3 for c in ok)
+            dur = max(c["end"] for c in ok) - min(c["send"] for c in ok)
+            print(f"SUMMARY {name} burst {b}: ok {len(ok)}/{len(clients)}, output "
+                  f"{sum(c['tokens'] for c in ok) / dur:.1f} tok/s, TTFT mean {statistics.fmean(ttfts):.0f} ms; "
+                  f"sorted: {', '.join(f'{t:.0f}' for t in ttfts)}")
     return 0
 
 
