@@ -338,7 +338,7 @@ class LLMEngine:
         the device: waiting for more requests before scheduling the next step costs no device time
         (``AsyncEngine._gather_burst``)."""
         step = self._inflight
-        if step is None or step.handle.tokens is None:
+        if not isinstance(step, InflightStep) or step.handle.tokens is None:  # none, or a pooling step
             return False
         started = any(s.start < s.request.num_prompt_tokens for s in step.launched.scheduled)
         return started and not step.handle.tokens.is_ready()

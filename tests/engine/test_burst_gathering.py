@@ -9,10 +9,12 @@ and windows are widened here so that a loaded test machine cannot blur them.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 from jaxserve.engine.async_engine import AsyncEngine
 from jaxserve.sampling_params import SamplingParams
+from tests.engine.engine_helpers import make_engine
 from tests.server.test_engine_states import FakeLLM
 
 
@@ -112,3 +114,33 @@ def test_arrivals_after_a_decode_step_do_not_wait():  # the twin: the step in fl
     finally:
         engine.shutdown()
     assert [s for _, s in llm.steps[:3]] == [{"g0-0"}, {"g1-0"}, {"g2-0"}]
+
+
+class _Running:
+    """Stands in for a step's device output that is not ready yet."""
+
+    def is_ready(self) -> bool:
+        return False
+
+
+def _still_running(eng):  # noqa: ANN001, ANN202 - an LLMEngine; returns its real step in flight
+    step = eng._inflight
+    eng._inflight = dataclasses.replace(step, handle=dataclasses.replace(step.handle, tokens=_Running()))
+    return step
+
+
+def test_llm_engine_admitting_while_a_prompt_step_runs(lookback_model):
+    eng = make_engine(lookback_model)
+    eng.add_request("a", [10, 20, 30], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    eng.step()  # the prompt step is in flight
+    real = _still_running(eng)
+    assert eng.admitting  # a prompt step, still running
+    eng._inflight = real
+    eng.runner.fetch(eng._inflight.handle)
+    assert not eng.admitting  # done on the device
+    eng.step()  # a decode step is in flight
+    real = _still_running(eng)
+    assert not eng.admitting  # running, but without prompt chunks
+    eng._inflight = real
+    while eng.has_unfinished():
+        eng.step()
