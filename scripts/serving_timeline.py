@@ -38,6 +38,7 @@ WORKLOADS = {  # (prompts, output tokens, shared system-prompt words): scripts/b
     "concurrent16": (16, 64, 0),
     "concurrent64": (64, 128, 0),
     "prefix16": (16, 64, 512),
+    "single": (8, 64, 0),  # one request at a time
 }
 
 
@@ -47,7 +48,7 @@ def workload_args(name: str) -> argparse.Namespace:
     return argparse.Namespace(
         model="SmolLM2-135M-Instruct", endpoint="chat", num_prompts=n, random_output_len=out, random_input_len=None,
         tokenizer=None, dataset=None, prefix_repetition_prefix_len=prefix, prefix_repetition_num_prefixes=1,
-        temperature=0.0, ignore_eos=True, seed=0)
+        temperature=0.0, ignore_eos=True, seed=0, sequential=name == "single")
 
 
 def serve_traced(trace_path: str, argv: list[str]) -> int:
@@ -130,7 +131,10 @@ async def burst(args: argparse.Namespace, bargs: argparse.Namespace, tag: str) -
             return {"id": rid, "send": t_send, "first": t_send + res.ttft, "end": t_send + res.e2e,
                     "tokens": res.output_tokens, "ok": res.ok, "error": res.error}
         t = time.monotonic()
-        rows = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        if bargs.sequential:
+            rows = [await one(i, p) for i, p in enumerate(prompts)]
+        else:
+            rows = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
         print(f"burst {tag}: {time.monotonic() - t:.2f} s", flush=True)
         return rows
 
