@@ -155,60 +155,68 @@ def wait_ready(base_url: str, timeout: float) -> None:
 
 
 def analyse(trace: Path, clients: list[dict], t_start: float) -> str:
+    """The burst's summary line, its step table and its per-request TTFT table (markdown)."""
     recs = [json.loads(line) for line in trace.read_text().splitlines()]
-    steps = [r for r in recs if "t0" in r and r.get("sched", {}).get("chunks")]
-    reqs = {r["request"]: r for r in recs if "request" in r}
-    lines = ["| step | t0 ms | host ms (step()) | wait ms (fetch) | shape T/B | rows: prefill (tokens) / decode | "
-             "new reqs (hit tokens) | waiting after |", "|---|---|---|---|---|---|---|---|"]
     t_end = max(c["end"] for c in clients) + 0.1
-    steps = [s for s in steps if t_start <= s["t0"] <= t_end]
-    first_done: dict[str, float] = {}  # request -> when the step with its last prompt chunk ended on device
-    prev_end = None
-    for i, s in enumerate(steps):
-        ch = s["sched"]["chunks"]
-        pre = [c for c in ch if c[2] > 1 or c[1] < c[3]]
-        dec = [c for c in ch if c not in pre]
-        new = [c for c in ch if c[4]]
-        # this step's result reached the host in the next step's fetch
-        end = steps[i + 1]["fetches"][0][1] if i + 1 < len(steps) and steps[i + 1].get("fetches") else s["t1"]
-        for c in pre:
-            if c[1] + c[2] == c[3]:
-                first_done[c[0]] = end
-        wait = sum(b - a for a, b in steps[i + 1].get("fetches", [])) * 1e3 if i + 1 < len(steps) else 0.0
-        shape = s.get("shape") or ["?", "?", "?"]
-        lines.append(
-            f"| {i} | {(s['t0'] - t_start) * 1e3:.0f} | {(s['t1'] - s['t0'] - sum(b - a for a, b in s.get('fetches', []))) * 1e3:.1f} "
-            f"| {wait:.1f} | {shape[0]}/{shape[1]} | {len(pre)} ({sum(c[2] for c in pre)}) / {len(dec)} "
-            f"| {len(new)} ({', '.join(str(c[1]) for c in new)}) | {s['sched']['waiting']} |")
-        prev_end = end
-    del prev_end
+    steps = [r for r in recs if "t0" in r and r.get("sched", {}).get("chunks") and t_start <= r["t0"] <= t_end]
+    table, fetched = step_table(steps, t_start)
     ok = [c for c in clients if c["ok"]]
     dur = max(c["end"] for c in ok) - min(c["send"] for c in ok)
     ttft = statistics.fmean(c["first"] - c["send"] for c in ok) * 1e3
     n_mixed = sum(1 for s in steps if s.get("shape") and not s["shape"][2])
     summary = (f"SUMMARY ok {len(ok)}/{len(clients)}: output {sum(c['tokens'] for c in ok) / dur:.1f} tok/s, "
                f"TTFT mean {ttft:.0f} ms, {len(steps)} steps ({n_mixed} mixed)")
-    out = [summary, "", "\n".join(lines), ""]
+    reqs = {r["request"]: r for r in recs if "request" in r}
+    return "\n".join([summary, "", table, "", request_table(clients, reqs, fetched)])
+
+
+def step_table(steps: list[dict], t_start: float) -> tuple[str, dict[str, float]]:
+    """One row per step; and, per request, when the step with its last prompt chunk was fetched
+    (its result reached the host: in the next step's ``fetch``)."""
+    lines = ["| step | t0 ms | host ms (step()) | wait ms (fetch) | shape T/B | rows: prefill (tokens) / decode | "
+             "new reqs (hit tokens) | waiting after |", "|---|---|---|---|---|---|---|---|"]
+    fetched: dict[str, float] = {}
+    for i, s in enumerate(steps):
+        ch = s["sched"]["chunks"]  # [request id, start, tokens, prompt tokens, admitted now]
+        pre = [c for c in ch if c[2] > 1 or c[1] < c[3]]
+        new = [c for c in ch if c[4]]
+        nxt = steps[i + 1].get("fetches", []) if i + 1 < len(steps) else []
+        for c in pre:
+            if c[1] + c[2] == c[3]:
+                fetched[c[0]] = nxt[0][1] if nxt else s["t1"]
+        wait = sum(b - a for a, b in nxt) * 1e3
+        host = (s["t1"] - s["t0"] - sum(b - a for a, b in s.get("fetches", []))) * 1e3
+        shape = s.get("shape") or ["?", "?", "?"]
+        lines.append(
+            f"| {i} | {(s['t0'] - t_start) * 1e3:.0f} | {host:.1f} | {wait:.1f} | {shape[0]}/{shape[1]} "
+            f"| {len(pre)} ({sum(c[2] for c in pre)}) / {len(ch) - len(pre)} "
+            f"| {len(new)} ({', '.join(str(c[1]) for c in new)}) | {s['sched']['waiting']} |")
+    return "\n".join(lines), fetched
+
+
+def request_table(clients: list[dict], reqs: dict[str, dict], fetched: dict[str, float]) -> str:
+    """Each request's TTFT split: admit, queue, prefill (→ its last prompt step fetched), to_host
+    (→ its token applied on the host), out (→ first chunk at the client)."""
     rows = []
     for c in clients:
-        rq = next((r for k, r in reqs.items() if f"{c['id']}-" in k), None)
+        key = next((k for k in reqs if k.endswith(f"{c['id']}-0")), None)
+        rq = reqs.get(key)
         if rq is None or rq["first_token"] is None:
             continue
-        key = next(k for k in reqs if f"{c['id']}-" in k)
-        pf = first_done.get(key, rq["first_token"])
+        pf = fetched.get(key, rq["first_token"])
         rows.append({
-            "ttft": c["first"] - c["send"], "admit": rq["arrival"] - c["send"], "queue": rq["first_scheduled"] - rq["arrival"],
-            "prefill": pf - rq["first_scheduled"], "to_host": rq["first_token"] - pf,
-            "out": c["first"] - rq["first_token"], "prompt": rq["prompt_tokens"],
+            "ttft": c["first"] - c["send"], "admit": rq["arrival"] - c["send"],
+            "queue": rq["first_scheduled"] - rq["arrival"], "prefill": pf - rq["first_scheduled"],
+            "to_host": rq["first_token"] - pf, "out": c["first"] - rq["first_token"], "prompt": rq["prompt_tokens"],
         })
-    if rows:
-        keys = ["ttft", "admit", "queue", "prefill", "to_host", "out"]
-        out.append("| request | " + " | ".join(f"{k} ms" for k in keys) + " | prompt tokens |")
-        out.append("|---" * (len(keys) + 2) + "|")
-        for i, r in enumerate(sorted(rows, key=lambda r: r["ttft"])):
-            out.append(f"| {i} | " + " | ".join(f"{r[k] * 1e3:.0f}" for k in keys) + f" | {r['prompt']} |")
-        out.append("| **mean** | " + " | ".join(f"**{statistics.fmean(r[k] for r in rows) * 1e3:.0f}**" for k in keys)
-                   + " | |")
+    if not rows:
+        return ""
+    keys = ["ttft", "admit", "queue", "prefill", "to_host", "out"]
+    out = ["| request | " + " | ".join(f"{k} ms" for k in keys) + " | prompt tokens |", "|---" * (len(keys) + 2) + "|"]
+    for i, r in enumerate(sorted(rows, key=lambda r: r["ttft"])):
+        out.append(f"| {i} | " + " | ".join(f"{r[k] * 1e3:.0f}" for k in keys) + f" | {r['prompt']} |")
+    out.append("| **mean** | " + " | ".join(f"**{statistics.fmean(r[k] for r in rows) * 1e3:.0f}**" for k in keys)
+               + " | |")
     return "\n".join(out)
 
 
