@@ -11,22 +11,27 @@ import pytest
 
 from jaxserve.engine.host_memory import cpu_only_process
 
-# Runs a jitted function with a 64 MiB temporary buffer (materialised by the barrier) and prints
-# the minor page faults per call once warm: with glibc's defaults every call maps fresh pages
-# (faulted in 4 KiB or, with transparent huge pages, 2 MiB at a time).
+# Mallocs, touches and frees a 64 MiB block (an executable's temporary buffer) and prints the
+# minor page faults per round once warm: with glibc's defaults a block that large is mmap-ed and
+# unmapped each time (every page faulted in again); with the policy it is reused from the heap.
 _PROBE = """
-import json, resource, sys
+import ctypes, ctypes.util, json, resource, sys
 if sys.argv[1] == "keep":
     from jaxserve.engine.host_memory import keep_freed_host_memory
     assert keep_freed_host_memory()
-import jax, jax.numpy as jnp
-f = jax.jit(lambda x: jax.lax.optimization_barrier(jnp.broadcast_to(x, (4096, 4096)) * 2.0).sum(0))
-x = jnp.ones((4096,), jnp.float32)
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+size = 64 << 20
+def round_trip():
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    libc.free(p)
 for _ in range(3):
-    f(x).block_until_ready()
+    round_trip()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
-    f(x).block_until_ready()
+    round_trip()
 print(json.dumps((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5))
 """
 
