@@ -15,7 +15,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
-from jaxserve.config import ConfigError, ServeConfig, load_configs
+from jaxserve.config import ConfigError, ServeConfig
+from jaxserve.config_loading import load_configs
 from jaxserve.weights.source import ModelNotFoundError, resolve_model_source
 
 if TYPE_CHECKING:  # jax, uvicorn and the engine load only once the configuration is known to be good

@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from jaxserve.config import load_config
+from jaxserve.config_loading import load_config
 from jaxserve.engine.llm_engine import LLMEngine
 
 

