@@ -20,6 +20,8 @@ from jaxserve.config_loading import load_configs
 from jaxserve.weights.source import ModelNotFoundError, resolve_model_source
 
 if TYPE_CHECKING:  # jax, uvicorn and the engine load only once the configuration is known to be good
+    from collections.abc import Callable
+
     import uvicorn
 
     from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
@@ -230,6 +232,7 @@ def listen(config: ServeConfig) -> socket.socket:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Serve until shut down: exit 0 after a clean shutdown, 2 for a bad configuration, 1 when an engine fails."""
     try:
         configs = load_configs(cli_argv(sys.argv[1:] if argv is None else argv))
         for c in configs:
@@ -254,12 +257,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    import uvicorn
-
     from jaxserve.engine.async_engine import EngineState
     from jaxserve.engine.llm_engine import LLMEngine
-    from jaxserve.server.app import build_app
-    from jaxserve.server.request_id import AccessLogRequestId, uvicorn_log_config
 
     if config.process_id != 0:  # a follower: same weights and compiled steps, no HTTP, no scheduler
         steps = LLMEngine(config).runner.follow()
@@ -273,15 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             e.shutdown()  # also releases the followers of a multi-host launch
         shutdown()
 
-    app = build_app(configs, engines, on_shutdown=stop)
-    server = draining_server(uvicorn.Config(
-        app, host=config.host, port=config.port, log_level=config.log_level, timeout_graceful_shutdown=5,
-        access_log=not config.disable_uvicorn_access_log, ssl_keyfile=config.ssl_keyfile,
-        ssl_certfile=config.ssl_certfile, log_config=uvicorn_log_config(),
-    ), config.shutdown_timeout)
-    access = logging.getLogger("uvicorn.access")  # after uvicorn configured logging
-    access.addFilter(_drop_health_polls)
-    access.addFilter(AccessLogRequestId())
+    server = build_server(configs, engines, stop)
     threading.Thread(target=watch_engines, args=(engines, server, configs), name="jaxserve-watch", daemon=True).start()
     logger.info("serving %s on %s (loading in the background)", ", ".join(c.model_name for c in configs), url(config))
     server.run(sockets=[sock])
@@ -290,6 +281,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failed.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def build_server(configs: list[ServeConfig], engines: list[Engine],
+                 on_shutdown: Callable[[], None]) -> uvicorn.Server:
+    """The app over ``engines`` in a draining uvicorn server, with the access log's filters (no
+    ``/health`` polls; each line carries its request id)."""
+    import uvicorn
+
+    from jaxserve.server.app import build_app
+    from jaxserve.server.request_id import AccessLogRequestId, uvicorn_log_config
+
+    config = configs[0]  # the server settings (the same in every entry)
+    server = draining_server(uvicorn.Config(
+        build_app(configs, engines, on_shutdown=on_shutdown), host=config.host, port=config.port,
+        log_level=config.log_level, timeout_graceful_shutdown=5, access_log=not config.disable_uvicorn_access_log,
+        ssl_keyfile=config.ssl_keyfile, ssl_certfile=config.ssl_certfile, log_config=uvicorn_log_config(),
+    ), config.shutdown_timeout)
+    access = logging.getLogger("uvicorn.access")  # after uvicorn configured logging
+    access.addFilter(_drop_health_polls)
+    access.addFilter(AccessLogRequestId())
+    return server
 
 
 def draining_server(uv_config: uvicorn.Config, timeout: float) -> uvicorn.Server:

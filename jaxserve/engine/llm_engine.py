@@ -88,17 +88,7 @@ class LLMEngine:
         platform = jax.default_backend()
         dtype = resolve_dtype(config.dtype, stored_dtype, platform)
         self.max_model_len = self._resolve_max_model_len(config, model_config)
-        logger.info("start-up 1/4: building the tokenizer")
-        self.tokenizer: Tokenizer = load_tokenizer(source, config.tokenizer)
-        logger.info("tokenizer ready (%d tokens) after %.1fs", len(self.tokenizer), time.perf_counter() - t0)
-        self.generation_config = _read_generation_config(source.directory if source.kind in ("hf", "orbax") else None)
-        self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids, self.generation_config)
-        # Like vLLM, the checkpoint's generation_config supplies defaults for unset sampling fields.
-        self.default_sampling = {
-            k: self.generation_config[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-            if self.generation_config.get(k) is not None
-        }
-        self.grammars = GrammarCompiler(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
+        self._load_tokenizer(source, model_config, t0)
         backend = resolve_backend(config.attention_backend, platform)
         logger.info("start-up 2/4: reading weights (%s)", source.path)
         in_use_before = device_bytes_in_use(platform)  # other models' (several in one process)
@@ -141,6 +131,21 @@ class LLMEngine:
             platform=platform,
             dtype=jax.numpy.dtype(dtype).name,
         )
+
+    def _load_tokenizer(self, source: ModelSource, model_config: ModelConfig, t0: float) -> None:
+        """Start-up 1/4: the tokenizer and what decoding takes from the checkpoint (EOS ids, sampling
+        defaults from ``generation_config.json``, the grammar compiler)."""
+        logger.info("start-up 1/4: building the tokenizer")
+        self.tokenizer: Tokenizer = load_tokenizer(source, self.config.tokenizer)
+        logger.info("tokenizer ready (%d tokens) after %.1fs", len(self.tokenizer), time.perf_counter() - t0)
+        self.generation_config = _read_generation_config(source.directory if source.kind in ("hf", "orbax") else None)
+        self.eos_token_ids = eos_token_ids(self.tokenizer, model_config.eos_token_ids, self.generation_config)
+        # Like vLLM, the checkpoint's generation_config supplies defaults for unset sampling fields.
+        self.default_sampling = {
+            k: self.generation_config[k] for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+            if self.generation_config.get(k) is not None
+        }
+        self.grammars = GrammarCompiler(self.tokenizer, model_config.vocab_size, self.eos_token_ids)
 
     def _compile_and_warm_up(self, progress: bool) -> tuple[float, float]:
         """Start-up phases 3 and 4 (with ``background_compile``, for the ready shapes only: the

@@ -68,12 +68,7 @@ def _kernel(
         if sliding_window is not None:
             mask = mask & (kv_pos > q_pos - sliding_window)
         s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [Mp, 1]
-        p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-        alpha = jnp.exp(m - m_new)
-        l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
-        o_new = alpha * o + plgpu.dot(p.astype(v.dtype), v, precision=precision).astype(jnp.float32)
-        return o_new, m_new, l_new
+        return _online_softmax_update(o, m, l, s, mask, v, precision)
 
     init = (
         jnp.zeros((mp, h), jnp.float32),
@@ -82,6 +77,24 @@ def _kernel(
     )
     o, _, l = lax.fori_loop(first_block, num_blocks, body, init)
     o_ref[...] = jnp.where(l > 0, o / jnp.where(l > 0, l, 1.0), 0.0).astype(o_ref.dtype)
+
+
+def _online_softmax_update(
+    o: jax.Array,  # f32[Mp, H]   unnormalised output so far
+    m: jax.Array,  # f32[Mp, 1]   running max of the logits
+    l: jax.Array,  # f32[Mp, 1]   running sum of exp(logit - m)
+    s: jax.Array,  # f32[Mp, C]   this block's logits, MASK_VALUE where masked
+    mask: jax.Array,  # bool[Mp, C]
+    v: jax.Array,  # [C, H]       this block's values (unused slots zeroed)
+    precision: lax.Precision | None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One block of the online softmax: rescale what came before to the new max, add this block."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [Mp, 1]
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    alpha = jnp.exp(m - m_new)
+    l_new = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    o_new = alpha * o + plgpu.dot(p.astype(v.dtype), v, precision=precision).astype(jnp.float32)
+    return o_new, m_new, l_new
 
 
 def build_call(
