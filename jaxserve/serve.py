@@ -13,7 +13,7 @@ import logging
 import socket
 import sys
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from jaxserve.config import ConfigError, ServeConfig
 from jaxserve.config_loading import load_configs
@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # jax, uvicorn and the engine load only once the configuratio
     from jaxserve.engine.async_embedding import AsyncEmbeddingEngine
     from jaxserve.engine.async_engine import AsyncEngine
     from jaxserve.engine.kv_cache_size import DeviceMemory
+    from jaxserve.models import ModelConfig
 
     Engine = AsyncEngine | AsyncEmbeddingEngine
 
@@ -60,9 +61,17 @@ def setup_runtime(config: ServeConfig, memory_share: float | None = None) -> Non
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
-def preflight(config: ServeConfig) -> str:
+class Preflight(NamedTuple):
+    """What ``preflight`` found: the task served and a decoder's architecture config (None for an
+    encoder), read once for every start-up check that needs it."""
+
+    task: str
+    model_config: ModelConfig | None
+
+
+def preflight(config: ServeConfig) -> Preflight:
     """Checks that need the model's config but not its weights (location, architecture, task, TP
-    size, an encoder's sentence-transformers pipeline); returns the task served."""
+    size, an encoder's sentence-transformers pipeline)."""
     import jax
 
     from jaxserve.sharding import check_tensor_parallel
@@ -79,7 +88,7 @@ def preflight(config: ServeConfig) -> str:
         if config.tensor_parallel_size != 1 or config.num_processes != 1:
             raise ConfigError("an embedding (encoder) model runs on one device: tensor_parallel_size and "
                               "num_processes must be 1")
-        return task
+        return Preflight(task, None)
     if config.hf_overrides:
         raise ConfigError("hf_overrides: only supported for encoder (embedding) models so far")
     model_config, _ = read_model_config(source)
@@ -90,7 +99,7 @@ def preflight(config: ServeConfig) -> str:
             raise ConfigError("a decoder embedder with mean, cls or max pooling runs on one device (last-token "
                               "pooling shards): tensor_parallel_size and num_processes must be 1")
     check_tensor_parallel(model_config, config.tensor_parallel_size, len(jax.devices()))
-    return task
+    return Preflight(task, model_config)
 
 
 def cli_argv(argv: list[str]) -> list[str]:
@@ -196,14 +205,13 @@ def _check_host(configs: list[ServeConfig], kv_cache: list[bool], lora_gib: list
                               f"has {available:.1f} GiB available")
 
 
-def lora_host_gib(config: ServeConfig, platform: str) -> float:
-    """GiB of host memory ``config``'s LoRA adapters may take (``lora_slots.host_bytes``; 0 without LoRA)."""
-    if not config.enable_lora:
+def lora_host_gib(config: ServeConfig, model_config: ModelConfig | None, platform: str) -> float:
+    """GiB of host memory ``config``'s LoRA adapters may take (``lora_slots.host_bytes``; 0 without LoRA,
+    and for an encoder, which ``task_for`` refuses LoRA)."""
+    if not config.enable_lora or model_config is None:
         return 0.0
     from jaxserve.engine.lora_slots import host_bytes
-    from jaxserve.weights.loader import read_model_config
 
-    model_config, _ = read_model_config(resolve_model_source(config.model))
     return host_bytes(model_config, max_loras=config.max_loras, max_rank=config.max_lora_rank,
                       max_cpu_loras=config.cpu_loras, on_cpu=platform == "cpu") / (1 << 30)
 
@@ -247,12 +255,7 @@ def main(argv: list[str] | None = None) -> int:
 
     initialize(config.num_processes, config.process_id, config.coordinator_address)
     try:
-        import jax
-
-        tasks = [preflight(c) for c in configs]
-        platform = jax.default_backend()
-        check_memory(configs, [holds_kv_cache(c, t) for c, t in zip(configs, tasks, strict=True)], platform,
-                     lora_gib=[lora_host_gib(c, platform) for c in configs])
+        tasks = check_models(configs)
     except ValueError as e:  # TensorParallelError, unsupported architecture, bad checkpoint config, memory
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -281,6 +284,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {failed.error}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_models(configs: list[ServeConfig]) -> list[str]:
+    """Each model's ``preflight``, then their memory budgets together (``check_memory``); the tasks
+    served. A ValueError names what cannot be served (``main`` prints it and exits 2)."""
+    import jax
+
+    checked = [preflight(c) for c in configs]
+    platform = jax.default_backend()
+    check_memory(configs, [holds_kv_cache(c, p.task) for c, p in zip(configs, checked, strict=True)], platform,
+                 lora_gib=[lora_host_gib(c, p.model_config, platform) for c, p in zip(configs, checked, strict=True)])
+    return [p.task for p in checked]
 
 
 def build_server(configs: list[ServeConfig], engines: list[Engine],

@@ -175,6 +175,10 @@ def test_lora_memory_counts_in_the_host_budget(monkeypatch):
     # CPU: 2 device slots, their host mirror and 5 host copies; an accelerator: no device slots on the host.
     assert host_bytes(cfg, max_loras=2, max_rank=8, max_cpu_loras=5, on_cpu=True) == (2 + 2 + 5) * one * 4
     assert host_bytes(cfg, max_loras=2, max_rank=8, max_cpu_loras=5, on_cpu=False) == (2 + 5) * one * 4
+    # serve's budget uses the model config preflight read: no checkpoint is read again (there is none here).
+    lora = ServeConfig(model="/nonexistent", enable_lora=True, max_loras=2, max_lora_rank=8, max_cpu_loras=5)
+    assert serve.lora_host_gib(lora, cfg, "cpu") == (2 + 2 + 5) * one * 4 / (1 << 30)
+    assert serve.lora_host_gib(ServeConfig(model="/nonexistent"), cfg, "cpu") == 0.0
 
     a = ServeConfig(model="a", kv_cache_memory_gib=3)
     monkeypatch.setattr(serve, "_available_host_gib", lambda: 4.0)

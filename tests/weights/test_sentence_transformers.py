@@ -91,5 +91,5 @@ def test_dense_module_is_a_start_up_error(tmp_path, minilm_dir):
     with pytest.raises(ValueError, match=r"^modules.json entry 2 \('2_Dense'\) is a 'Dense' module, which is not "
                        "supported; supported: Transformer, Pooling, Normalize$"):
         preflight(load_config(["--model", str(d)]))
-    assert preflight(load_config(["--model", str(minilm_dir)])) == "embed"
-    assert preflight(load_config(["--model", str(minilm_dir), "--runner", "pooling"])) == "embed"
+    assert preflight(load_config(["--model", str(minilm_dir)])).task == "embed"
+    assert preflight(load_config(["--model", str(minilm_dir), "--runner", "pooling"])).task == "embed"
