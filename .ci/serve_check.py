@@ -10,6 +10,7 @@ on SIGTERM. Any failed step fails CI; timings are printed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -17,9 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
-import httpx
 import openai
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,18 +49,15 @@ def _clean_env(home: Path) -> dict[str, str]:
     return env
 
 
-def _wait_healthy(proc: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"FAIL: make serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"FAIL: /health not 200 after {READY_TIMEOUT_S}s:\n{log.read_text()[-4000:]}")
+def _script(name: str) -> types.ModuleType:
+    """``scripts/<name>.py`` of this checkout (scripts/ is not a package; CI runs this file directly)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+server_health = _script("server_health")
 
 
 def _chat(url: str) -> None:
@@ -90,7 +88,10 @@ def main() -> int:
             stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
         )
         try:
-            _wait_healthy(proc, url, log)
+            try:
+                server_health.wait_healthy(url, READY_TIMEOUT_S, procs=[proc], log=log, interval=1)
+            except server_health.NotReady as e:
+                raise SystemExit(f"FAIL: make serve: {e}") from None
             ready_s = time.monotonic() - t0
             print("".join(line for line in log.read_text().splitlines(keepends=True)
                           if "start-up" in line or "ready" in line or "compiled" in line), end="")

@@ -23,8 +23,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from pathlib import Path
 
+from server_health import wait_healthy
+
+READY_TIMEOUT_S = 3600  # a cold start on a loaded 2-core machine takes minutes
 _READY = re.compile(r"engine ready after ([\d.]+)s \(load ([\d.]+)s, compile ([\d.]+)s, warm-up ([\d.]+)s\)")
 
 
@@ -36,16 +39,7 @@ def start_to_ready(config: str, extra: list[str], cache: str, home: str, port: i
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HOME": home})
     try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}); log: {log.name}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            time.sleep(0.05)
+        wait_healthy(f"http://127.0.0.1:{port}", READY_TIMEOUT_S, procs=[proc], log=Path(log.name), interval=0.05)
         ready = time.perf_counter() - t0
     finally:
         proc.terminate()

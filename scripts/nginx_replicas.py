@@ -35,6 +35,8 @@ from pathlib import Path
 
 import httpx
 
+from server_health import wait_healthy
+
 SCALING_MD = Path(__file__).resolve().parents[1] / "docs" / "scaling.md"
 
 
@@ -73,17 +75,8 @@ class Replica:
         self.proc = subprocess.Popen(argv, stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"replica exited {self.proc.returncode}:\n{self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"replica not ready after {timeout}s:\n{self.log.read_text()[-2000:]}")
+        """Until the replica answers ``/health`` 200 (``NotReady`` if it exits or times out)."""
+        wait_healthy(self.url, timeout, procs=[self.proc], log=self.log)
 
     def successes(self) -> float:
         text = httpx.get(f"{self.url}/metrics", timeout=10).text
@@ -175,17 +168,8 @@ def start_nginx(nginx: str, workdir: Path, listen: int, ports: list[int]) -> sub
     (prefix / "nginx.conf").write_text(nginx_conf(prefix, listen, ports))
     proc = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-g", "daemon off;"],
                             stdout=subprocess.DEVNULL, stderr=(prefix / "stderr.log").open("w"))
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{listen}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited {proc.returncode}: {(prefix / 'stderr.log').read_text()}")
-        time.sleep(0.1)
-    raise TimeoutError("nginx did not answer /health")
+    wait_healthy(f"http://127.0.0.1:{listen}", 20, procs=[proc], log=prefix / "stderr.log", interval=0.1)
+    return proc
 
 
 def run(args: argparse.Namespace, workdir: Path) -> dict:

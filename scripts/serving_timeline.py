@@ -33,6 +33,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serving  # noqa: E402
+from server_health import NotReady, wait_healthy  # noqa: E402
 
 WORKLOADS = {  # (prompts, output tokens, shared system-prompt words): scripts/bench_peers.sh's
     "concurrent16": (16, 64, 0),
@@ -140,18 +141,17 @@ async def burst(args: argparse.Namespace, bargs: argparse.Namespace, tag: str) -
 
 
 def wait_ready(base_url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            m = httpx.get(base_url + "/metrics", timeout=2)
-            pend = [float(line.split()[-1]) for line in m.text.splitlines()
-                    if line.startswith("jaxserve:compiles_pending")]
-            if httpx.get(base_url + "/health", timeout=2).status_code == 200 and pend and sum(pend) == 0:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("server not ready (or compiles still pending)")
+    """Until ``/health`` is 200 and no compile is pending (``--background-compile`` done)."""
+
+    def compiled() -> bool:
+        m = httpx.get(base_url + "/metrics", timeout=2)
+        pend = [float(line.split()[-1]) for line in m.text.splitlines() if line.startswith("jaxserve:compiles_pending")]
+        return bool(pend) and sum(pend) == 0
+
+    try:
+        wait_healthy(base_url, timeout, interval=1, also=compiled)
+    except NotReady as e:
+        raise SystemExit(f"server not ready (or compiles still pending): {e}") from None
 
 
 def analyse(trace: Path, clients: list[dict], t_start: float) -> str:

@@ -8,10 +8,10 @@ import re
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 
+from scripts.server_health import wait_healthy
 from tests.helpers import lookback_continue
 
 
@@ -34,16 +34,7 @@ def test_two_processes_tensor_parallel(lookback_model, tmp_path):
         for i in range(2)
     ]
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert all(p.poll() is None for p in procs), (tmp_path / "p0.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{http}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, (tmp_path / "p1.log").read_text()[-3000:]
-            time.sleep(0.5)
+        wait_healthy(f"http://127.0.0.1:{http}", 240, procs=procs, log=tmp_path / "p0.log", interval=0.5)
         for prompt in ([10, 11, 12], [200], list(range(30, 60)), [9] * 40 + [100]):
             r = httpx.post(f"http://127.0.0.1:{http}/v1/completions", timeout=60,
                            json={"prompt": prompt, "max_tokens": 6, "temperature": 0, "logprobs": 1,

@@ -6,12 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+
+from scripts.server_health import wait_healthy
 
 
 # Runs in the child before it becomes the server: on Linux, ask for SIGTERM when pytest dies without
@@ -42,17 +42,7 @@ class ServerProcess:
         )
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"server not ready after {timeout}s:\n{self.log.read_text()[-3000:]}")
+        wait_healthy(self.base_url, timeout, procs=[self.proc], log=self.log)
 
     def stop(self) -> None:
         self.proc.terminate()

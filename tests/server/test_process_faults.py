@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from scripts.server_health import wait_healthy
 from tests.server.conftest import _free_port
 
 # Few compiled shapes (start-up is mostly compiling): one sequence, 16-token steps (the request that
@@ -95,19 +96,6 @@ def _self_signed(directory: Path) -> tuple[Path, Path]:
     return key, cert
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, cert: Path, log: Path) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            if httpx.get(url, verify=str(cert), timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(log.read_text()[-3000:])
-
-
 def test_tls_then_engine_death_fails_every_client_and_exits_1(tmp_path, lookback_model):
     key, cert = _self_signed(tmp_path)
     port = _free_port()
@@ -117,7 +105,7 @@ def test_tls_then_engine_death_fails_every_client_and_exits_1(tmp_path, lookback
     proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *args], stdout=log.open("w"), stderr=subprocess.STDOUT)
     base = f"https://127.0.0.1:{port}"
     try:
-        _wait_ready(proc, f"{base}/health", cert, log)
+        wait_healthy(base, 300, procs=[proc], log=log, verify=str(cert))
         with pytest.raises(httpx.HTTPError):  # plain HTTP is not served
             httpx.get(f"http://127.0.0.1:{port}/health", timeout=5)
         client = httpx.Client(base_url=base, verify=str(cert), timeout=60)
