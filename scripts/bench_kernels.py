@@ -96,6 +96,7 @@ def decode_cases(args: argparse.Namespace) -> list[tuple[str, int, int]]:
 
 
 def run(args: argparse.Namespace) -> list[dict]:
+    """Every decode case (ours, the jnp reference, jax's bundled GPU kernel), then the prefill row."""
     rng = np.random.RandomState(0)
     interpret = args.smoke
     out: list[dict] = []
@@ -140,7 +141,15 @@ def run(args: argparse.Namespace) -> list[dict]:
                     row["speedup_vs_bundled"] = row["bundled_ms"] / row["ours_ms"]
         print(json.dumps(row), flush=True)
         out.append(row)
-    # prefill: a chunk of new tokens over a cached prefix, in rows of 16 queries
+    row = prefill_row(args, interpret)
+    print(json.dumps(row), flush=True)
+    out.append(row)
+    return out
+
+
+def prefill_row(args: argparse.Namespace, interpret: bool) -> dict:
+    """A chunk of new tokens over a cached prefix, in rows of 16 queries: ours (and cuDNN's dense
+    attention, off --smoke) in TFLOP/s."""
     chunk, prefix = (32, 32) if args.smoke else (2048, 2048)
     n, k, h = (4, 2, 64) if args.smoke else HEADS["qwen2.5-7b"]
     total = chunk + prefix
@@ -171,9 +180,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             row.update(cudnn_dense_ms=1e3 * t, cudnn_TFLOPs=dense_flops / t / 1e12)
             if "ours_ms" in row:  # >1: ours is faster per FLOP than cuDNN
                 row["ours_vs_cudnn_flop_rate"] = row["ours_TFLOPs"] / row["cudnn_TFLOPs"]
-    print(json.dumps(row), flush=True)
-    out.append(row)
-    return out
+    return row
 
 
 def sweep(args: argparse.Namespace) -> list[dict]:
