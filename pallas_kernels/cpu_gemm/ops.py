@@ -1,0 +1,36 @@
+"""The jax wrapper of the CPU GEMM kernel (an XLA FFI custom call, ``kernel.cc``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jaxserve.pallas_kernels.cpu_gemm import build
+
+
+def available() -> bool:
+    """Build and register the kernel if needed; False (after one warning) when it cannot be built."""
+    return build.load()
+
+
+def native_bf16() -> bool:
+    """Whether the kernel uses the CPU's bf16 dot products (AVX512-BF16); else its f32 path is slower than XLA's."""
+    return build.native_bf16()
+
+
+def cpu_gemm(x_MK: jax.Array, w_NK: jax.Array) -> jax.Array:
+    """y[M, N] = x[M, K] . w[N, K]^T in float32, of bfloat16 x and w (products summed in float32).
+
+    w is stored as given (a checkpoint's [out, in]); any leading dims of x are flattened and
+    restored. Raises RuntimeError when the kernel is unavailable (check ``available()`` first).
+    """
+    if not build.load():
+        raise RuntimeError("the CPU GEMM kernel could not be built (see the warning logged)")
+    if x_MK.dtype != jnp.bfloat16 or w_NK.dtype != jnp.bfloat16:
+        raise ValueError(f"x and w must be bfloat16, got {x_MK.dtype} and {w_NK.dtype}")
+    if w_NK.ndim != 2 or x_MK.shape[-1] != w_NK.shape[1]:
+        raise ValueError(f"w must be [N, K={x_MK.shape[-1]}], got {w_NK.shape}")
+    lead, k = x_MK.shape[:-1], x_MK.shape[-1]
+    x2 = x_MK.reshape(-1, k)
+    call = jax.ffi.ffi_call(build.TARGET, jax.ShapeDtypeStruct((x2.shape[0], w_NK.shape[0]), jnp.float32))
+    return call(x2, w_NK).reshape(*lead, w_NK.shape[0])

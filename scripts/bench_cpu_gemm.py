@@ -1,0 +1,95 @@
+"""Weight products alone on CPU: XLA's dot_general vs the C++ GEMM (``pallas_kernels/cpu_gemm``),
+interleaved in one process (A B A B ...).
+
+Each variant runs one product shape over ``--layers`` separate bf16 weight matrices [N, K] (as a
+model's layers do: no weight stays in the CPU caches between layers), chained so that they run one
+after another; x is bf16 [M, K], the output float32. Reported per shape and M: median and min wall
+time per product, GB/s of weights streamed and GFLOP/s, and the ratio XLA / GEMM (> 1: GEMM faster).
+Default shapes: SmolLM2-135M's q/k/v (960x576), o (576x576), gate or up (1536x576), down (576x1536).
+
+  python scripts/bench_cpu_gemm.py --m 2,16,32,64,256
+  python scripts/bench_cpu_gemm.py --m 2 --shapes 49152x576 --layers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def product(variant: str):
+    from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gemm
+
+    if variant == "gemm":
+        return cpu_gemm
+    dims = (((1,), (1,)), ((), ()))
+    return lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+def chain(variant: str):
+    f = product(variant)
+
+    def run(x, ws):
+        for w in ws:  # each product waits for the last: no two run at once
+            y = f(x, w)
+            x = x + (y[:, :1] * 0).astype(x.dtype)
+        return y
+
+    return jax.jit(run)
+
+
+def bench_shape(m: int, n: int, k: int, args: argparse.Namespace, rng) -> dict:
+    x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
+    ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(args.layers)]
+    runs = {v: chain(v) for v in ("xla", "gemm")}
+    for f in runs.values():
+        f(x, ws).block_until_ready()
+    times: dict[str, list[float]] = {v: [] for v in runs}
+    for _ in range(args.reps):
+        for v, f in runs.items():
+            t = time.perf_counter()
+            for _ in range(args.inner):
+                f(x, ws).block_until_ready()
+            times[v].append((time.perf_counter() - t) / (args.inner * args.layers))
+    row = {"m": m, "n": n, "k": k}
+    for v, ts in times.items():
+        med = statistics.median(ts)
+        row[v] = {"us_median": round(med * 1e6, 1), "us_min": round(min(ts) * 1e6, 1),
+                  "GB_s": round(n * k * 2 / med / 1e9, 1), "GFLOP_s": round(2 * m * n * k / med / 1e9, 1)}
+    row["xla_over_gemm"] = round(row["xla"]["us_median"] / row["gemm"]["us_median"], 2)
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--m", default="2,16,32,64,256", help="comma-separated rows of x")
+    p.add_argument("--shapes", default="960x576,576x576,1536x576,576x1536", help="NxK weight shapes")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--inner", type=int, default=3)
+    args = p.parse_args(argv)
+    from jaxserve.pallas_kernels.cpu_gemm import ops
+
+    if not ops.available():
+        print("the CPU GEMM kernel could not be built", file=sys.stderr)
+        return 1
+    print(json.dumps({"jax": jax.__version__, "cpu": platform.processor() or platform.machine(),
+                      "native_bf16": ops.native_bf16(), "layers": args.layers}))
+    rng = np.random.default_rng(0)
+    for m in (int(s) for s in args.m.split(",")):
+        for shape in args.shapes.split(","):
+            n, k = (int(s) for s in shape.split("x"))
+            print(json.dumps(bench_shape(m, n, k, args, rng)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
