@@ -46,6 +46,8 @@ class SplitPagesBackend:
     name: str
     kernel: str  # "reference" | "pallas"
     interpret: bool = False
+    product: str = "xla"  # the layers' weight products (models/products.py)
+    lm_head_product: str = "xla"
 
     def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
         page = jax.ShapeDtypeStruct((num_pages, page_size, num_kv_heads, head_dim), dtype)
@@ -105,6 +107,8 @@ class TpuBackend:
 
     name: str
     split_reference: bool = False  # attend with the jnp reference instead (CPU tests of this layout)
+    product: str = "xla"  # the layers' weight products (models/products.py)
+    lm_head_product: str = "xla"
 
     def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
         if head_dim % 128 and not self.split_reference:
@@ -152,7 +156,8 @@ BACKENDS = {
         SPLIT_REFERENCE,
         SplitPagesBackend("pallas", "pallas"),
         SplitPagesBackend("pallas_interpret", "pallas", interpret=True),
-        CpuBackend("cpu", "reference"),
+        CpuBackend("cpu", "reference", product="cpu_gemm", lm_head_product="cpu_gemm"),
+        CpuBackend("cpu_xla_dot", "reference"),  # the cpu backend with XLA's weight products (A/B)
         CpuBackend("cpu_xla", "reference", use_kernel=False),
         TpuBackend("tpu"),
         TpuBackend("tpu_split", split_reference=True),

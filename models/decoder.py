@@ -13,10 +13,11 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from jaxserve.models.attention import AttentionMetadata, dense_causal_attention, paged_attention
-from jaxserve.models.attention_backends import KVCache
+from jaxserve.models.attention_backends import KVCache, get_backend
 from jaxserve.models.config import ModelConfig
 from jaxserve.models.layers import Embedding, GatedMLP, Linear, RMSNorm, apply_rope, rope_inv_freq
 from jaxserve.models.lora import LayerLora, LoraBatch, add_lora
+from jaxserve.models.products import for_mesh
 from jaxserve.models.qkv_layout import QKVLayout
 
 
@@ -29,8 +30,9 @@ class SelfAttention(nnx.Module):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         # q, k and v in one product, features laid out shard-major (models/qkv_layout.py).
         self.layout = QKVLayout(n, k, h, tp=mesh.shape["model"] if mesh is not None else 1)
-        self.qkv_proj = Linear(d, self.layout.num_features, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(n * h, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs)
+        product = for_mesh(get_backend(backend).product, mesh)
+        self.qkv_proj = Linear(d, self.layout.num_features, bias=cfg.qkv_bias, dtype=dtype, rngs=rngs, product=product)
+        self.o_proj = Linear(n * h, d, bias=cfg.o_bias, dtype=dtype, rngs=rngs, product=product)
         self.q_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(h, eps=cfg.rms_norm_eps, dtype=dtype) if cfg.qk_norm else None
         self.num_heads, self.num_kv_heads, self.head_dim = n, k, h
@@ -78,9 +80,8 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = SelfAttention(cfg, dtype=dtype, backend=backend, mesh=mesh, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
-        self.mlp = GatedMLP(
-            cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs
-        )
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias, dtype=dtype, rngs=rngs,
+                            product=for_mesh(get_backend(backend).product, mesh))
 
     def __call__(
         self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata,
@@ -120,7 +121,8 @@ class DecoderForCausalLM(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         # A separate parameter even when tied: under tensor parallelism the head is vocab-parallel
         # while the embedding is replicated (on one device the loader gives both the same buffer).
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False, dtype=dtype, rngs=rngs,
+                              product=for_mesh(get_backend(backend).lm_head_product, mesh))
 
     def __call__(
         self,

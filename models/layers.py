@@ -15,6 +15,7 @@ from flax import nnx
 
 from jaxserve.models.config import RopeScaling
 from jaxserve.models.lora import LayerLora, add_lora
+from jaxserve.models.products import matmul_t
 
 
 class Linear(nnx.Module):
@@ -23,17 +24,19 @@ class Linear(nnx.Module):
     The product runs in the kernel's dtype with float32 accumulation and is returned in x's dtype,
     so bfloat16 weights can serve a float32 residual stream (fast bf16 dot products on CPUs).
     [out, in] is also the faster layout for XLA:CPU's small-batch bf16 products (down projection
-    and LM head about 20 % faster than [in, out]; docs/benchmarks.md).
+    and LM head about 20 % faster than [in, out]; docs/benchmarks.md). ``product`` names how the
+    product runs (``models/products.py``: XLA's dot_general, or the CPU backend's C++ GEMM).
     """
 
-    def __init__(self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs, product: str = "xla"
+    ) -> None:
         self.kernel = nnx.Param(jax.random.normal(rngs.params(), (d_out, d_in), dtype) * 0.02)
         self.bias = nnx.Param(jnp.zeros((d_out,), dtype)) if bias else None
+        self.product = product
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        w = self.kernel[...]
-        dims = (((x.ndim - 1,), (1,)), ((), ()))
-        y = jax.lax.dot_general(x.astype(w.dtype), w, dims, preferred_element_type=jnp.float32)
+        y = matmul_t(x, self.kernel[...], self.product)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
@@ -65,10 +68,12 @@ class Embedding(nnx.Module):
 class GatedMLP(nnx.Module):
     """down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, dim: int, hidden: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs) -> None:
-        self.gate_proj = Linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, dim: int, hidden: int, *, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs, product: str = "xla"
+    ) -> None:
+        self.gate_proj = Linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs, product=product)
+        self.up_proj = Linear(dim, hidden, bias=bias, dtype=dtype, rngs=rngs, product=product)
+        self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype, rngs=rngs, product=product)
 
     def __call__(self, x: jax.Array, lora: LayerLora | None = None) -> jax.Array:
         gate = add_lora(self.gate_proj(x), x, lora, "gate_proj")

@@ -56,11 +56,12 @@ class FfiLibrary:
     """One C++ source built into a shared object whose handler symbols become CPU FFI targets.
 
     ``targets`` maps each FFI target name to the handler symbol the source exports
-    (``XLA_FFI_DEFINE_HANDLER_SYMBOL``); ``what`` names the kernel in log messages.
+    (``XLA_FFI_DEFINE_HANDLER_SYMBOL``); ``what`` names the kernel and ``fallback`` what replaces it
+    in log messages.
     """
 
-    def __init__(self, source: Path, targets: dict[str, str], what: str, log: logging.Logger) -> None:
-        self.source, self.targets, self.what, self.log = source, targets, what, log
+    def __init__(self, source: Path, targets: dict[str, str], what: str, fallback: str, log: logging.Logger) -> None:
+        self.source, self.targets, self.what, self.fallback, self.log = source, targets, what, fallback, log
         self._lock = threading.Lock()
         self._state: dict[str, object] = {}  # "ok": bool once tried; "lib": the loaded library
 
@@ -111,7 +112,7 @@ class FfiLibrary:
                     self._state["lib"] = self._load()
                     self._state["ok"] = True
                 except Exception as e:  # noqa: BLE001 -- any build/load failure means: use the XLA path
-                    self.log.warning("%s unavailable, using XLA instead: %s", self.what, e)
+                    self.log.warning("%s unavailable, using %s instead: %s", self.what, self.fallback, e)
                     self._state["ok"] = False
             return bool(self._state["ok"])
 

@@ -11,7 +11,7 @@ from jaxserve.pallas_kernels.cpu_ffi_build import FfiLibrary
 TARGET = "jaxserve_cpu_gemm"
 SOURCE = Path(__file__).with_name("kernel.cc")
 
-_library = FfiLibrary(SOURCE, {TARGET: "JaxserveCpuGemm"}, "CPU GEMM kernel", logging.getLogger(__name__))
+_library = FfiLibrary(SOURCE, {TARGET: "JaxserveCpuGemm"}, "CPU GEMM kernel", "XLA's dot products", logging.getLogger(__name__))
 load = _library.load
 reset = _library.reset
 

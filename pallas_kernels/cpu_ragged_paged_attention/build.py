@@ -12,7 +12,7 @@ from jaxserve.pallas_kernels.cpu_ffi_build import FfiLibrary
 TARGET = "jaxserve_cpu_ragged_paged_attention"
 SOURCE = Path(__file__).with_name("kernel.cc")
 
-_library = FfiLibrary(SOURCE, {TARGET: "JaxserveCpuRaggedPagedAttention"}, "CPU attention kernel",
+_library = FfiLibrary(SOURCE, {TARGET: "JaxserveCpuRaggedPagedAttention"}, "CPU attention kernel", "XLA's attention",
                       logging.getLogger(__name__))
 load = _library.load
 reset = _library.reset
