@@ -165,7 +165,7 @@ int max_threads() {
 // w rows per work item: a multiple of 8 that keeps a block near 48 KiB (L1/L2-resident while every
 // x row passes over it), and at least 4 items per thread where N allows.
 int64_t block_rows(int64_t N, int64_t K, int64_t threads) {
-  int64_t rows = std::max<int64_t>(8, (48 * 1024 / (2 * std::max<int64_t>(K, 1))) / 8 * 8);
+  int64_t rows = std::max<int64_t>(8, (24 * 1024 / (2 * std::max<int64_t>(K, 1))) / 8 * 8);
   const int64_t per_item = (N + 4 * threads - 1) / (4 * threads);
   return std::max<int64_t>(8, std::min(rows, (per_item + 7) / 8 * 8));
 }
