@@ -5,7 +5,9 @@ model hands every backend the same per-sequence ``AttentionMetadata`` (``models/
 - ``cpu``: the CPU serving path: the reference's layout, attended by a C++ kernel outside XLA's loop
   emitter (an XLA FFI custom call, ``pallas_kernels/cpu_ragged_paged_attention``, built at first use);
   where it cannot be built, ``cpu_xla``: the reference, with large decode batches attended in groups
-  of rows sorted by context length (``models/cpu_decode_attention.py``).
+  of rows sorted by context length (``models/cpu_decode_attention.py``). ``cpu`` also names the
+  layers' weight products: ``cpu_gemm`` (``models/products.py``; ``cpu_xla_dot``: the same backend
+  with XLA's products, for A/B runs). Every other backend keeps ``xla`` (``jax.lax.dot_general``).
 - ``pallas`` / ``pallas_interpret``: the Pallas Triton kernel (CUDA GPUs; interpreted on CPU for
   tests), the same split pages, queries tiled in rows of ``PREFILL_ROW_WIDTH`` for prefill steps.
 - ``tpu``: jax's bundled TPU ragged paged attention (``jax.experimental.pallas.ops.tpu``) over its
