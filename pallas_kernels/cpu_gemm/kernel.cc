@@ -85,6 +85,7 @@ void tile(const uint16_t* x, const uint16_t* w, int64_t K, float* y, int64_t ldy
     vk xv[MR];
     for (int r = 0; r < MR; ++r) xv[r] = load_k(x + r * K + k);
     for (int c = 0; c < NR; ++c) {
+      if constexpr (MR <= 2) __builtin_prefetch(w + (NR + c) * K + k);  // the next tile's rows (decode)
       const vk wv = load_k(w + c * K + k);
       for (int r = 0; r < MR; ++r) acc[r * NR + c] = dot(acc[r * NR + c], xv[r], wv);
     }
