@@ -54,12 +54,26 @@ inline float hsum(vf v) {
   return (c[0] + c[2]) + (c[1] + c[3]);
 }
 
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
 inline float hmax(vf v) {
-  float m[L];
-  std::memcpy(m, &v, sizeof m);
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i) m[i] = std::max(m[i], m[i + w]);
-  return m[0];
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a, b;
+  std::memcpy(&a, &v, 32);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
+  a = a > b ? a : b;
+  v4 c, d;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
+  c = c > d ? c : d;
+  return std::max(std::max(c[0], c[2]), std::max(c[1], c[3]));
 }
 
 // out[i] = sum of a[i]'s lanes, for 16 vectors (a transposing reduction tree: 15 pairs of shuffles).
@@ -97,17 +111,22 @@ inline vf vexp(vf x) {
   return under ? splat(0.0f) : y;
 }
 
-// Element types: float, or bfloat16 as its bits (uint16_t).
-inline void to_f32(const float* src, float* dst, int n) {
-  int i = 0;
-  for (; i + L <= n; i += L) storeu(dst + i, loadu(src + i));
-  for (; i < n; ++i) dst[i] = src[i];
+// Element types: float, or bfloat16 as its bits (uint16_t). load(p): L elements as floats.
+inline vf load(const float* p) { return loadu(p); }
+inline vf load(const uint16_t* p) {
+  typedef uint16_t vh __attribute__((vector_size(2 * L)));
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  const vi w = __builtin_convertvector(h, vi) << 16;
+  vf f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
 }
-inline void to_f32(const uint16_t* src, float* dst, int n) {
-  for (int i = 0; i < n; ++i) {
-    const uint32_t u = static_cast<uint32_t>(src[i]) << 16;
-    std::memcpy(dst + i, &u, 4);
-  }
+template <typename T>
+inline void to_f32(const T* src, float* dst, int n) {
+  int i = 0;
+  for (; i + L <= n; i += L) storeu(dst + i, load(src + i));
+  for (; i < n; ++i) dst[i] = load1(src + i);
 }
 inline void from_f32(const float* src, float* dst, int n) { std::memcpy(dst, src, n * sizeof(float)); }
 inline void from_f32(const float* src, uint16_t* dst, int n) {  // round to nearest even, like XLA's convert
@@ -118,9 +137,10 @@ inline void from_f32(const float* src, uint16_t* dst, int n) {  // round to near
   }
 }
 
-struct Item {
-  int b, kh, q0, nq;
+struct Item {  // queries q0 .. q0 + nq of sequence b, KV heads kh .. kh_end
+  int b, kh, kh_end, q0, nq;
   int64_t cost;
+  bool decode;  // one query whose rows are read in place (run_decode), else run_item's tiles
 };
 
 struct Problem {
@@ -140,6 +160,7 @@ struct Problem {
 struct Scratch {  // per thread, grown on demand
   std::vector<float> q, kt, kv, vv, s, acc, m, l;
   std::vector<int> pos;
+  std::vector<int64_t> off;
 };
 
 // S[r, :] = Q[r, :] . KT[:, :] for NR rows (KT is [Hp, C], rows of Q are Hp long).
@@ -236,12 +257,12 @@ inline void softmax_tile(Scratch& s, int R, int Hp, int t0) {
   }
 }
 
-// Asks for the K/V rows of tokens [t0, t1) of KV head kh ahead of their use (the pages are scattered).
+// Asks for the K/V rows of tokens [t0, t1) of KV heads [kh, kh_end) ahead of their use (the pages are scattered).
 template <typename KVT>
-inline void prefetch_tile(const Problem& p, int64_t kh, const int32_t* table, int64_t t0, int64_t t1) {
+inline void prefetch_tile(const Problem& p, int64_t kh, int64_t kh_end, const int32_t* table, int64_t t0, int64_t t1) {
   const KVT* kp = static_cast<const KVT*>(p.k);
   const KVT* vp = static_cast<const KVT*>(p.v);
-  const int64_t bytes = p.H * static_cast<int64_t>(sizeof(KVT));
+  const int64_t bytes = (kh_end - kh) * p.H * static_cast<int64_t>(sizeof(KVT));
   for (int64_t t = t0; t < t1; ++t) {
     const int64_t page = std::min<int64_t>(std::max<int32_t>(table[t / p.S], 0), p.P - 1);
     const int64_t off = ((page * p.S + t % p.S) * p.K + kh) * p.H;
@@ -249,6 +270,147 @@ inline void prefetch_tile(const Problem& p, int64_t kh, const int32_t* table, in
       __builtin_prefetch(reinterpret_cast<const char*>(kp + off) + b);
       __builtin_prefetch(reinterpret_cast<const char*>(vp + off) + b);
     }
+  }
+}
+
+constexpr int64_t kAhead = 2 * C;  // decode: tokens between a row's prefetch and its use
+
+template <typename KVT>
+inline void prefetch_rows(const KVT* base, const int64_t* off, int64_t t0, int64_t t1, int64_t bytes) {
+  for (int64_t t = t0; t < t1; ++t)
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(base + off[t]) + b);
+}
+
+// sc[r, t] = q[r] . K[t, r / G] for the item's R = nkh * G rows (q rows NH * L long, sc rows Tp
+// long) and tokens t < n, 16 tokens at a time; token t's heads start at kp + off[t].
+template <int NH, typename KVT>
+void decode_scores(const KVT* kp, const int64_t* off, int64_t n, const float* q, int G, int nkh, float* sc,
+                   int64_t Tp) {
+  const int64_t bytes = nkh * NH * L * static_cast<int64_t>(sizeof(KVT));
+  for (int64_t t0 = 0; t0 < n; t0 += L) {
+    prefetch_rows(kp, off, std::min(t0 + kAhead, n), std::min(t0 + kAhead + L, n), bytes);
+    const int64_t last = std::min<int64_t>(L, n - t0) - 1;  // tokens past n repeat the last one
+    for (int kh = 0; kh < nkh; ++kh) {
+      for (int g = 0; g < G; ++g) {
+        const int r = kh * G + g;
+        vf qv[NH], a[L];
+        for (int h = 0; h < NH; ++h) qv[h] = loadu(q + r * NH * L + h * L);
+#pragma GCC unroll 16
+        for (int j = 0; j < L; ++j) {
+          const KVT* kr = kp + off[t0 + std::min<int64_t>(j, last)] + kh * NH * L;
+          vf acc = qv[0] * load(kr);
+          for (int h = 1; h < NH; ++h) acc += qv[h] * load(kr + h * L);
+          a[j] = acc;
+        }
+        storeu(sc + r * Tp + t0, reduce16(a));
+      }
+    }
+  }
+}
+
+// acc[i] += sum_t P[i, t] V[t] for RB rows (acc rows NH * L long, P rows Tp long), tokens [t0, t1).
+template <int NH, int RB, typename KVT>
+inline void decode_pv_rows(float* acc, const float* P, int64_t Tp, const KVT* vp, const int64_t* off, int64_t t0,
+                           int64_t t1) {
+  vf a[RB][NH];
+  for (int i = 0; i < RB; ++i)
+    for (int h = 0; h < NH; ++h) a[i][h] = loadu(acc + i * NH * L + h * L);
+  for (int64_t t = t0; t < t1; ++t) {
+    const KVT* vr = vp + off[t];
+    vf v[NH];
+    for (int h = 0; h < NH; ++h) v[h] = load(vr + h * L);
+    for (int i = 0; i < RB; ++i) {
+      const vf pi = splat(P[i * Tp + t]);
+      for (int h = 0; h < NH; ++h) a[i][h] += pi * v[h];
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int h = 0; h < NH; ++h) storeu(acc + i * NH * L + h * L, a[i][h]);
+}
+
+// acc[r] = sum_t P[r, t] V[t, r / G] over tokens t < n, in tiles of C tokens whose rows stay cached
+// across the item's heads.
+template <int NH, typename KVT>
+void decode_pv(const KVT* vp, const int64_t* off, int64_t n, const float* P, int G, int nkh, float* acc,
+               int64_t Tp) {
+  constexpr int RB = NH >= 8 ? 2 : 4;  // rows per pass: RB * NH accumulators in registers
+  const int64_t bytes = nkh * NH * L * static_cast<int64_t>(sizeof(KVT));
+  for (int64_t t0 = 0; t0 < n; t0 += C) {
+    const int64_t t1 = std::min<int64_t>(t0 + C, n);
+    prefetch_rows(vp, off, std::min(t0 + kAhead, n), std::min(t0 + kAhead + C, n), bytes);
+    for (int kh = 0; kh < nkh; ++kh) {
+      const KVT* vh = vp + kh * NH * L;
+      for (int g = 0; g < G;) {
+        const int r = kh * G + g;
+        float* ar = acc + r * NH * L;
+        const float* pr = P + r * Tp;
+        switch (std::min(G - g, RB)) {
+          case 1: decode_pv_rows<NH, 1>(ar, pr, Tp, vh, off, t0, t1); g += 1; break;
+          case 2: decode_pv_rows<NH, 2>(ar, pr, Tp, vh, off, t0, t1); g += 2; break;
+          case 3: decode_pv_rows<NH, 3>(ar, pr, Tp, vh, off, t0, t1); g += 3; break;
+          default: decode_pv_rows<NH, RB>(ar, pr, Tp, vh, off, t0, t1); g += RB; break;
+        }
+      }
+    }
+  }
+}
+
+// Softmax of each of R rows of sc over its first n scores, in place (the rest: 0); returns 1 / sum in inv.
+inline void decode_softmax(float* sc, int R, int64_t n, int64_t Tp, float* inv) {
+  const vf ninf = splat(-std::numeric_limits<float>::infinity());
+  vi lane;
+  for (int i = 0; i < L; ++i) lane[i] = i;
+  for (int r = 0; r < R; ++r) {
+    float* row = sc + r * Tp;
+    if (n % L) {  // the last vector's lanes past n
+      const vi tok = lane + static_cast<int32_t>(n / L * L);
+      storeu(row + n / L * L, tok < static_cast<int32_t>(n) ? loadu(row + n / L * L) : ninf);
+    }
+    vf mv = ninf;
+    for (int64_t t = 0; t < Tp; t += L) {
+      const vf x = loadu(row + t);
+      mv = x > mv ? x : mv;
+    }
+    const vf m = splat(hmax(mv));
+    vf sum = {};
+    for (int64_t t = 0; t < Tp; t += L) {
+      const vf e = vexp(loadu(row + t) - m);
+      sum += e;
+      storeu(row + t, e);
+    }
+    inv[r] = 1.0f / hsum(sum);  // >= 1: the max's own term
+  }
+}
+
+// The one query of sequence it.b (at position seq_len - 1: every token is visible), KV heads
+// [it.kh, it.kh_end): scores over all K rows, softmax, then P.V over all V rows, each row read in
+// place from its page (bf16 converted in registers). H = NH * L.
+template <int NH, typename KVT, typename QT>
+void run_decode(const Problem& p, const Item& it, Scratch& s) {
+  constexpr int H = NH * L;
+  const int G = p.N / p.K, nkh = it.kh_end - it.kh, R = nkh * G;
+  const int64_t n = p.seq_lens[it.b], Tp = (n + L - 1) / L * L, qi = p.qsl[it.b];
+  const int32_t* table = p.tables + it.b * p.W;
+  s.off.resize(n);
+  for (int64_t t = 0; t < n; ++t) {
+    const int64_t page = std::min<int64_t>(std::max<int32_t>(table[t / p.S], 0), p.P - 1);
+    s.off[t] = ((page * p.S + t % p.S) * p.K + it.kh) * H;
+  }
+  s.q.resize(static_cast<size_t>(R) * H);
+  const QT* q = static_cast<const QT*>(p.q) + (qi * p.N + it.kh * G) * H;
+  for (int r = 0; r < R; ++r)
+    for (int h = 0; h < NH; ++h) storeu(s.q.data() + r * H + h * L, load(q + r * H + h * L) * p.scale);
+  s.s.resize(static_cast<size_t>(R) * Tp);
+  s.l.resize(R);
+  s.acc.assign(static_cast<size_t>(R) * H, 0.0f);
+  decode_scores<NH>(static_cast<const KVT*>(p.k), s.off.data(), n, s.q.data(), G, nkh, s.s.data(), Tp);
+  decode_softmax(s.s.data(), R, n, Tp, s.l.data());
+  decode_pv<NH>(static_cast<const KVT*>(p.v), s.off.data(), n, s.s.data(), G, nkh, s.acc.data(), Tp);
+  QT* out = static_cast<QT*>(p.out) + (qi * p.N + it.kh * G) * H;
+  for (int r = 0; r < R; ++r) {
+    float* a = s.acc.data() + r * H;
+    for (int h = 0; h < NH; ++h) storeu(a + h * L, loadu(a + h * L) * s.l[r]);
+    from_f32(a, out + r * H, H);
   }
 }
 
@@ -285,7 +447,7 @@ void run_item(const Problem& p, const Item& it, Scratch& s) {
   const bool dots = R <= kDotRows;
   for (int64_t t0 = 0; t0 < kv_end; t0 += C) {
     const int n = static_cast<int>(std::min<int64_t>(C, kv_end - t0));
-    prefetch_tile<KVT>(p, it.kh, table, t0 + C, std::min<int64_t>(t0 + 2 * C, kv_end));
+    prefetch_tile<KVT>(p, it.kh, it.kh + 1, table, t0 + C, std::min<int64_t>(t0 + 2 * C, kv_end));
     int64_t pi = t0 / S, slot = t0 % S;
     for (int j = 0; j < n; ++j) {
       const int64_t page = std::min<int64_t>(std::max<int32_t>(table[pi], 0), p.P - 1);
@@ -335,7 +497,16 @@ void run_item(const Problem& p, const Item& it, Scratch& s) {
   }
 }
 
-void build_items(Problem& p) {
+// NH where run_decode takes head_dim H = NH * L, else 0.
+inline int decode_nh(int64_t H) { return H == 2 * L || H == 4 * L || H == 8 * L ? static_cast<int>(H / L) : 0; }
+
+// Decode sequences are one item each (all KV heads: a token's rows are one contiguous run), split
+// by KV head when there are too few of them to keep the threads busy; prefill blocks of
+// kQueryBlock queries are one item per KV head. Most costly first.
+void build_items(Problem& p, int64_t threads) {
+  int64_t decodes = 0;
+  for (int64_t b = 0; b < p.B; ++b) decodes += std::min<int64_t>(p.qsl[b + 1], p.T) - p.qsl[b] == 1;
+  const int split = decodes < 4 * threads ? 1 : static_cast<int>(p.K);
   for (int64_t b = 0; b < p.B; ++b) {
     const int64_t q_len = std::min<int64_t>(p.qsl[b + 1], p.T) - p.qsl[b];
     const int64_t seq_len = p.seq_lens[b];
@@ -344,10 +515,18 @@ void build_items(Problem& p) {
       std::memset(static_cast<char*>(p.out) + p.qsl[b] * p.N * p.H * p.elem, 0, q_len * p.N * p.H * p.elem);
       continue;
     }
+    if (q_len == 1 && decode_nh(p.H)) {
+      for (int kh = 0; kh < p.K; kh += split) {
+        const int end = std::min<int>(kh + split, static_cast<int>(p.K));
+        p.items.push_back({static_cast<int>(b), kh, end, 0, 1, (seq_len + C) * (end - kh), true});
+      }
+      continue;
+    }
     for (int64_t q0 = 0; q0 < q_len; q0 += kQueryBlock) {
       const int nq = static_cast<int>(std::min<int64_t>(kQueryBlock, q_len - q0));
       const int64_t cost = nq * (seq_len - q_len + q0 + nq + C);
-      for (int kh = 0; kh < p.K; ++kh) p.items.push_back({static_cast<int>(b), kh, static_cast<int>(q0), nq, cost});
+      for (int kh = 0; kh < p.K; ++kh)
+        p.items.push_back({static_cast<int>(b), kh, kh + 1, static_cast<int>(q0), nq, cost, false});
     }
   }
   std::stable_sort(p.items.begin(), p.items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
@@ -369,9 +548,13 @@ void drain(const Problem* p, Claims* c) {
     if (i + 1 < c->n) {  // the next item's first tile: its scattered rows arrive while this one runs
       const Item& nx = p->items[i + 1];
       const int64_t end = p->seq_lens[nx.b] - (p->qsl[nx.b + 1] - p->qsl[nx.b]) + nx.q0 + nx.nq;
-      prefetch_tile<KVT>(*p, nx.kh, p->tables + nx.b * p->W, 0, std::min<int64_t>(C, end));
+      prefetch_tile<KVT>(*p, nx.kh, nx.kh_end, p->tables + nx.b * p->W, 0, std::min<int64_t>(C, end));
     }
-    run_item<KVT, QT>(*p, p->items[i], scratch);
+    const Item& it = p->items[i];
+    if (!it.decode) run_item<KVT, QT>(*p, it, scratch);
+    else if (p->H == 2 * L) run_decode<2, KVT, QT>(*p, it, scratch);
+    else if (p->H == 4 * L) run_decode<4, KVT, QT>(*p, it, scratch);
+    else run_decode<8, KVT, QT>(*p, it, scratch);
     c->done.fetch_add(1, std::memory_order_release);
   }
 }
@@ -384,12 +567,16 @@ int max_threads() {
   return v;
 }
 
+int64_t thread_count(ffi::ThreadPool& pool) {
+  const int64_t threads = pool.num_threads();
+  return max_threads() ? std::min<int64_t>(threads, max_threads()) : threads;
+}
+
 template <typename KVT, typename QT>
 void run_all(Problem& p, ffi::ThreadPool& pool) {
   const int64_t n = static_cast<int64_t>(p.items.size());
   auto claims = std::make_shared<Claims>(n);
-  int64_t threads = pool.num_threads();
-  if (max_threads()) threads = std::min<int64_t>(threads, max_threads());
+  const int64_t threads = thread_count(pool);
   const int64_t helpers = std::min<int64_t>(std::max<int64_t>(threads, 1), n) - 1;
   const Problem* pp = &p;
   for (int64_t h = 0; h < helpers; ++h) pool.Schedule([claims, pp] { drain<KVT, QT>(pp, claims.get()); });
@@ -415,7 +602,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   const int64_t covered = std::clamp<int64_t>(p.B ? p.qsl[p.B] : 0, 0, p.T);
   p.elem = q32 ? 4 : 2;
   std::memset(static_cast<char*>(p.out) + covered * p.N * p.H * p.elem, 0, (p.T - covered) * p.N * p.H * p.elem);
-  build_items(p);
+  build_items(p, std::max<int64_t>(thread_count(pool), 1));
   if (k32 && q32) run_all<float, float>(p, pool);
   else if (k32) run_all<float, uint16_t>(p, pool);
   else if (q32) run_all<uint16_t, float>(p, pool);
