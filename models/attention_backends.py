@@ -86,11 +86,26 @@ class CpuBackend(SplitPagesBackend):
     """The reference's split pages, attended by the C++ kernel (``pallas_kernels/cpu_ragged_paged_attention``)
     when it builds and takes the dtypes; otherwise by XLA: decode steps of at least ``group_min_rows``
     rows in ``decode_groups`` groups sorted by context length (less KV padding gathered), the rest
-    by the reference."""
+    by the reference. When the kernel serves, pages hold bf16 (as vLLM CPU keeps them: half the
+    bytes the kernel streams) stored as their bits, uint16: XLA:CPU converts a whole bf16 operand
+    to f32 around a scatter, not a uint16 one. Otherwise pages are the activation dtype."""
 
     decode_groups: int = 2
     group_min_rows: int = 32
     use_kernel: bool = True
+    bf16_pages: bool = True
+
+    def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+        if self.bf16_pages and self.use_kernel and cpu_attention.available():
+            dtype = jnp.uint16  # bf16 bits
+        return super().cache_shapes(num_pages, page_size, num_kv_heads, head_dim, dtype)
+
+    def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
+        if cache[0].dtype != jnp.uint16:
+            return super().forward(q_TNH, k_TKH, v_TKH, cache, meta, sm_scale=sm_scale)
+        bits = lambda x: jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)  # noqa: E731
+        k_pages, v_pages = write_kv(cache[0], cache[1], bits(k_TKH), bits(v_TKH), meta.slot_mapping)
+        return self.attend(q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale), (k_pages, v_pages)
 
     def attend(self, q_TNH, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float) -> jax.Array:
         if self.use_kernel and cpu_attention.supports(q_TNH.dtype, k_pages.dtype) and cpu_attention.available():

@@ -7,6 +7,12 @@ median process CPU time (both threads) and wall time per step over ``--reps`` re
 
   python scripts/bench_cpu_attention.py --batch 16 --context 20,124 --variants reference,cpu_xla,cpu
   python scripts/bench_cpu_attention.py --batch 1 --query-len 256 --context 856,856
+  python scripts/bench_cpu_attention.py --batch 32 --context 40,160 --variants cpu+acbce78,cpu
+
+A variant ``cpu+REV`` is the ``cpu`` backend with the kernel source of git revision REV (built
+into a temporary directory, registered under its own FFI target): old and new kernels side by side.
+A suffix ``/f32`` keeps that backend's pages float32 (the ``cpu`` backend's are bfloat16); this
+script's pages are ``--kv-dtype`` whatever the backend.
 """
 
 from __future__ import annotations
@@ -21,6 +27,53 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def register_variant(spec: str) -> str:
+    """Make ``cpu+REV`` (the cpu backend with ``kernel.cc`` as of git revision REV) and ``NAME/f32``
+    (backend NAME with float32 pages) known backends; returns ``spec``."""
+    import dataclasses
+
+    from jaxserve.models import attention_backends as ab
+
+    if spec in ab.BACKENDS:
+        return spec
+    base, _, pages = spec.partition("/")
+    backend = ab.BACKENDS.get(base) or _revision_backend(base)
+    ab.BACKENDS[spec] = dataclasses.replace(backend, name=spec, bf16_pages=backend.bf16_pages and pages != "f32")
+    return spec
+
+
+def _revision_backend(spec: str):
+    import ctypes
+    import dataclasses
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from jaxserve.models import attention_backends as ab
+    from jaxserve.pallas_kernels.cpu_ragged_paged_attention import build
+
+    rev = spec.partition("+")[2]
+    root = Path(__file__).resolve().parent.parent
+    src = subprocess.run(["git", "show", f"{rev}:pallas_kernels/cpu_ragged_paged_attention/kernel.cc"], cwd=root,
+                         capture_output=True, text=True, check=True).stdout
+    d = Path(tempfile.mkdtemp(prefix="cpu_attention_rev_"))
+    (d / "kernel.cc").write_text(src)
+    subprocess.run([build.compiler(), *build.FLAGS, f"-I{jax.ffi.include_dir()}", str(d / "kernel.cc"), "-o",
+                    str(d / "kernel.so")], check=True)
+    target = f"jaxserve_cpu_rpa_{rev}"
+    lib = ctypes.cdll.LoadLibrary(str(d / "kernel.so"))
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxserveCpuRaggedPagedAttention), platform="cpu")
+
+    @dataclasses.dataclass(frozen=True)
+    class RevisionBackend(ab.CpuBackend):
+        def attend(self, q, k_pages, v_pages, meta, *, sm_scale):
+            call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))
+            return call(q, k_pages, v_pages, meta.query_start_loc, meta.seq_lens, meta.block_tables,
+                        sm_scale=np.float32(sm_scale))
+
+    return RevisionBackend(spec, "reference")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         outs = [backend.attend(q, kp, vp, meta, sm_scale=h**-0.5) for kp, vp in caches]
         return sum(o.sum() for o in outs), outs[-1]
 
-    runs = {v: jax.jit(functools.partial(step, get_backend(v))) for v in args.variants.split(",")}
+    runs = {v: jax.jit(functools.partial(step, get_backend(register_variant(v)))) for v in args.variants.split(",")}
     last = {v: np.asarray(f(q, caches, meta)[1]) for v, f in runs.items()}
     base = next(iter(last.values()))
     wall, cpu = ({v: [] for v in runs} for _ in range(2))

@@ -54,7 +54,7 @@ def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int):
     graphdef = build_abstract(cfg, loaded.plan, jnp.bfloat16, backend=backend, compute_dtype=compute).graphdef
     shapes = get_backend(backend).cache_shapes(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
     rng = np.random.default_rng(1)
-    caches = [jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape, np.float32) * 0.5), shapes)
+    caches = [jax.tree.map(lambda s: _page_values(rng.standard_normal(s.shape, np.float32) * 0.5, s.dtype), shapes)
               for _ in range(cfg.num_layers)]
 
     def step(state, caches, tokens, positions, meta, idx):
@@ -63,6 +63,13 @@ def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int):
         return jnp.argmax(logits, axis=-1), caches
 
     return jax.jit(step, donate_argnums=(1,)), caches
+
+
+def _page_values(x: np.ndarray, dtype) -> jax.Array:
+    """``x`` in a page dtype (uint16 pages hold bf16 bits)."""
+    if dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.bfloat16), jnp.uint16)
+    return jnp.asarray(x, dtype)
 
 
 def _option(text: str) -> tuple[str, object]:
@@ -170,6 +177,8 @@ def _kind(name: str, frames: list[tuple[str, str]], in_loop: bool) -> str:
     fns = [f for f, _ in frames]
     if in_loop:
         return _KINDS[0][1]
+    if name.startswith(("custom-call", "ffi_call", "custom_call")):
+        return "attention: C++ kernel (ffi_call)"
     for fn, kind in _KINDS:
         if fn in fns:
             return kind
@@ -314,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", args.compilation_cache_dir)
     specs = args.variants.split(",")
+    from bench_cpu_attention import register_variant  # cpu+REV (an older kernel), NAME/f32 (f32 pages)
+
+    for spec in specs:
+        if spec.startswith("cpu"):
+            register_variant(spec.split("@")[0].partition(":")[0])
     loaded, cfg = load(args.model, specs[0].partition(":")[0].split("@")[0])
     ctx = tuple(int(x) for x in args.context.split(","))
     width = -(-args.max_model_len // args.page_size)

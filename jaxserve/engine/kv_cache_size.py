@@ -88,15 +88,17 @@ def activation_reserve_bytes(config: ServeConfig, loaded: LoadedModel) -> int:
 
 
 def num_kv_blocks(
-    config: ServeConfig, loaded: LoadedModel, max_model_len: int, platform: str, *, in_use_before: int = 0
+    config: ServeConfig, loaded: LoadedModel, max_model_len: int, platform: str, *, in_use_before: int = 0,
+    backend: str = "reference",
 ) -> int:
     """Blocks to allocate (including the reserved null block); errors if one full sequence won't fit.
 
     On CPU the GiB budget is for the whole cache; on accelerators the budget is per device and the
     cache is split by KV heads over the tensor-parallel devices. ``in_use_before``: device bytes
     held before this model loaded (other models'); the model's share pays only for its own.
+    ``backend``: the attention backend whose page layout and dtype the blocks take.
     """
-    block_bytes = kv_block_bytes(loaded, config.block_size)
+    block_bytes = kv_block_bytes(loaded, config.block_size, backend)
     if config.num_kv_blocks is not None:
         blocks = config.num_kv_blocks
     elif platform == "cpu":

@@ -94,7 +94,8 @@ class LLMEngine:
         in_use_before = device_bytes_in_use(platform)  # other models' (several in one process)
         loaded = self._load_weights(source, dtype, platform, backend, progress)
         self.loras = self._build_loras(loaded) if config.enable_lora else None  # before sizing the KV cache
-        blocks = num_kv_blocks(config, loaded, self.max_model_len, platform, in_use_before=in_use_before)
+        blocks = num_kv_blocks(config, loaded, self.max_model_len, platform, in_use_before=in_use_before,
+                               backend=backend)
         self.runner = self._build_runner(loaded, blocks, dtype, platform, backend)
         load_s = time.perf_counter() - t0
         logger.info(

@@ -19,6 +19,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
+import math
 import os
 import threading
 import time
@@ -93,10 +94,11 @@ compiles = _Compiles()
 jax.monitoring.register_event_duration_secs_listener(compiles)
 
 
-def kv_block_bytes(loaded: LoadedModel, block_size: int) -> int:
-    """Bytes one KV block takes across all layers (K and V)."""
+def kv_block_bytes(loaded: LoadedModel, block_size: int, backend: str = "reference") -> int:
+    """Bytes one KV block takes across all layers in ``backend``'s layout and page dtype."""
     c = loaded.config
-    return c.num_layers * 2 * block_size * c.num_kv_heads * c.head_dim * jnp.dtype(loaded.compute_dtype).itemsize
+    shapes = get_backend(backend).cache_shapes(1, block_size, c.num_kv_heads, c.head_dim, loaded.compute_dtype)
+    return c.num_layers * sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
 
 
 @functools.lru_cache(maxsize=8)
@@ -238,8 +240,9 @@ class ModelRunner:
     def _allocate_caches(self, attention, num_blocks: int):
         """One zeroed cache per layer in the attention backend's layout; returns its shardings.
 
-        The cache holds activations: float32 on CPU even with bf16 weights (XLA:CPU would convert
-        a whole bf16 cache to scatter into it), the model dtype on accelerators. Each leaf is split
+        The cache holds activations in the backend's page dtype: on CPU float32 even with bf16
+        weights (XLA:CPU would convert a whole bf16 cache to scatter into it) unless the C++ kernel
+        serves (bf16 pages, ``CpuBackend``), the model dtype on accelerators. Each leaf is split
         over the tensor-parallel devices by KV heads. Abstract runners get shapes only.
         """
         c, mesh = self.loaded.config, self.loaded.plan.mesh

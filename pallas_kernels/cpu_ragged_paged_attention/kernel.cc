@@ -278,17 +278,21 @@ constexpr int64_t kAhead = 2 * C;  // decode: tokens between a row's prefetch an
 template <typename KVT>
 inline void prefetch_rows(const KVT* base, const int64_t* off, int64_t t0, int64_t t1, int64_t bytes) {
   for (int64_t t = t0; t < t1; ++t)
-    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(base + off[t]) + b);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(base + off[t]) + b, 0, 2);
 }
 
 // sc[r, t] = q[r] . K[t, r / G] for the item's R = nkh * G rows (q rows NH * L long, sc rows Tp
 // long) and tokens t < n, 16 tokens at a time; token t's heads start at kp + off[t].
 template <int NH, typename KVT>
-void decode_scores(const KVT* kp, const int64_t* off, int64_t n, const float* q, int G, int nkh, float* sc,
-                   int64_t Tp) {
+void decode_scores(const KVT* kp, const KVT* vp, const int64_t* off, int64_t n, const float* q, int G, int nkh,
+                   float* sc, int64_t Tp) {
   const int64_t bytes = nkh * NH * L * static_cast<int64_t>(sizeof(KVT));
+  prefetch_rows(kp, off, 0, std::min(kAhead, n), bytes);  // tokens [0, 2n): K's rows, then V's
+  prefetch_rows(vp, off, 0, std::clamp<int64_t>(kAhead - n, 0, n), bytes);
   for (int64_t t0 = 0; t0 < n; t0 += L) {
-    prefetch_rows(kp, off, std::min(t0 + kAhead, n), std::min(t0 + kAhead + L, n), bytes);
+    const int64_t a = t0 + kAhead, b = a + L;
+    prefetch_rows(kp, off, std::min(a, n), std::min(b, n), bytes);
+    prefetch_rows(vp, off, std::clamp<int64_t>(a - n, 0, n), std::clamp<int64_t>(b - n, 0, n), bytes);
     const int64_t last = std::min<int64_t>(L, n - t0) - 1;  // tokens past n repeat the last one
     for (int kh = 0; kh < nkh; ++kh) {
       for (int g = 0; g < G; ++g) {
@@ -403,7 +407,7 @@ void run_decode(const Problem& p, const Item& it, Scratch& s) {
   s.s.resize(static_cast<size_t>(R) * Tp);
   s.l.resize(R);
   s.acc.assign(static_cast<size_t>(R) * H, 0.0f);
-  decode_scores<NH>(static_cast<const KVT*>(p.k), s.off.data(), n, s.q.data(), G, nkh, s.s.data(), Tp);
+  decode_scores<NH>(static_cast<const KVT*>(p.k), static_cast<const KVT*>(p.v), s.off.data(), n, s.q.data(), G, nkh, s.s.data(), Tp);
   decode_softmax(s.s.data(), R, n, Tp, s.l.data());
   decode_pv<NH>(static_cast<const KVT*>(p.v), s.off.data(), n, s.s.data(), G, nkh, s.acc.data(), Tp);
   QT* out = static_cast<QT*>(p.out) + (qi * p.N + it.kh * G) * H;
@@ -597,8 +601,9 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
     return ffi::Error::InvalidArgument("inconsistent attention shapes");
   const auto qt = q.element_type(), kt = k.element_type();
   const bool q32 = qt == ffi::DataType::F32, k32 = kt == ffi::DataType::F32;
-  if ((!q32 && qt != ffi::DataType::BF16) || (!k32 && kt != ffi::DataType::BF16) || out->element_type() != qt)
-    return ffi::Error::InvalidArgument("q, out and k/v pages must be float32 or bfloat16");
+  const bool k16 = kt == ffi::DataType::BF16 || kt == ffi::DataType::U16;  // U16: bf16 bits
+  if ((!q32 && qt != ffi::DataType::BF16) || (!k32 && !k16) || out->element_type() != qt)
+    return ffi::Error::InvalidArgument("q and out must be float32 or bfloat16, k/v pages also uint16 (bf16 bits)");
   const int64_t covered = std::clamp<int64_t>(p.B ? p.qsl[p.B] : 0, 0, p.T);
   p.elem = q32 ? 4 : 2;
   std::memset(static_cast<char*>(p.out) + covered * p.N * p.H * p.elem, 0, (p.T - covered) * p.N * p.H * p.elem);
