@@ -51,6 +51,10 @@ class SplitPagesBackend:
     product: str = "xla"  # the layers' weight products (models/products.py)
     lm_head_product: str = "xla"
 
+    def page_dtype(self, compute_dtype, model_dtype) -> jnp.dtype:
+        """The cache's dtype for these activation and weight dtypes (``cache_shapes``' ``dtype``)."""
+        return jnp.dtype(compute_dtype)
+
     def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
         page = jax.ShapeDtypeStruct((num_pages, page_size, num_kv_heads, head_dim), dtype)
         return (page, page)
@@ -86,19 +90,19 @@ class CpuBackend(SplitPagesBackend):
     """The reference's split pages, attended by the C++ kernel (``pallas_kernels/cpu_ragged_paged_attention``)
     when it builds and takes the dtypes; otherwise by XLA: decode steps of at least ``group_min_rows``
     rows in ``decode_groups`` groups sorted by context length (less KV padding gathered), the rest
-    by the reference. When the kernel serves, pages hold bf16 (as vLLM CPU keeps them: half the
-    bytes the kernel streams) stored as their bits, uint16: XLA:CPU converts a whole bf16 operand
-    to f32 around a scatter, not a uint16 one. Otherwise pages are the activation dtype."""
+    by the reference. With bf16 weights and the kernel serving, pages hold bf16 (as vLLM CPU keeps
+    them: half the bytes the kernel streams) stored as their bits, uint16: XLA:CPU converts a whole
+    bf16 operand to f32 around a scatter, not a uint16 one. Otherwise pages are the activation dtype."""
 
     decode_groups: int = 2
     group_min_rows: int = 32
     use_kernel: bool = True
     bf16_pages: bool = True
 
-    def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
-        if self.bf16_pages and self.use_kernel and cpu_attention.available():
-            dtype = jnp.uint16  # bf16 bits
-        return super().cache_shapes(num_pages, page_size, num_kv_heads, head_dim, dtype)
+    def page_dtype(self, compute_dtype, model_dtype) -> jnp.dtype:
+        if self.bf16_pages and jnp.dtype(model_dtype) == jnp.bfloat16 and self.use_kernel and cpu_attention.available():
+            return jnp.dtype(jnp.uint16)  # bf16 bits
+        return jnp.dtype(compute_dtype)
 
     def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
         if cache[0].dtype != jnp.uint16:
@@ -126,6 +130,9 @@ class TpuBackend:
     split_reference: bool = False  # attend with the jnp reference instead (CPU tests of this layout)
     product: str = "xla"  # the layers' weight products (models/products.py)
     lm_head_product: str = "xla"
+
+    def page_dtype(self, compute_dtype, model_dtype) -> jnp.dtype:
+        return jnp.dtype(compute_dtype)
 
     def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
         if head_dim % 128 and not self.split_reference:

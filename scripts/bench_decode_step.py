@@ -52,7 +52,9 @@ def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int):
     backend, _, act = spec.split("@")[0].partition(":")
     compute = jnp.bfloat16 if act == "bf16" else jnp.float32
     graphdef = build_abstract(cfg, loaded.plan, jnp.bfloat16, backend=backend, compute_dtype=compute).graphdef
-    shapes = get_backend(backend).cache_shapes(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    attention = get_backend(backend)
+    shapes = attention.cache_shapes(num_pages, page_size, cfg.num_kv_heads, cfg.head_dim,
+                                    attention.page_dtype(compute, jnp.bfloat16))
     rng = np.random.default_rng(1)
     caches = [jax.tree.map(lambda s: _page_values(rng.standard_normal(s.shape, np.float32) * 0.5, s.dtype), shapes)
               for _ in range(cfg.num_layers)]

@@ -108,7 +108,8 @@ def test_cpu_says_once_that_gpu_memory_utilization_does_not_apply(caplog):
     from jaxserve.config import ServeConfig
     from jaxserve.engine.kv_cache_size import num_kv_blocks
 
-    loaded = SimpleNamespace(config=SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=16), compute_dtype=np.float32)
+    loaded = SimpleNamespace(config=SimpleNamespace(num_layers=2, num_kv_heads=2, head_dim=16), compute_dtype=np.float32,
+                             dtype=np.float32)
     cfg = ServeConfig(model="m", gpu_memory_utilization=0.9, kv_cache_memory_gib=0.001, block_size=16)
     with caplog.at_level(logging.INFO, logger="jaxserve.engine.kv_cache_size"):
         blocks = num_kv_blocks(cfg, loaded, 64, "cpu")

@@ -97,7 +97,9 @@ jax.monitoring.register_event_duration_secs_listener(compiles)
 def kv_block_bytes(loaded: LoadedModel, block_size: int, backend: str = "reference") -> int:
     """Bytes one KV block takes across all layers in ``backend``'s layout and page dtype."""
     c = loaded.config
-    shapes = get_backend(backend).cache_shapes(1, block_size, c.num_kv_heads, c.head_dim, loaded.compute_dtype)
+    attention = get_backend(backend)
+    dtype = attention.page_dtype(loaded.compute_dtype, loaded.dtype)
+    shapes = attention.cache_shapes(1, block_size, c.num_kv_heads, c.head_dim, dtype)
     return c.num_layers * sum(math.prod(s.shape) * jnp.dtype(s.dtype).itemsize for s in jax.tree.leaves(shapes))
 
 
@@ -240,14 +242,14 @@ class ModelRunner:
     def _allocate_caches(self, attention, num_blocks: int):
         """One zeroed cache per layer in the attention backend's layout; returns its shardings.
 
-        The cache holds activations in the backend's page dtype: on CPU float32 even with bf16
-        weights (XLA:CPU would convert a whole bf16 cache to scatter into it) unless the C++ kernel
-        serves (bf16 pages, ``CpuBackend``), the model dtype on accelerators. Each leaf is split
+        The cache holds activations in the backend's page dtype: the model dtype on accelerators;
+        on CPU bf16 (as uint16 bits) with bf16 weights when the C++ kernel serves (``CpuBackend``),
+        else float32 (XLA:CPU would convert a whole bf16 cache to scatter into it). Each leaf is split
         over the tensor-parallel devices by KV heads. Abstract runners get shapes only.
         """
         c, mesh = self.loaded.config, self.loaded.plan.mesh
         shapes = attention.cache_shapes(num_blocks, self.block_size, c.num_kv_heads, c.head_dim,
-                                        self.loaded.compute_dtype)
+                                        attention.page_dtype(self.loaded.compute_dtype, self.loaded.dtype))
         kv_sh = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), attention.cache_specs("model"))
 
         def allocate(shape: jax.ShapeDtypeStruct, sharding) -> jax.Array | jax.ShapeDtypeStruct:

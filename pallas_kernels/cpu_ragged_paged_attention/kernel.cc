@@ -4,11 +4,14 @@
 // the per-sequence metadata: sequence b owns the flat queries qsl[b] .. qsl[b+1], which are the last
 // q_len of its seq_lens[b] KV positions, stored in pages block_tables[b, :] of [P, S, K, H] pages.
 // Query i of b attends causally to positions <= seq_lens[b] - q_len + i. GQA: query head n reads KV
-// head n / G. Tokens past qsl[B] (padding) get zeros. Softmax in float32 (online, per KV tile).
+// head n / G. Tokens past qsl[B] (padding) get zeros. Softmax in float32. Pages: float32, or
+// bfloat16 (as such or as its bits, uint16), converted in registers.
 //
-// Work items are (sequence, KV head, block of up to kQueryBlock queries); each converts its KV
-// tiles to float32 once for all its G * queries rows. Items are shared by the calling thread and
-// the helpers it schedules on XLA's intra-op thread pool (the FFI execution context's).
+// Work items: a decode sequence (one query) over its KV heads, rows read in place from the pages
+// (run_decode); else (sequence, KV head, block of up to kQueryBlock queries), whose KV tiles are
+// converted to float32 once for all its G * queries rows (run_item, online softmax). Items are
+// shared by the calling thread and the helpers it schedules on XLA's intra-op thread pool (the FFI
+// execution context's).
 
 #include <algorithm>
 #include <atomic>

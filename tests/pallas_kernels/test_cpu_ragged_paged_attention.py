@@ -25,28 +25,52 @@ MIXES = {**MIXES, "tiles_and_blocks": ([40, 1, 17, 1, 33], [140, 77, 50, 33, 33]
 SHAPES = [(6, 2, 32), (8, 8, 64), (12, 2, 24)]  # (query heads, KV heads, head dim): GQA 3, MHA, H % 16 != 0
 
 
-def _kernel(q_dtype):
-    """``impl`` for ``check_against_dense``: the kernel on the per-sequence metadata, queries in ``q_dtype``."""
+def _kernel(q_dtype, bits: bool = False):
+    """``impl`` for ``check_against_dense``: the kernel on the per-sequence metadata, queries in
+    ``q_dtype``; ``bits``: bf16 pages handed over as their bits (uint16, the cpu backend's cache)."""
 
     @functools.partial(jax.jit, static_argnames="sm_scale")
     def impl(q, k_pages, v_pages, meta, *, sm_scale):
+        if bits:
+            k_pages, v_pages = (jax.lax.bitcast_convert_type(x, jnp.uint16) for x in (k_pages, v_pages))
         return cpu_ragged_paged_attention(q.astype(q_dtype), k_pages, v_pages, meta.query_start_loc,
                                           meta.seq_lens, meta.block_tables, sm_scale=sm_scale)
 
     return impl
 
 
-@pytest.mark.parametrize("dtypes", ["f32", "bf16_pages", "bf16"])
+@pytest.mark.parametrize("dtypes", ["f32", "bf16_pages", "bf16_bits_pages", "bf16"])
 def test_kernel_matches_the_dense_oracle(dtypes):
     """Every mix, each with one of the head shapes and page sizes in turn; pages NaN outside the
     sequences, scattered block tables, two padded sequences, five padding tokens."""
     dtype = jnp.float32 if dtypes == "f32" else jnp.bfloat16
-    impl = _kernel(jnp.bfloat16 if dtypes == "bf16" else jnp.float32)  # bf16_pages: f32 queries (the CPU default)
+    # bf16_pages / bf16_bits_pages: f32 queries (the CPU default)
+    impl = _kernel(jnp.bfloat16 if dtypes == "bf16" else jnp.float32, bits=dtypes == "bf16_bits_pages")
     for i, mix in enumerate(sorted(MIXES)):
         q_lens, kv_lens = MIXES[mix]
         n, k, h = SHAPES[i % len(SHAPES)]
         check_against_dense(impl, q_lens, kv_lens, n_heads=n, kv_heads=k, head_dim=h, page=(8, 16)[i % 2],
                             dtype=dtype, row_width=1, seed=i)
+
+
+# Decode sequences (one query each, run_decode): contexts over many pages and of one token, beside
+# a prefill chunk; 3 decode rows are split into one item per KV head, 12 are one item per sequence.
+DECODE_MIXES = {
+    "few_long": ([1, 9, 1, 1], [600, 40, 1, 1000]),
+    "many": ([1] * 12, [577, 1, 16, 17, 33, 250, 64, 5, 129, 300, 2, 48]),
+}
+# (query heads, KV heads, head dim, mix, bf16-bits pages): G = 8 at head dims 64 and 128, G = 1.
+DECODE_CASES = [(8, 1, 64, "few_long", False), (4, 4, 128, "many", True), (16, 2, 128, "few_long", True),
+                (8, 1, 64, "many", False)]
+
+
+def test_decode_items_match_the_dense_oracle():
+    """The decode path (rows read in place, f32 and bf16-bits pages) on long and one-token
+    contexts, G = 1 and 8, head dims 64 and 128; NaN-poisoned pages, empty sequence slots."""
+    for i, (n, k, h, mix, bits) in enumerate(DECODE_CASES):
+        q_lens, kv_lens = DECODE_MIXES[mix]
+        check_against_dense(_kernel(jnp.float32, bits=bits), q_lens, kv_lens, n_heads=n, kv_heads=k, head_dim=h,
+                            page=16, dtype=jnp.bfloat16 if bits else jnp.float32, row_width=1, seed=i, empty_slots=3)
 
 
 def _backend_step(backend, seed: int, dtype=jnp.float32):
@@ -61,23 +85,47 @@ def _backend_step(backend, seed: int, dtype=jnp.float32):
         tables.append(perm[used:used + -(-s // page)].tolist())
         used += len(tables[-1])
     meta = model_metadata(q_lens, seq_lens, tables, page, num_tokens=32, num_seqs=6, table_width=10)
-    cache = tuple(jnp.asarray(rng.randn(pages, page, k, h), dtype) for _ in range(2))
+    value = jnp.bfloat16 if dtype == jnp.uint16 else dtype  # uint16: bf16 bits (the cpu backend's pages)
+    cache = tuple(jnp.asarray(rng.randn(pages, page, k, h), value) for _ in range(2))
+    if dtype == jnp.uint16:
+        cache = tuple(jax.lax.bitcast_convert_type(x, jnp.uint16) for x in cache)
     q, kk, vv = (jnp.asarray(rng.randn(32, m, h), jnp.float32) for m in (n, k, k))
     fwd = jax.jit(functools.partial(backend.forward, sm_scale=h**-0.5))
-    o, new = fwd(q, kk.astype(dtype), vv.astype(dtype), cache, meta)
-    hlo = fwd.lower(q, kk.astype(dtype), vv.astype(dtype), cache, meta).as_text()
+    o, new = fwd(q, kk.astype(value), vv.astype(value), cache, meta)
+    hlo = fwd.lower(q, kk.astype(value), vv.astype(value), cache, meta).as_text()
+    if dtype == jnp.uint16:
+        new = tuple(jax.lax.bitcast_convert_type(x, jnp.bfloat16) for x in new)
     return np.asarray(o), tuple(np.asarray(x.astype(jnp.float32)) for x in new), hlo
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.uint16])
 def test_cpu_backend_step_equals_the_reference(dtype):
+    """uint16: the cpu backend's bf16-bits pages, against the reference over the same bf16 pages."""
     got, got_cache, hlo = _backend_step(BACKENDS["cpu"], 3, dtype)
-    want, want_cache, _ = _backend_step(SPLIT_REFERENCE, 3, dtype)
+    want, want_cache, _ = _backend_step(SPLIT_REFERENCE, 3, jnp.bfloat16 if dtype == jnp.uint16 else dtype)
     assert build.TARGET in hlo  # the kernel served the step
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     assert not np.any(got[29:])  # padding tokens
     for g, w in zip(got_cache, want_cache, strict=True):
         np.testing.assert_array_equal(g[1:], w[1:])  # the KV write is the reference's (page 0: padding)
+
+
+def test_cpu_backend_pages_are_bf16_bits_with_bf16_weights_and_take_half_the_bytes():
+    """The engine's cache and its sizing: with bf16 weights and the kernel, uint16 (bf16 bits)
+    pages; with f32 weights or the XLA fallback, the activation dtype. A KV block then takes half
+    the f32 bytes."""
+    from types import SimpleNamespace
+
+    from jaxserve.engine.model_runner import kv_block_bytes
+
+    f32, bf16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
+    assert BACKENDS["cpu"].page_dtype(f32, bf16) == jnp.uint16
+    assert BACKENDS["cpu"].page_dtype(f32, f32) == f32
+    assert BACKENDS["cpu_xla"].page_dtype(f32, bf16) == f32
+    config = SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=64)
+    loaded = lambda dtype: SimpleNamespace(config=config, compute_dtype=f32, dtype=dtype)  # noqa: E731
+    assert kv_block_bytes(loaded(bf16), 16, "reference") == kv_block_bytes(loaded(f32), 16, "cpu") == 3 * 2 * 16 * 2 * 64 * 4
+    assert kv_block_bytes(loaded(bf16), 16, "cpu") == 3 * 2 * 16 * 2 * 64 * 2
 
 
 @pytest.fixture
