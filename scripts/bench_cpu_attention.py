@@ -52,7 +52,7 @@ def _revision_backend(spec: str):
     from pathlib import Path
 
     from jaxserve.models import attention_backends as ab
-    from jaxserve.pallas_kernels.cpu_ragged_paged_attention import build
+    from jaxserve.pallas_kernels import cpu_ffi_build as build
 
     rev = spec.partition("+")[2]
     root = Path(__file__).resolve().parent.parent
@@ -73,7 +73,8 @@ def _revision_backend(spec: str):
             return call(q, k_pages, v_pages, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                         sm_scale=np.float32(sm_scale))
 
-    return RevisionBackend(spec, "reference")
+    cpu = ab.BACKENDS["cpu"]  # the same weight products as the cpu backend
+    return RevisionBackend(**{**{f.name: getattr(cpu, f.name) for f in dataclasses.fields(cpu)}, "name": spec})
 
 
 def main(argv: list[str] | None = None) -> int:
