@@ -172,6 +172,8 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
             continue
         frame = re.search(r"stack_frame_id=(\d+)", line)
         kinds[m.group(1)] = _kind(m.group(1), chain(frame.group(1)) if frame else [], comp in bodies)
+        if re.search(r'custom_call_target="jaxserve_cpu_(ragged_paged_attention|rpa_)', line):
+            kinds[m.group(1)] = "attention: C++ kernel (ffi_call)"
     return kinds
 
 
@@ -179,8 +181,6 @@ def _kind(name: str, frames: list[tuple[str, str]], in_loop: bool) -> str:
     fns = [f for f, _ in frames]
     if in_loop:
         return _KINDS[0][1]
-    if name.startswith(("custom-call", "ffi_call", "custom_call")):
-        return "attention: C++ kernel (ffi_call)"
     for fn, kind in _KINDS:
         if fn in fns:
             return kind
@@ -188,7 +188,7 @@ def _kind(name: str, frames: list[tuple[str, str]], in_loop: bool) -> str:
         i = fns.index("Linear.__call__") + 1
         caller = frames[i][1] if i < len(frames) else ""  # the line calling the projection
         proj = next((k for key, k in _LINEAR if key in caller), "other")
-        if name.startswith(("ynn_fusion", "dot")):
+        if name.startswith(("ynn_fusion", "dot", "ffi_call")):  # ffi_call: the C++ GEMM
             return f"product {proj}"
         return "Linear input convert (+ fused norm or SiLU)"
     for fn, kind in (("RMSNorm", "RMSNorm"), ("GatedMLP", "SiLU × up"), ("Embedding", "embedding"),
