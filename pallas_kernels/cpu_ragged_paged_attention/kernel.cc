@@ -410,9 +410,11 @@ void run_decode(const Problem& p, const Item& it, Scratch& s) {
   s.s.resize(static_cast<size_t>(R) * Tp);
   s.l.resize(R);
   s.acc.assign(static_cast<size_t>(R) * H, 0.0f);
-  decode_scores<NH>(static_cast<const KVT*>(p.k), static_cast<const KVT*>(p.v), s.off.data(), n, s.q.data(), G, nkh, s.s.data(), Tp);
+  const KVT* kp = static_cast<const KVT*>(p.k);
+  const KVT* vp = static_cast<const KVT*>(p.v);
+  decode_scores<NH>(kp, vp, s.off.data(), n, s.q.data(), G, nkh, s.s.data(), Tp);
   decode_softmax(s.s.data(), R, n, Tp, s.l.data());
-  decode_pv<NH>(static_cast<const KVT*>(p.v), s.off.data(), n, s.s.data(), G, nkh, s.acc.data(), Tp);
+  decode_pv<NH>(vp, s.off.data(), n, s.s.data(), G, nkh, s.acc.data(), Tp);
   QT* out = static_cast<QT*>(p.out) + (qi * p.N + it.kh * G) * H;
   for (int r = 0; r < R; ++r) {
     float* a = s.acc.data() + r * H;
