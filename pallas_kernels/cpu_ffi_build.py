@@ -2,9 +2,10 @@
 
 Shared by the CPU kernels (``cpu_ragged_paged_attention``, ``cpu_gemm``). The shared object is cached
 per user (``$JAXSERVE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/jaxserve/kernels``, else
-``~/.cache/jaxserve/kernels``) under a key of the source, the compiler's version, jaxlib's version,
-the flags and the host CPU's features (``-march=native`` code is the host's). Each build goes to a
-temporary file renamed into place, so concurrent processes may build at once. ``load()`` is
+``~/.cache/jaxserve/kernels``) under a key of the sources (every ``*.cc`` and ``*.h`` in the
+kernel's directory, names and contents, in sorted order: editing a header rebuilds), the compiler's
+version, jaxlib's version, the flags and the host CPU's features (``-march=native`` code is the
+host's). Each build goes to a temporary file renamed into place, so concurrent processes may build at once. ``load()`` is
 thread-safe (background compiles trace in threads) and never raises: when no compiler is found or
 the build fails it logs one warning and returns False, and callers fall back to XLA.
 """
@@ -52,8 +53,14 @@ def _cpu_features() -> str:
         return platform.processor() or platform.machine()
 
 
+def sources(directory: Path) -> list[Path]:
+    """The files a kernel's build reads: every ``*.cc`` and ``*.h`` in its directory, sorted by name."""
+    return sorted(p for p in directory.iterdir() if p.suffix in (".cc", ".h") and p.is_file())
+
+
 class FfiLibrary:
-    """One C++ source built into a shared object whose handler symbols become CPU FFI targets.
+    """The C++ sources of one directory (``source``'s) built into a shared object whose handler
+    symbols become CPU FFI targets; every ``*.cc`` there is compiled, ``*.h`` are included.
 
     ``targets`` maps each FFI target name to the handler symbol the source exports
     (``XLA_FFI_DEFINE_HANDLER_SYMBOL``); ``what`` names the kernel and ``fallback`` what replaces it
@@ -66,10 +73,14 @@ class FfiLibrary:
         self._state: dict[str, object] = {}  # "ok": bool once tried; "lib": the loaded library
 
     def library_path(self, cxx: str) -> Path:
-        """The cached shared object's path for this source, compiler, jaxlib and host."""
+        """The cached shared object's path for these sources, compiler, jaxlib and host."""
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
         h = hashlib.sha256()
-        for part in (self.source.read_bytes(), version.encode(), jaxlib.__version__.encode(), " ".join(FLAGS).encode(),
+        for src in sources(self.source.parent):
+            for part in (src.name.encode(), src.read_bytes()):
+                h.update(part)
+                h.update(b"\0")
+        for part in (version.encode(), jaxlib.__version__.encode(), " ".join(FLAGS).encode(),
                      _cpu_features().encode(), platform.machine().encode()):
             h.update(part)
             h.update(b"\0")
@@ -80,7 +91,8 @@ class FfiLibrary:
         fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".so.tmp", dir=dest.parent)
         os.close(fd)
         try:
-            cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(self.source), "-o", tmp]
+            units = [str(p) for p in sources(self.source.parent) if p.suffix == ".cc"]
+            cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *units, "-o", tmp]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if run.returncode:
                 raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr[-2000:]}")

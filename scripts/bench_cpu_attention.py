@@ -30,7 +30,7 @@ import numpy as np
 
 
 def register_variant(spec: str) -> str:
-    """Make ``cpu+REV`` (the cpu backend with ``kernel.cc`` as of git revision REV) and ``NAME/f32``
+    """Make ``cpu+REV`` (the cpu backend with the kernel's sources as of git revision REV) and ``NAME/f32``
     (backend NAME with float32 pages) known backends; returns ``spec``."""
     import dataclasses
 
@@ -56,12 +56,15 @@ def _revision_backend(spec: str):
 
     rev = spec.partition("+")[2]
     root = Path(__file__).resolve().parent.parent
-    src = subprocess.run(["git", "show", f"{rev}:pallas_kernels/cpu_ragged_paged_attention/kernel.cc"], cwd=root,
-                         capture_output=True, text=True, check=True).stdout
+    kdir = "pallas_kernels/cpu_ragged_paged_attention"
+    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{kdir}"], cwd=root, capture_output=True,
+                           text=True, check=True).stdout.split()
     d = Path(tempfile.mkdtemp(prefix="cpu_attention_rev_"))
-    (d / "kernel.cc").write_text(src)
-    subprocess.run([build.compiler(), *build.FLAGS, f"-I{jax.ffi.include_dir()}", str(d / "kernel.cc"), "-o",
-                    str(d / "kernel.so")], check=True)
+    for name in (n for n in names if n.endswith((".cc", ".h"))):  # the kernel's sources as of REV
+        (d / name).write_text(subprocess.run(["git", "show", f"{rev}:{kdir}/{name}"], cwd=root, capture_output=True,
+                                             text=True, check=True).stdout)
+    subprocess.run([build.compiler(), *build.FLAGS, f"-I{jax.ffi.include_dir()}",
+                    *(str(p) for p in build.sources(d) if p.suffix == ".cc"), "-o", str(d / "kernel.so")], check=True)
     target = f"jaxserve_cpu_rpa_{rev}"
     lib = ctypes.cdll.LoadLibrary(str(d / "kernel.so"))
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxserveCpuRaggedPagedAttention), platform="cpu")

@@ -1,0 +1,167 @@
+// Shared by the CPU attention kernel's files (included only by kernel.cc, one translation unit):
+// tile constants, 16-lane float vectors and their helpers (exp, horizontal sums, loads and
+// float32/bfloat16 conversions), the problem, its work items and the per-thread scratch.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+constexpr int L = 16;           // float lanes per vector
+constexpr int C = 32;           // KV tokens per tile
+constexpr int NC = C / L;       // vectors per tile row
+constexpr int kQueryBlock = 16; // queries per work item (prefill)
+constexpr int kDotRows = 8;     // items with at most this many rows use per-token dot products
+
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+
+inline vf splat(float x) { return vf{} + x; }
+inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
+inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+inline float hsum(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a, b;
+  std::memcpy(&a, &v, 32);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
+  a += b;
+  v4 c, d;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
+  c += d;
+  return (c[0] + c[2]) + (c[1] + c[3]);
+}
+
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) {
+  const uint32_t u = static_cast<uint32_t>(*p) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline float hmax(vf v) {
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  v8 a, b;
+  std::memcpy(&a, &v, 32);
+  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
+  a = a > b ? a : b;
+  v4 c, d;
+  std::memcpy(&c, &a, 16);
+  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
+  c = c > d ? c : d;
+  return std::max(std::max(c[0], c[2]), std::max(c[1], c[3]));
+}
+
+// out[i] = sum of a[i]'s lanes, for 16 vectors (a transposing reduction tree: 15 pairs of shuffles).
+inline vf reduce16(vf* a) {
+  const vi even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const vi odd = even + 1;
+  for (int w = L / 2; w > 0; w /= 2)
+    for (int i = 0; i < w; ++i)
+      a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) + __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
+  return a[0];
+}
+
+// exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); x < -87.3 (and -inf) gives exactly 0.
+inline vf vexp(vf x) {
+  const vi under = x < splat(-87.3f);
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vf fl = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
+  fl = fl > fx ? fl - 1.0f : fl;  // floor
+  const vi n = __builtin_convertvector(fl, vi);
+  x = x - fl * 0.693359375f + fl * 2.12194440e-4f;
+  const vf z = x * x;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const vi e = (n + 127) << 23;
+  vf p2;
+  std::memcpy(&p2, &e, sizeof p2);
+  y *= p2;
+  return under ? splat(0.0f) : y;
+}
+
+// Element types: float, or bfloat16 as its bits (uint16_t). load(p): L elements as floats.
+inline vf load(const float* p) { return loadu(p); }
+inline vf load(const uint16_t* p) {
+  typedef uint16_t vh __attribute__((vector_size(2 * L)));
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  const vi w = __builtin_convertvector(h, vi) << 16;
+  vf f;
+  std::memcpy(&f, &w, sizeof f);
+  return f;
+}
+template <typename T>
+inline void to_f32(const T* src, float* dst, int n) {
+  int i = 0;
+  for (; i + L <= n; i += L) storeu(dst + i, load(src + i));
+  for (; i < n; ++i) dst[i] = load1(src + i);
+}
+inline void from_f32(const float* src, float* dst, int n) { std::memcpy(dst, src, n * sizeof(float)); }
+inline void from_f32(const float* src, uint16_t* dst, int n) {  // round to nearest even, like XLA's convert
+  for (int i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, 4);
+    dst[i] = std::isnan(src[i]) ? static_cast<uint16_t>((u >> 16) | 0x40) : static_cast<uint16_t>((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+}
+
+struct Item {  // queries q0 .. q0 + nq of sequence b, KV heads kh .. kh_end
+  int b, kh, kh_end, q0, nq;
+  int64_t cost;
+  bool decode;  // one query whose rows are read in place (run_decode), else run_item's tiles
+};
+
+struct Problem {
+  const void* q;
+  const void* k;
+  const void* v;
+  const int32_t* qsl;
+  const int32_t* seq_lens;
+  const int32_t* tables;
+  void* out;
+  int64_t T, N, H, P, S, K, B, W;
+  float scale;
+  size_t elem;  // bytes per q / out element
+  std::vector<Item> items;
+};
+
+struct Scratch {  // per thread, grown on demand
+  std::vector<float> q, kt, kv, vv, s, acc, m, l;
+  std::vector<int> pos;
+  std::vector<int64_t> off;
+};
+
+// Asks for the K/V rows of tokens [t0, t1) of KV heads [kh, kh_end) ahead of their use (the pages are scattered).
+template <typename KVT>
+inline void prefetch_tile(const Problem& p, int64_t kh, int64_t kh_end, const int32_t* table, int64_t t0, int64_t t1) {
+  const KVT* kp = static_cast<const KVT*>(p.k);
+  const KVT* vp = static_cast<const KVT*>(p.v);
+  const int64_t bytes = (kh_end - kh) * p.H * static_cast<int64_t>(sizeof(KVT));
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t page = std::min<int64_t>(std::max<int32_t>(table[t / p.S], 0), p.P - 1);
+    const int64_t off = ((page * p.S + t % p.S) * p.K + kh) * p.H;
+    for (int64_t b = 0; b < bytes; b += 64) {
+      __builtin_prefetch(reinterpret_cast<const char*>(kp + off) + b);
+      __builtin_prefetch(reinterpret_cast<const char*>(vp + off) + b);
+    }
+  }
+}
+
+}  // namespace
