@@ -5,9 +5,9 @@ per user (``$JAXSERVE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/jaxserve/kernels``,
 ``~/.cache/jaxserve/kernels``) under a key of the sources (every ``*.cc`` and ``*.h`` in the
 kernel's directory, names and contents, in sorted order: editing a header rebuilds), the compiler's
 version, jaxlib's version, the flags and the host CPU's features (``-march=native`` code is the
-host's). Each build goes to a temporary file renamed into place, so concurrent processes may build at once. ``load()`` is
-thread-safe (background compiles trace in threads) and never raises: when no compiler is found or
-the build fails it logs one warning and returns False, and callers fall back to XLA.
+host's). Each build goes to a temporary file renamed into place, so concurrent processes may build
+at once. ``load()`` is thread-safe (background compiles trace in threads) and never raises: when no
+compiler is found or the build fails it logs one warning and returns False, and callers fall back to XLA.
 """
 
 from __future__ import annotations
