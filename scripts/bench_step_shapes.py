@@ -4,7 +4,9 @@ Builds the engine of a config (every shape compiled, no background compile), the
 shape's executable on the runner's zero inputs (padding tokens: no KV read, so attention is
 near-free and the figure is the step's fixed cost: projections, MLP, LM head over B rows), round
 robin ``--reps`` times; prints min and median ms per shape. For the scheduler's arithmetic: what a
-prefill step of T tokens costs against a decode step.
+prefill step of T tokens costs against a decode step. ``--shapes`` times only the listed shapes
+(``mixed:T/B`` or ``decode:B``, any row count, listed or not in the bucket policy: e.g. the same T
+at several row counts), compiled after start-up.
 
     .venv/bin/python scripts/bench_step_shapes.py --config configs/smollm2.yaml --reps 7 \\
         --compilation-cache-dir /tmp/xlacache_sched
@@ -20,17 +22,33 @@ import time
 import jax
 
 from jaxserve.config_loading import load_config
+from jaxserve.engine.compilation import StepShape
 from jaxserve.engine.llm_engine import LLMEngine
+
+
+def parse_shape(spec: str) -> StepShape:
+    """``mixed:T/B`` or ``decode:B``."""
+    kind, _, size = spec.partition(":")
+    if kind == "decode":
+        return StepShape(int(size), int(size), True)
+    t, b = size.split("/")
+    return StepShape(int(t), int(b), False)
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--shapes", default=None, help="comma-separated mixed:T/B or decode:B (default: every plain shape)")
     args, rest = p.parse_known_args()
-    config = load_config([*rest, "--no-background-compile"])
+    only = [parse_shape(x) for x in args.shapes.split(",")] if args.shapes else None
+    config = load_config([*rest, "--background-compile" if only else "--no-background-compile"])
     engine = LLMEngine(config, progress=False)
     runner = engine.runner
-    shapes = [s for s in runner.compiled_shapes if not (s.extras or s.grammar)]
+    if only:
+        runner.stop_background()
+        runner.compile_all(only)
+        runner.warm_up()
+    shapes = only or [s for s in runner.compiled_shapes if not (s.extras or s.grammar)]
     times: dict = {s: [] for s in shapes}
     for _ in range(args.reps):
         for s in shapes:

@@ -2,7 +2,13 @@
 
 Two families keep the count small:
 - decode-only steps (every sequence advances one token): ``B`` sequences, ``T = B``;
-- mixed steps (prefill chunks, possibly with decodes): ``T`` tokens, ``B = min(T, max_num_seqs)``.
+- mixed steps (prefill chunks, possibly with decodes): ``T`` tokens and ``B`` sequence (and logits)
+  rows, each chosen by its own count: the smallest token size that holds the step's tokens and
+  the smallest row size that holds its sequences (``mixed_rows``: ``min_mixed_rows`` times powers
+  of ``MIXED_ROWS_FACTOR`` below ``min(T, max_num_seqs)``, then that). On CPU a lone prompt then
+  does not pay for ``max_num_seqs`` rows of LM head and sampling (≈ 0.17 ms a row for SmolLM2);
+  on accelerators, where those rows cost next to nothing, each T keeps one row size
+  (``mixed_row_floor``), as many shapes as before.
 Decode sizes are powers of two, capped at ``max_num_seqs``. Mixed sizes are powers of two up to a
 step of ``MIN_PREFILL_STEP`` tokens, then every multiple of the step up to the budget
 (``_prefill_sizes``): a burst of prompts pads to the next multiple, not to the next power of two;
@@ -43,6 +49,8 @@ class StepShape:
     grammar: bool = False  # carries the packed grammar mask; runs as forward + sample
 
 
+MIXED_ROWS_FACTOR = 8  # mixed row sizes: min_mixed_rows × 1, 8, 64, ... (docs/benchmarks.md §15)
+CPU_MIN_MIXED_ROWS = 4
 MIN_PREFILL_STEP = 128  # smallest step between the large mixed buckets (docs/benchmarks.md §15)
 MAX_LINEAR_BUCKETS = 4  # the step grows (powers of two) so that at most this many multiples fit
 
@@ -54,6 +62,11 @@ def _prefill_sizes(lo: int, hi: int) -> list[int]:
         step *= 2
     out = [s for s in _powers_of_two(lo, hi) if s < min(step, hi)]
     return out + list(range(step, hi, step)) + [hi]
+
+
+def mixed_row_floor(platform: str, max_num_seqs: int) -> int:
+    """``BucketPolicy.min_mixed_rows`` for a platform: fewer rows only where rows cost (CPU)."""
+    return CPU_MIN_MIXED_ROWS if platform == "cpu" else max_num_seqs
 
 
 def _powers_of_two(lo: int, hi: int) -> list[int]:
@@ -74,6 +87,7 @@ class BucketPolicy:
     max_num_batched_tokens: int
     min_prefill_tokens: int = 16
     min_decode_batch: int = 1
+    min_mixed_rows: int = CPU_MIN_MIXED_ROWS  # fewest rows of a mixed step (>= max_num_seqs: one per T)
     sampling: bool = True  # False: no extras or grammar shapes (a pooling engine never samples)
 
     def __post_init__(self) -> None:
@@ -96,9 +110,22 @@ class BucketPolicy:
         b = next(s for s in self.decode_sizes if s >= num_seqs)
         return StepShape(b, b, True)
 
-    def mixed_shape(self, num_tokens: int) -> StepShape:
+    def mixed_rows(self, num_tokens: int) -> list[int]:
+        """Row sizes of the mixed steps of ``num_tokens`` (a prefill size): ``min_mixed_rows``
+        times powers of ``MIXED_ROWS_FACTOR`` below ``min(T, max_num_seqs)``, then that."""
+        top = min(num_tokens, self.max_num_seqs)
+        out, r = [], max(1, self.min_mixed_rows)
+        while r < top:
+            out.append(r)
+            r *= MIXED_ROWS_FACTOR
+        return [*out, top]
+
+    def mixed_shape(self, num_tokens: int, num_seqs: int | None = None) -> StepShape:
+        """The smallest mixed bucket holding ``num_tokens`` tokens and ``num_seqs`` sequences
+        (None: the most rows of that token size)."""
         t = next(s for s in self.prefill_sizes if s >= num_tokens)
-        return StepShape(t, min(t, self.max_num_seqs), False)
+        rows = self.mixed_rows(t)
+        return StepShape(t, rows[-1] if num_seqs is None else next(r for r in rows if r >= num_seqs), False)
 
     def shape_for(self, num_seqs: int, num_tokens: int, extras: bool = False, grammar: bool = False) -> StepShape:
         if num_seqs > self.max_num_seqs or num_tokens > self.max_num_batched_tokens:
@@ -110,7 +137,7 @@ class BucketPolicy:
             return dataclasses.replace(self._extras_shape(decode), grammar=True)
         if extras:
             return self._extras_shape(decode)
-        return self.decode_shape(num_seqs) if decode else self.mixed_shape(num_tokens)
+        return self.decode_shape(num_seqs) if decode else self.mixed_shape(num_tokens, num_seqs)
 
     def _extras_shape(self, decode: bool) -> StepShape:
         base = self.decode_shape(self.max_num_seqs) if decode else self.mixed_shape(self.max_num_batched_tokens)
@@ -121,11 +148,12 @@ class BucketPolicy:
         return sorted({self.decode_shape(self.max_num_seqs), self.mixed_shape(self.max_num_batched_tokens)})
 
     def background_order(self) -> list[StepShape]:
-        """Every other shape, most useful first: plain buckets by size (small decodes and short
-        prefills are the ones that run far below their padded ready shape), then the shapes only
-        logits processors and grammars use."""
+        """Every other shape, most useful first: plain buckets by tokens (small decodes and short
+        prefills are the ones that run far below their padded ready shape; at equal tokens the
+        decode step, the most frequent, then fewer rows first), then the shapes only logits
+        processors and grammars use."""
         rest = set(self.all_shapes()) - set(self.ready_shapes())
-        return sorted(rest, key=lambda s: (s.grammar, s.extras, s.num_tokens, s.decode_only, s.num_seqs))
+        return sorted(rest, key=lambda s: (s.grammar, s.extras, s.num_tokens, not s.decode_only, s.num_seqs))
 
     @staticmethod
     def fallback(shape: StepShape, available: Iterable[StepShape]) -> StepShape | None:
@@ -137,7 +165,7 @@ class BucketPolicy:
 
     def all_shapes(self) -> list[StepShape]:
         shapes = {self.decode_shape(b) for b in self.decode_sizes}
-        shapes |= {self.mixed_shape(t) for t in self.prefill_sizes}
+        shapes |= {StepShape(t, b, False) for t in self.prefill_sizes for b in self.mixed_rows(t)}
         if not self.sampling:
             return sorted(shapes)
         shapes |= {self._extras_shape(True), self._extras_shape(False)}

@@ -23,7 +23,7 @@ import jax
 
 from jaxserve.config import ServeConfig
 from jaxserve.engine.block_manager import BlockManager
-from jaxserve.engine.compilation import BucketPolicy
+from jaxserve.engine.compilation import BucketPolicy, mixed_row_floor
 from jaxserve.engine.grammar import GrammarCompiler
 from jaxserve.engine.interface import AdmittedRequest, EngineInfo, EngineMetrics, admit
 from jaxserve.engine.kv_cache_size import device_bytes_in_use, num_kv_blocks
@@ -204,7 +204,8 @@ class LLMEngine:
     ) -> ModelRunner:
         config = self.config
         buckets = BucketPolicy(config.max_num_seqs, config.max_num_batched_tokens,
-                               min_decode_batch=min_decode_batch(dtype, platform))
+                               min_decode_batch=min_decode_batch(dtype, platform),
+                               min_mixed_rows=mixed_row_floor(platform, config.max_num_seqs))
         return ModelRunner(
             loaded, num_blocks=blocks, block_size=config.block_size, max_model_len=self.max_model_len, buckets=buckets,
             backend=backend, lora=self.loras,

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from jaxserve.config import ServeConfig
-from jaxserve.engine.compilation import BucketPolicy
+from jaxserve.engine.compilation import BucketPolicy, mixed_row_floor
 from jaxserve.engine.embedders import decoder_pooling, matryoshka_dimensions, uses_paged_engine
 from jaxserve.engine.embedding_engine import EmbeddingEngine, EmbedInfo
 from jaxserve.engine.llm_engine import LLMEngine, min_decode_batch
@@ -89,7 +89,8 @@ class PoolingEngine(LLMEngine):
             loaded, pooling=self.pooling, num_blocks=blocks, block_size=c.block_size,
             max_model_len=self.max_model_len, backend=backend,
             buckets=BucketPolicy(c.max_num_seqs, c.max_num_batched_tokens,
-                                 min_decode_batch=min_decode_batch(dtype, platform), sampling=False),
+                                 min_decode_batch=min_decode_batch(dtype, platform), sampling=False,
+                                 min_mixed_rows=mixed_row_floor(platform, c.max_num_seqs)),
         )
 
     @property
