@@ -15,6 +15,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve.models.attention_backends import KVCache, get_backend
@@ -53,13 +54,23 @@ def build_host_metadata(
 
     ``decode_only`` defaults to whether every sequence has at most one query.
     """
+    return host_metadata_and_positions(q_lens, seq_lens, block_tables, page_size, num_tokens=num_tokens,
+                                       num_seqs=num_seqs, table_width=table_width, decode_only=decode_only)[0]
+
+
+def host_metadata_and_positions(
+    q_lens: list[int], seq_lens: list[int], block_tables: list[list[int]], page_size: int, *,
+    num_tokens: int, num_seqs: int, table_width: int, decode_only: bool | None = None,
+) -> tuple[AttentionMetadata, np.ndarray]:
+    """``build_host_metadata`` and each new token's position (i32[T], 0 for padding), computed
+    once by ``pack_sequences`` for both (the model's RoPE positions are the KV slots' positions)."""
     if decode_only is None:
         decode_only = all(q <= 1 for q in q_lens)
     elif decode_only and any(q > 1 for q in q_lens):
         raise ValueError("decode_only metadata cannot hold a sequence with more than one query")
-    arrays = pack_sequences(q_lens, seq_lens, block_tables, page_size, num_tokens=num_tokens, num_seqs=num_seqs,
-                            table_width=table_width)
-    return AttentionMetadata(*arrays, decode_only=decode_only)
+    *arrays, positions = pack_sequences(q_lens, seq_lens, block_tables, page_size, num_tokens=num_tokens,
+                                        num_seqs=num_seqs, table_width=table_width)
+    return AttentionMetadata(*arrays, decode_only=decode_only), positions
 
 
 def abstract_metadata(num_tokens: int, num_seqs: int, table_width: int, decode_only: bool) -> AttentionMetadata:

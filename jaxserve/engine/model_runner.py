@@ -45,7 +45,7 @@ from jaxserve.engine.logits_processors import (
 from jaxserve.engine.sampler import LogprobsOut, SamplingTensors, build_sampling_tensors
 from jaxserve.engine.scheduler import ScheduledRequest
 from jaxserve.engine.step_functions import build_forward, build_sample, build_step, program_key, split_inputs
-from jaxserve.models.attention import abstract_metadata, build_host_metadata
+from jaxserve.models.attention import abstract_metadata, host_metadata_and_positions
 from jaxserve.models.attention_backends import KVCache, get_backend
 from jaxserve.request import PLACEHOLDER, Request
 from jaxserve.weights.loader import LoadedModel
@@ -265,12 +265,10 @@ class ModelRunner:
         self, shape: StepShape, scheduled: list[ScheduledRequest], seeds: list[int], prev_rows: dict[str, int]
     ) -> tuple:
         """The step's host arrays, padded to ``shape`` (the fused step's argument order)."""
-        q_lens = [s.num_tokens for s in scheduled]
-        starts = [s.start for s in scheduled]
-        tokens, prev_idx, positions, logits_indices = self._token_arrays(shape, scheduled, q_lens, starts, prev_rows)
-        meta = build_host_metadata(
-            q_lens,
-            [a + q for a, q in zip(starts, q_lens, strict=True)],
+        tokens, prev_idx = self._token_arrays(shape, scheduled, prev_rows)
+        meta, positions = host_metadata_and_positions(
+            [s.num_tokens for s in scheduled],
+            [s.start + s.num_tokens for s in scheduled],
             [s.request.block_ids for s in scheduled],
             self.block_size,
             num_tokens=shape.num_tokens,
@@ -278,6 +276,8 @@ class ModelRunner:
             table_width=self.table_width,
             decode_only=shape.decode_only,
         )
+        # Each sequence's last token (padding rows: the step's last token; their samples are unused).
+        logits_indices = np.maximum(meta.query_start_loc[1:] - 1, 0)
         sampling = build_sampling_tensors(
             [s.request.params for s in scheduled],
             seeds,
@@ -292,11 +292,10 @@ class ModelRunner:
 
     @staticmethod
     def _token_arrays(
-        shape: StepShape, scheduled: list[ScheduledRequest], q_lens: list[int], starts: list[int],
-        prev_rows: dict[str, int],
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Token ids (0 where in flight), the previous step's output row of each in-flight token
-        (-1: known on the host), positions, and each sequence's last token index."""
+        shape: StepShape, scheduled: list[ScheduledRequest], prev_rows: dict[str, int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids (0 where in flight) and the previous step's output row of each in-flight token
+        (-1: known on the host). Positions and logits rows come from the attention metadata."""
         flat: list[int] = []
         pending: list[tuple[int, int]] = []  # (token index, previous step's row) of in-flight tokens
         for s in scheduled:
@@ -304,19 +303,13 @@ class ModelRunner:
             if flat[-1] == PLACEHOLDER:  # only a sequence's last token can still be in flight
                 pending.append((len(flat) - 1, prev_rows[s.request.request_id]))
                 flat[-1] = 0
-        t, n = len(flat), len(scheduled)
         tokens = np.zeros(shape.num_tokens, np.int32)
-        tokens[:t] = flat
+        tokens[: len(flat)] = flat
         prev_idx = np.full(shape.num_tokens, -1, np.int32)
         if pending:
             idx, rows = zip(*pending, strict=True)
             prev_idx[list(idx)] = rows
-        ends = np.cumsum(q_lens)
-        positions = np.zeros(shape.num_tokens, np.int32)
-        positions[:t] = np.arange(t) + np.repeat(np.asarray(starts) - (ends - q_lens), q_lens)
-        logits_indices = np.zeros(shape.num_seqs, np.int32)
-        logits_indices[:n] = ends - 1
-        return tokens, prev_idx, positions, logits_indices
+        return tokens, prev_idx
 
     def _lora_slots(self, shape: StepShape, scheduled: list[ScheduledRequest]) -> np.ndarray | None:
         """Each token's adapter slot (-1: the base model and padding); None without LoRA."""

@@ -22,7 +22,7 @@ from jax.tree_util import PyTreeDef
 from jaxserve.engine.compilation import BucketPolicy, StepShape
 from jaxserve.engine.model_runner import ModelRunner, _local
 from jaxserve.engine.scheduler import ScheduledRequest
-from jaxserve.models.attention import AttentionMetadata, abstract_metadata, build_host_metadata
+from jaxserve.models.attention import AttentionMetadata, abstract_metadata, host_metadata_and_positions
 from jaxserve.models.attention_backends import KVCache
 from jaxserve.models.bert import PoolingConfig, pool
 from jaxserve.weights.loader import LoadedModel
@@ -92,21 +92,14 @@ class PoolingRunner(ModelRunner):
 
     def _host_inputs(self, shape: StepShape, scheduled: list[ScheduledRequest]) -> tuple:
         tokens = np.zeros(shape.num_tokens, np.int32)
-        positions = np.zeros(shape.num_tokens, np.int32)
-        last = np.zeros(shape.num_seqs, np.int32)
-        t = 0
-        for b, s in enumerate(scheduled):
-            n = s.num_tokens
-            tokens[t: t + n] = s.request.tokens(s.start, s.start + n)
-            positions[t: t + n] = np.arange(s.start, s.start + n)
-            last[b] = t + n - 1
-            t += n
-        meta = build_host_metadata(
+        flat = [t for s in scheduled for t in s.request.tokens(s.start, s.start + s.num_tokens)]
+        tokens[: len(flat)] = flat
+        meta, positions = host_metadata_and_positions(
             [s.num_tokens for s in scheduled], [s.start + s.num_tokens for s in scheduled],
             [s.request.block_ids for s in scheduled], self.block_size, num_tokens=shape.num_tokens,
             num_seqs=shape.num_seqs, table_width=self.table_width, decode_only=shape.decode_only,
         )
-        return tokens, positions, meta, last
+        return tokens, positions, meta, np.maximum(meta.query_start_loc[1:] - 1, 0)
 
     def _run(self, shape: StepShape, inputs: tuple) -> jax.Array:
         (step,) = self._compiled[shape]

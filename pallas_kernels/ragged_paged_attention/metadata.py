@@ -90,11 +90,13 @@ def pack_sequences(
     num_tokens: int,
     num_seqs: int,
     table_width: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(slot_mapping i32[T], query_start_loc i32[B+1], seq_lens i32[B], block_tables i32[B, W]) on the host.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(slot_mapping i32[T], query_start_loc i32[B+1], seq_lens i32[B], block_tables i32[B, W],
+    positions i32[T]) on the host.
 
     ``q_lens[b]`` new tokens of sequence ``b`` are its last positions ``seq_lens[b] - q_lens[b]
-    .. seq_lens[b] - 1``. Raises ValueError when the batch does not fit the given static sizes.
+    .. seq_lens[b] - 1`` (``positions``, 0 for padding tokens: the model's RoPE positions too).
+    Raises ValueError when the batch does not fit the given static sizes.
     """
     n = len(q_lens)
     if not (len(seq_lens) == len(block_tables) == n):
@@ -120,8 +122,9 @@ def pack_sequences(
     qsl = np.zeros(num_seqs + 1, np.int32)
     sl = np.zeros(num_seqs, np.int32)
     bt = np.zeros((num_seqs, table_width), np.int32)
+    positions = np.zeros(num_tokens, np.int32)
     if n == 0:
-        return slot_mapping, qsl, sl, bt
+        return slot_mapping, qsl, sl, bt, positions
     need_n = np.asarray(need, np.int64)
     rows = np.repeat(np.arange(n), need_n)
     bt[rows, np.arange(rows.size) - np.repeat(np.cumsum(need_n) - need_n, need_n)] = flat_pages
@@ -132,7 +135,8 @@ def pack_sequences(
     seq = np.repeat(np.arange(n), q_n)  # each new token's sequence
     pos = np.arange(total) + np.repeat(s_n - q_n - qsl[:n], q_n)  # its position in that sequence
     slot_mapping[:total] = bt[seq, pos // page_size].astype(np.int64) * page_size + pos % page_size
-    return slot_mapping, qsl, sl, bt
+    positions[:total] = pos
+    return slot_mapping, qsl, sl, bt, positions
 
 
 def build_host_metadata(
@@ -151,7 +155,7 @@ def build_host_metadata(
     needed = sum(-(-int(q) // row_width) for q in q_lens)
     if needed > num_rows:
         raise ValueError(f"batch needs {needed} rows, more than num_rows={num_rows}")
-    slots, qsl, sl, bt = pack_sequences(q_lens, seq_lens, block_tables, page_size, num_tokens=num_tokens,
+    slots, qsl, sl, bt, _ = pack_sequences(q_lens, seq_lens, block_tables, page_size, num_tokens=num_tokens,
                                         num_seqs=num_seqs, table_width=table_width)
     meta = with_rows(slots, qsl, sl, bt, num_rows=num_rows, row_width=row_width)
     return jax.tree.map(np.asarray, meta)

@@ -15,6 +15,7 @@ def _per_token(q_lens, seq_lens, tables, page, *, num_tokens, num_seqs, table_wi
     qsl = np.zeros(num_seqs + 1, np.int32)
     sl = np.zeros(num_seqs, np.int32)
     bt = np.zeros((num_seqs, table_width), np.int32)
+    positions = np.zeros(num_tokens, np.int32)
     t = 0
     for b, (q, s, pages) in enumerate(zip(q_lens, seq_lens, tables, strict=True)):
         used = -(-s // page)
@@ -22,10 +23,11 @@ def _per_token(q_lens, seq_lens, tables, page, *, num_tokens, num_seqs, table_wi
         sl[b] = s
         for pos in range(s - q, s):
             slots[t] = pages[pos // page] * page + pos % page
+            positions[t] = pos
             t += 1
         qsl[b + 1] = t
     qsl[len(q_lens) + 1 :] = t
-    return slots, qsl, sl, bt
+    return slots, qsl, sl, bt, positions
 
 
 @pytest.mark.parametrize("seed", range(6))
