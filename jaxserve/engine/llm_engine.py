@@ -28,7 +28,8 @@ from jaxserve.engine.grammar import GrammarCompiler
 from jaxserve.engine.interface import AdmittedRequest, EngineInfo, EngineMetrics, admit
 from jaxserve.engine.kv_cache_size import device_bytes_in_use, num_kv_blocks
 from jaxserve.engine.lora_slots import LoraNotFoundError, LoraRef, LoraSlots
-from jaxserve.engine.model_runner import ModelRunner, StepHandle, compiles
+from jaxserve.engine.model_runner import ModelRunner, StepHandle
+from jaxserve.engine.step_executables import compiles
 from jaxserve.engine.output_processor import OutputProcessor, RequestOutput
 from jaxserve.engine.request_stats import RequestStats
 from jaxserve.engine.scheduler import Scheduler, SchedulerOutput
