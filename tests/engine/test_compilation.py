@@ -104,7 +104,7 @@ def test_decode_floor_holds_with_one_sequence():
 class _Compiles:
     """Records jax's compile events while active (the no-compile detector). Its listener is
     registered once and never cleared: clearing every listener would also remove the engine's own
-    (``model_runner.compiles``, the ``compiles_while_serving`` metric)."""
+    (``step_executables.compiles``, the ``compiles_while_serving`` metric)."""
 
     _active: list[list[str]] = []
 
