@@ -1,5 +1,5 @@
 """The packaging config ships every kernel package and its C++ source (a non-editable install that
-lacked ``kernel.cc`` would silently fall back to XLA's own products)."""
+lacked ``kernel.cc`` or its headers would silently fall back to XLA's own products)."""
 
 import fnmatch
 import tomllib
@@ -19,7 +19,7 @@ def uncovered(setuptools: dict, root: Path) -> list[str]:
             pkg = ".".join((name, *rel))
             if pkg not in packages:
                 missing.append(pkg)
-            for source in sorted(init.parent.glob("*.cc")):
+            for source in sorted([*init.parent.glob("*.cc"), *init.parent.glob("*.h")]):
                 if not any(fnmatch.fnmatch(source.name, pat) for pat in data.get(pkg, [])):
                     missing.append(f"{pkg}:{source.name}")
     return missing
@@ -41,3 +41,4 @@ def test_check_detects_a_missing_package_and_source() -> None:
     assert "jaxserve.pallas_kernels.cpu_gemm" in missing
     assert "jaxserve.pallas_kernels.cpu_gemm:kernel.cc" in missing
     assert "jaxserve.pallas_kernels.cpu_ragged_paged_attention:kernel.cc" in missing
+    assert "jaxserve.pallas_kernels.cpu_ragged_paged_attention:decode.h" in missing
