@@ -6,7 +6,9 @@ KV shows up in the output.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,3 +79,17 @@ def check_against_dense(
         start += ql
     assert np.all(got[total:] == 0), "padding tokens must produce zeros"
     assert np.isfinite(got).all()
+
+
+def failing_kernel_build(build: Any, tmp_path: Path, monkeypatch: Any) -> Iterator[None]:
+    """Body of a fixture: a compiler that reports a version and fails every build, and an empty kernel
+    cache for ``build`` (a kernel's build module); the outcome is forgotten before and after, so
+    later tests build (or load) the kernel again."""
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo broken 1.0; exit 0; }\necho "error: no" >&2; exit 1\n')
+    cxx.chmod(0o755)
+    monkeypatch.setenv("CXX", str(cxx))
+    monkeypatch.setenv("JAXSERVE_KERNEL_CACHE", str(tmp_path / "cache"))
+    build.reset()
+    yield
+    build.reset()

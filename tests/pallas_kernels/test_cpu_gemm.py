@@ -15,6 +15,7 @@ from jaxserve.models import products
 from jaxserve.pallas_kernels.cpu_ffi_build import cache_dir
 from jaxserve.pallas_kernels.cpu_gemm import build
 from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gemm
+from tests.pallas_kernels.helpers import failing_kernel_build
 
 # (M, N, K): K tails (100, 33, 1, 1537), N tails of every width below the 8- and 4-row tiles,
 # M tails of 1-3 rows beside 4-row tiles, SmolLM2's shapes, a prefill-sized M.
@@ -89,16 +90,7 @@ def test_products_use_the_gemm_for_small_bf16_products_only():
 
 @pytest.fixture
 def failing_build(tmp_path, monkeypatch):
-    """A compiler that reports a version and fails every build, and an empty kernel cache; the
-    outcome is forgotten before and after, so later tests build (or load) the kernel again."""
-    cxx = tmp_path / "broken-c++"
-    cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo broken 1.0; exit 0; }\necho "error: no" >&2; exit 1\n')
-    cxx.chmod(0o755)
-    monkeypatch.setenv("CXX", str(cxx))
-    monkeypatch.setenv("JAXSERVE_KERNEL_CACHE", str(tmp_path / "cache"))
-    build.reset()
-    yield
-    build.reset()
+    yield from failing_kernel_build(build, tmp_path, monkeypatch)
 
 
 def test_failed_build_falls_back_to_xla(failing_build, caplog):

@@ -17,7 +17,7 @@ from jaxserve.pallas_kernels.cpu_ragged_paged_attention import build
 from jaxserve.pallas_kernels.cpu_ragged_paged_attention.ops import cpu_ragged_paged_attention
 from jaxserve.sampling_params import SamplingParams
 from tests.engine.engine_helpers import make_engine
-from tests.pallas_kernels.helpers import MIXES, check_against_dense
+from tests.pallas_kernels.helpers import MIXES, check_against_dense, failing_kernel_build
 
 # Besides the shared mixes: prefill blocks of 16 queries and KV tiles of 32 tokens cut mid-page,
 # a chunk over a long cached prefix, decode rows beside it.
@@ -131,16 +131,7 @@ def test_cpu_backend_pages_are_bf16_bits_with_bf16_weights_and_take_half_the_byt
 
 @pytest.fixture
 def failing_build(tmp_path, monkeypatch):
-    """A compiler that reports a version and fails every build, and an empty kernel cache; the
-    outcome is forgotten before and after, so later tests build (or load) the kernel again."""
-    cxx = tmp_path / "broken-c++"
-    cxx.write_text('#!/bin/sh\n[ "$1" = --version ] && { echo broken 1.0; exit 0; }\necho "error: no" >&2; exit 1\n')
-    cxx.chmod(0o755)
-    monkeypatch.setenv("CXX", str(cxx))
-    monkeypatch.setenv("JAXSERVE_KERNEL_CACHE", str(tmp_path / "cache"))
-    build.reset()
-    yield
-    build.reset()
+    yield from failing_kernel_build(build, tmp_path, monkeypatch)
 
 
 def test_failed_build_falls_back_to_xla(failing_build, caplog):
