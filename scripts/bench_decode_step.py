@@ -1,7 +1,8 @@
 """Decode- or prefill-step A/B benchmark: one model, several variants (attention backend, activation
 dtype, XLA options), timed interleaved in one process (A B A B ...), min and median per variant.
 
-Each variant is the model's forward (all layers, LM head, greedy argmax). Decode (default): over
+Each variant is the model's forward (all layers, LM head) and the engine's sampler (greedy unless
+the variant names another mode after ``#``: ``cpu#topp``, ``cpu#argmax``). Decode (default): over
 ``--batch`` sequences whose contexts are drawn from ``--context`` (lo,hi). Prefill (``--prefill
 T,L[,C]``): a mixed step of T tokens (the engine's bucket, ``min(T, --max-num-seqs)`` sequences)
 packed with prompts of L new tokens each after C cached ones, the last prompt chunked to fill T.
@@ -43,12 +44,37 @@ def load(model: str, backend: str):
     return load_model(source, cfg, jnp.bfloat16, backend=backend, compute_dtype=jnp.float32, progress=False), cfg
 
 
-def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int):
-    """``backend[:bf16][@xla_option=value...]`` -> (jitted step, caches). The step returns (argmax
-    tokens, caches); the options after ``@`` (``+``-separated) go to XLA's compiler for this variant."""
+SAMPLING = {  # ``#name`` of a variant: the engine's sampler with these settings on every row, or argmax
+    "greedy": {"temperature": 0.0},
+    "temp": {"temperature": 0.8},
+    "topp": {"temperature": 0.8, "top_p": 0.95},
+    "argmax": None,
+}
+
+
+def sampler(mode: str, rows: int):
+    """``(logits) -> tokens`` of the sampling mode: ``jnp.argmax``, or the engine's ``sample``."""
+    from jaxserve.engine.logits_processors import _no_extras
+    from jaxserve.engine.sampler import build_sampling_tensors, sample
+    from jaxserve.sampling_params import SamplingParams
+
+    if SAMPLING[mode] is None:
+        return lambda logits: jnp.argmax(logits, axis=-1)
+    params = [SamplingParams(**SAMPLING[mode]) for _ in range(rows)]
+    st = build_sampling_tensors(params, list(range(rows)), [0] * rows, rows)
+    extras = _no_extras(rows)
+    return lambda logits: sample(logits, st, extras)[0]
+
+
+def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int, rows: int):
+    """``backend[:bf16][@xla_option=value...][#sampling]`` -> (jitted step, caches). The step returns
+    (sampled tokens, caches), sampled by the engine's sampler (``greedy`` unless ``#`` names another
+    ``SAMPLING`` mode); the options after ``@`` (``+``-separated) go to XLA's compiler."""
     from jaxserve.models.attention_backends import get_backend
     from jaxserve.weights.abstract_model import build_abstract
 
+    spec, _, mode = spec.partition("#")
+    pick = sampler(mode or "greedy", rows)
     backend, _, act = spec.split("@")[0].partition(":")
     compute = jnp.bfloat16 if act == "bf16" else jnp.float32
     graphdef = build_abstract(cfg, loaded.plan, jnp.bfloat16, backend=backend, compute_dtype=compute).graphdef
@@ -62,7 +88,7 @@ def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int):
     def step(state, caches, tokens, positions, meta, idx):
         model = nnx.merge(graphdef, state)
         logits, caches = model(tokens, positions, caches, meta, idx)
-        return jnp.argmax(logits, axis=-1), caches
+        return pick(logits), caches
 
     return jax.jit(step, donate_argnums=(1,)), caches
 
@@ -136,6 +162,11 @@ _KINDS = (  # (function on the stack or source text of a frame, kind), first mat
     ("grouped_decode_attention", "attention: other (row layout, normalise, transposes)"),
     ("row_layout", "attention: other (row layout, normalise, transposes)"),
     ("apply_rope", "RoPE"),
+    ("first_argmax", "sampling: greedy argmax"),
+    ("random_path", "sampling: temperature path"),
+    ("compute_logprobs", "sampling: logprobs"),
+    ("sample", "sampling: other"),
+    ("argmax", "sampling: jnp.argmax"),
 )
 _LINEAR = (("qkv_proj", "q/k/v"), ("o_proj", "o"), ("gate_proj", "gate/up"), ("up_proj", "gate/up"),
            ("down_proj", "down"), ("lm_head", "LM head"))
@@ -242,9 +273,10 @@ def compile_variants(loaded, cfg, specs: list[str], inputs: tuple, args: argpars
     """spec -> [compiled step, caches, last argmax] (each run once; HLO written under ``--profile``)."""
     runs = {}
     for spec in specs:
-        fn, caches = build_variant(loaded, cfg, spec, args.num_pages, args.page_size)
+        fn, caches = build_variant(loaded, cfg, spec, args.num_pages, args.page_size, len(inputs[3]))
         t = time.perf_counter()
-        options = dict(_option(o) for o in spec.split("@")[1].split("+")) if "@" in spec else None
+        opts = spec.partition("#")[0]
+        options = dict(_option(o) for o in opts.split("@")[1].split("+")) if "@" in opts else None
         compiled = fn.lower(loaded.state, caches, *inputs).compile(compiler_options=options)
         out, caches = compiled(loaded.state, caches, *inputs)
         runs[spec] = [compiled, caches, jax.block_until_ready(out)]
@@ -329,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for spec in specs:
         if spec.startswith("cpu"):
-            register_variant(spec.split("@")[0].partition(":")[0])
-    loaded, cfg = load(args.model, specs[0].partition(":")[0].split("@")[0])
+            register_variant(spec.partition("#")[0].split("@")[0].partition(":")[0])
+    loaded, cfg = load(args.model, specs[0].partition("#")[0].partition(":")[0].split("@")[0])
     ctx = tuple(int(x) for x in args.context.split(","))
     width = -(-args.max_model_len // args.page_size)
     if args.prefill:

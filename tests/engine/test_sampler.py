@@ -37,14 +37,25 @@ def _np_filter(p: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndar
     return np.where(keep, p, 0.0)
 
 
-@pytest.mark.parametrize("top_k,top_p,min_p", [(3, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.2), (5, 0.5, 0.05), (1, 1.0, 0.0)])
-def test_filters_match_numpy(top_k, top_p, min_p):
+@pytest.mark.parametrize("prefixes", [(64,), (4,), (4, 12)])  # the full sort; short prefixes, then the sort
+@pytest.mark.parametrize("top_k,top_p,min_p", [(3, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.2), (5, 0.5, 0.05), (1, 1.0, 0.0),
+                                               (20, 1.0, 0.0), (0, 0.3, 0.0)])
+def test_filters_match_numpy(top_k, top_p, min_p, prefixes):
     rng = np.random.RandomState(0)
     probs = rng.dirichlet(np.ones(50) * 0.5, size=3).astype(np.float32)
+    probs[2] = rng.dirichlet(np.ones(50) * 0.05)  # a peaked row: its cuts lie inside a short prefix
     st = _st([SamplingParams(temperature=1.0, top_k=top_k, top_p=top_p, min_p=min_p)] * 3)
-    got = np.asarray(_filter_probs(jax.numpy.asarray(probs), st))
+    got = np.asarray(jax.jit(_filter_probs, static_argnums=2)(jax.numpy.asarray(probs), st, prefixes))
     for row in range(3):
         np.testing.assert_allclose(got[row], _np_filter(probs[row], top_k, top_p, min_p), rtol=1e-6)
+
+
+def test_filters_leave_rows_without_filters_alone():
+    probs = np.random.RandomState(5).dirichlet(np.ones(40), size=3).astype(np.float32)
+    params = [SamplingParams(temperature=1.0, top_k=2), SamplingParams(temperature=1.0), SamplingParams(temperature=0, top_k=2)]
+    got = np.asarray(_filter_probs(jax.numpy.asarray(probs), _st(params), (8,)))
+    np.testing.assert_allclose(got[0], _np_filter(probs[0], 2, 1.0, 0.0), rtol=1e-6)
+    np.testing.assert_array_equal(got[1:], probs[1:])  # no filter asked; greedy rows ignore theirs
 
 
 def test_greedy_rows_take_argmax_and_mix_with_random_rows():
@@ -108,5 +119,13 @@ def test_logprobs_are_raw_model_log_softmax():
 def test_first_argmax_matches_numpy_including_ties():
     from jaxserve.engine.sampler import first_argmax
 
-    x = np.random.RandomState(4).randint(0, 5, size=(8, 300)).astype(np.float32)  # many ties
-    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), np.argmax(x, axis=-1))
+    rng = np.random.RandomState(4)
+    x = rng.randint(0, 5, size=(8, 300)).astype(np.float32)  # many ties
+    x[1, 7], x[2, 299], x[3, 130], x[3, 200] = 9, 9, 9, 9  # maxima in the first, last (partial) and a middle block
+    x[4] = -np.inf
+    x[5, 140] = np.nan  # a NaN row gives the last index
+    want = np.argmax(x, axis=-1)
+    want[5] = 299
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), want)
+    y = rng.standard_normal((3, 49152)).astype(np.float32)  # the served vocabulary's size
+    np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(y)), np.argmax(y, axis=-1))
