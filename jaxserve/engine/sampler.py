@@ -103,7 +103,6 @@ def compute_logprobs(logits_BV: jax.Array, tokens_B: jax.Array, want_B: jax.Arra
 
 
 ARGMAX_BLOCK = 128  # vocabulary entries per block of ``first_argmax``'s first pass
-FILTER_PREFIXES = (256, 2048)  # sorted prefixes ``_filter_probs`` tries before a full sort
 
 
 def first_argmax(x_BV: jax.Array) -> jax.Array:
@@ -132,44 +131,38 @@ def _first_max(x_BV: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(x_BV == m, jnp.arange(v, dtype=jnp.int32)[None, :], v), axis=-1)
 
 
-def _thresholds(sorted_BN: jax.Array, st: SamplingTensors, v: int) -> tuple[jax.Array, jax.Array]:
-    """The keep threshold of top-k, top-p and min-p per row from the row's N largest probabilities
-    (descending), and whether N sufficed: a cut beyond the prefix is at most its last value, so the
-    threshold is exact when a cut inside the prefix (or min-p's) is at least that value."""
-    n = sorted_BN.shape[-1]
-    k = jnp.where(st.top_k > 0, jnp.minimum(st.top_k, v), v)
-    kth = jnp.take_along_axis(sorted_BN, (jnp.minimum(k, n) - 1)[:, None], axis=-1)[:, 0]
-    cum = jnp.cumsum(sorted_BN, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p: token i is in if the mass before it < top_p.
-    n_top_p = jnp.maximum(jnp.sum((cum - sorted_BN) < st.top_p[:, None], axis=-1), 1)
-    pth = jnp.take_along_axis(sorted_BN, (n_top_p - 1)[:, None], axis=-1)[:, 0]
-    mth = st.min_p * sorted_BN[:, 0]
-    if n == v:
-        return jnp.maximum(jnp.maximum(kth, pth), mth), jnp.ones(k.shape, jnp.bool_)
-    known = jnp.maximum(jnp.maximum(jnp.where(k <= n, kth, 0.0), jnp.where(cum[:, -1] >= st.top_p, pth, 0.0)), mth)
-    return known, known >= sorted_BN[:, -1]
-
-
-def _filter_probs(probs_BV: jax.Array, st: SamplingTensors, prefixes: tuple[int, ...] = FILTER_PREFIXES) -> jax.Array:
+def _filter_probs(probs_BV: jax.Array, st: SamplingTensors) -> jax.Array:
     """Zero the probabilities that top-k, top-p and min-p exclude (ties at the cut are kept) in the
-    rows that ask for a filter. The cuts come from the rows' largest ``prefixes[0]`` probabilities
-    (``lax.top_k``), a longer prefix when a row's cut lies beyond it, and a full sort last."""
+    rows that ask for a filter (temperature > 0 and some filter set; other rows are returned as is).
+
+    No sort (XLA:CPU sorts a [32, 49152] batch in ~250 ms): each cut is found by bisection over
+    the float32 bit patterns of the probabilities (ordered as integers for values >= 0), 32 passes.
+    Top-k's is the largest t with at least k probabilities >= t (the k-th largest value); top-p's
+    the smallest t whose strictly larger probabilities sum to less than top_p (the value of the
+    last token of the smallest sorted prefix reaching top_p); min-p's is min_p times the largest.
+    """
     v = probs_BV.shape[-1]
     wants = (st.temperature > 0.0) & ((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0))
+    k = jnp.where(st.top_k > 0, jnp.minimum(st.top_k, v), 1)[:, None]
+    top_p = st.top_p[:, None]
+    as_float = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float32)
+    top_B1 = jnp.max(probs_BV, axis=-1, keepdims=True)
+    hi = jax.lax.bitcast_convert_type(top_B1, jnp.int32)
 
-    def cut(threshold_B: jax.Array) -> jax.Array:
-        return jnp.where(~wants[:, None] | (probs_BV >= threshold_B[:, None]), probs_BV, 0.0)
+    def halve(_: int, bounds: tuple) -> tuple:
+        # k: count(>= k_lo) >= k > count(>= k_hi); p: mass(> p_hi) < top_p <= mass(> p_lo)
+        k_lo, k_hi, p_lo, p_hi = bounds
+        k_mid, p_mid = (k_lo + k_hi) // 2, (p_lo + p_hi) // 2
+        k_ok = jnp.sum(probs_BV >= as_float(k_mid), axis=-1, keepdims=True) >= k
+        p_ok = jnp.sum(jnp.where(probs_BV > as_float(p_mid), probs_BV, 0.0), axis=-1, keepdims=True) < top_p
+        return (jnp.where(k_ok, k_mid, k_lo), jnp.where(k_ok, k_hi, k_mid),
+                jnp.where(p_ok, p_lo, p_mid), jnp.where(p_ok, p_mid, p_hi))
 
-    def full_sort() -> jax.Array:
-        return cut(_thresholds(-jnp.sort(-probs_BV, axis=-1), st, v)[0])
-
-    def from_prefix(i: int) -> jax.Array:
-        if i == len(prefixes) or prefixes[i] >= v:
-            return full_sort()
-        threshold, exact = _thresholds(jax.lax.top_k(probs_BV, prefixes[i])[0], st, v)
-        return jax.lax.cond(jnp.all(exact | ~wants), lambda: cut(threshold), lambda: from_prefix(i + 1))
-
-    return from_prefix(0)
+    k_lo, _, _, p_hi = jax.lax.fori_loop(0, 32, halve, (jnp.zeros_like(hi), hi + 1, jnp.full_like(hi, -1), hi))
+    kth = jnp.where(st.top_k[:, None] > 0, as_float(k_lo), 0.0)
+    pth = jnp.where(top_p < 1.0, as_float(p_hi), 0.0)
+    threshold = jnp.maximum(jnp.maximum(kth, pth), st.min_p[:, None] * top_B1)
+    return jnp.where(~wants[:, None] | (probs_BV >= threshold), probs_BV, 0.0)
 
 
 def apply_grammar_mask(logits_BV: jax.Array, mask_BW: jax.Array) -> jax.Array:
