@@ -51,7 +51,7 @@ def test_mixed_buckets_step_by_multiples_above_128_tokens():
 
 
 def test_mixed_buckets_are_chosen_by_tokens_and_sequences():
-    # configs/smollm2.yaml's sizes on CPU: rows 4 × 8^k below min(T, 32), then min(T, 32).
+    # 32 sequences and a 256-token budget on CPU: rows 4 × 8^k below min(T, 32), then min(T, 32).
     b = BucketPolicy(max_num_seqs=32, max_num_batched_tokens=256)
     assert [b.mixed_rows(t) for t in b.prefill_sizes] == [[4, 16], [4, 32], [4, 32], [4, 32], [4, 32]]
     assert b.shape_for(1, 20) == StepShape(32, 4, False)  # a lone prompt: 4 logits rows, not 32
