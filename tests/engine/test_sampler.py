@@ -131,3 +131,18 @@ def test_first_argmax_matches_numpy_including_ties():
     np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(x)), want)
     y = rng.standard_normal((3, 49152)).astype(np.float32)  # the served vocabulary's size
     np.testing.assert_array_equal(np.asarray(jax.jit(first_argmax)(y)), np.argmax(y, axis=-1))
+
+
+def test_inverse_cdf_matches_a_flat_cumulative_sum():
+    from jaxserve.engine.sampler import _inverse_cdf
+
+    rng = np.random.RandomState(6)
+    probs = rng.dirichlet(np.ones(300) * 0.3, size=6).astype(np.float32)  # 300: a partial last block
+    probs[1, :200] = 0.0  # leading zero blocks: u = 0 lands on the first non-zero entry
+    probs[1] /= probs[1].sum()
+    u = rng.uniform(size=6).astype(np.float32)
+    u[1], u[2], u[3] = 0.0, 0.999999, 0.5
+    cum = np.cumsum(probs.astype(np.float64), axis=-1)
+    want = np.minimum((cum <= (u * cum[:, -1])[:, None]).sum(-1), 299)
+    np.testing.assert_array_equal(np.asarray(jax.jit(_inverse_cdf)(probs, u)), want)
+    assert want[1] == np.flatnonzero(probs[1])[0]
