@@ -26,6 +26,7 @@ import resource
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -52,9 +53,9 @@ SAMPLING = {  # ``#name`` of a variant: the engine's sampler with these settings
 }
 
 
-def sampler(mode: str, rows: int):
+def sampler(mode: str, rows: int) -> Callable[[jax.Array], jax.Array]:
     """``(logits) -> tokens`` of the sampling mode: ``jnp.argmax``, or the engine's ``sample``."""
-    from jaxserve.engine.logits_processors import _no_extras
+    from jaxserve.engine.logits_processors import build_logits_extras
     from jaxserve.engine.sampler import build_sampling_tensors, sample
     from jaxserve.sampling_params import SamplingParams
 
@@ -62,7 +63,7 @@ def sampler(mode: str, rows: int):
         return lambda logits: jnp.argmax(logits, axis=-1)
     params = [SamplingParams(**SAMPLING[mode]) for _ in range(rows)]
     st = build_sampling_tensors(params, list(range(rows)), [0] * rows, rows)
-    extras = _no_extras(rows)
+    extras = build_logits_extras([], rows, with_extras=False, history_len=0)
     return lambda logits: sample(logits, st, extras)[0]
 
 
