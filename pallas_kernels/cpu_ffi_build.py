@@ -3,7 +3,8 @@
 Shared by the CPU kernels (``cpu_ragged_paged_attention``, ``cpu_gemm``). The shared object is cached
 per user (``$JAXSERVE_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/jaxserve/kernels``, else
 ``~/.cache/jaxserve/kernels``) under a key of the sources (every ``*.cc`` and ``*.h`` in the
-kernel's directory, names and contents, in sorted order: editing a header rebuilds), the compiler's
+kernel's directory, then every ``*.h`` of the shared ``cpu_common/`` directory, which is on the
+include path; names and contents, in sorted order: editing any header rebuilds), the compiler's
 version, jaxlib's version, the flags and the host CPU's features (``-march=native`` code is the
 host's). Each build goes to a temporary file renamed into place, so concurrent processes may build
 at once. ``load()`` is thread-safe (background compiles trace in threads) and never raises: when no
@@ -27,6 +28,7 @@ import jax
 import jaxlib
 
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+COMMON = Path(__file__).with_name("cpu_common")  # headers every kernel may include (cpu_shared.h)
 _registered: set[str] = set()  # FFI targets registered in this process (XLA keeps them for good)
 
 
@@ -58,17 +60,24 @@ def sources(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in (".cc", ".h") and p.is_file())
 
 
+def shared_headers(include: Path = COMMON) -> list[Path]:
+    """The shared include directory's headers (every ``*.h`` in ``include``), sorted by name."""
+    return sorted(p for p in include.iterdir() if p.suffix == ".h" and p.is_file())
+
+
 class FfiLibrary:
     """The C++ sources of one directory (``source``'s) built into a shared object whose handler
     symbols become CPU FFI targets; every ``*.cc`` there is compiled, ``*.h`` are included.
 
     ``targets`` maps each FFI target name to the handler symbol the source exports
     (``XLA_FFI_DEFINE_HANDLER_SYMBOL``); ``what`` names the kernel and ``fallback`` what replaces it
-    in log messages.
+    in log messages; ``include`` is the shared header directory (on the include path and in the key).
     """
 
-    def __init__(self, source: Path, targets: dict[str, str], what: str, fallback: str, log: logging.Logger) -> None:
+    def __init__(self, source: Path, targets: dict[str, str], what: str, fallback: str, log: logging.Logger,
+                 include: Path = COMMON) -> None:
         self.source, self.targets, self.what, self.fallback, self.log = source, targets, what, fallback, log
+        self.include = include
         self._lock = threading.Lock()
         self._state: dict[str, object] = {}  # "ok": bool once tried; "lib": the loaded library
 
@@ -76,8 +85,8 @@ class FfiLibrary:
         """The cached shared object's path for these sources, compiler, jaxlib and host."""
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
         h = hashlib.sha256()
-        for src in sources(self.source.parent):
-            for part in (src.name.encode(), src.read_bytes()):
+        for src in [*sources(self.source.parent), *shared_headers(self.include)]:
+            for part in (src.relative_to(src.parent.parent).as_posix().encode(), src.read_bytes()):
                 h.update(part)
                 h.update(b"\0")
         for part in (version.encode(), jaxlib.__version__.encode(), " ".join(FLAGS).encode(),
@@ -92,7 +101,7 @@ class FfiLibrary:
         os.close(fd)
         try:
             units = [str(p) for p in sources(self.source.parent) if p.suffix == ".cc"]
-            cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *units, "-o", tmp]
+            cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{self.include}", *units, "-o", tmp]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if run.returncode:
                 raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr[-2000:]}")

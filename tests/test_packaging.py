@@ -1,5 +1,6 @@
-"""The packaging config ships every kernel package and its C++ source (a non-editable install that
-lacked ``kernel.cc`` or its headers would silently fall back to XLA's own products)."""
+"""The packaging config ships every kernel package and its C++ source, the shared headers of
+``pallas_kernels/cpu_common`` too (a non-editable install that lacked ``kernel.cc`` or a header would
+silently fall back to XLA's own products)."""
 
 import fnmatch
 import tomllib
@@ -30,6 +31,7 @@ def test_every_kernel_package_and_source_is_packaged() -> None:
     assert uncovered(setuptools, ROOT) == []
     kernels = sorted(p.parent.name for p in (ROOT / "pallas_kernels").glob("*/kernel.cc"))
     assert kernels == ["cpu_gemm", "cpu_ragged_paged_attention"]  # the check saw the real sources
+    assert [p.name for p in (ROOT / "pallas_kernels" / "cpu_common").glob("*.h")] == ["cpu_shared.h"]
 
 
 def test_check_detects_a_missing_package_and_source() -> None:
@@ -42,3 +44,13 @@ def test_check_detects_a_missing_package_and_source() -> None:
     assert "jaxserve.pallas_kernels.cpu_gemm:kernel.cc" in missing
     assert "jaxserve.pallas_kernels.cpu_ragged_paged_attention:kernel.cc" in missing
     assert "jaxserve.pallas_kernels.cpu_ragged_paged_attention:decode.h" in missing
+
+
+def test_check_detects_a_missing_shared_header() -> None:
+    """Twin: without ``cpu_common``'s package or its ``*.h`` package-data the shared header is caught."""
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    data = dict(setuptools["package-data"])
+    del data["jaxserve.pallas_kernels.cpu_common"]
+    assert uncovered({**setuptools, "package-data": data}, ROOT) == ["jaxserve.pallas_kernels.cpu_common:cpu_shared.h"]
+    packages = [p for p in setuptools["packages"] if p != "jaxserve.pallas_kernels.cpu_common"]
+    assert uncovered({**setuptools, "packages": packages}, ROOT) == ["jaxserve.pallas_kernels.cpu_common"]

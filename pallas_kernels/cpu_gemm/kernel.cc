@@ -12,12 +12,8 @@
 // it schedules on XLA's intra-op thread pool (the FFI execution context's).
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -25,23 +21,11 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#include "cpu_shared.h"  // pallas_kernels/cpu_common: vf, reduce16, run_claimed
+
 namespace ffi = xla::ffi;
 
 namespace {
-
-constexpr int L = 16;  // float lanes per accumulator
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
-// out[i] = sum of a[i]'s lanes, for 16 vectors (a transposing reduction tree: 15 pairs of shuffles).
-inline vf reduce16(vf* a) {
-  const vi even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  const vi odd = even + 1;
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i)
-      a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) + __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
-  return a[0];
-}
 
 #if defined(__AVX512BF16__)
 constexpr int S = 32;  // K per step
@@ -139,27 +123,8 @@ void run_block(const Gemm& g, int64_t n0, int64_t n1) {
   }
 }
 
-struct Claims {
-  Claims(const Gemm& g, int64_t n) : g(g), n(n) {}
-  const Gemm g;  // a copy: helpers may start after the call returned
-  const int64_t n;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void drain(Claims* c) {
-  for (int64_t i; (i = c->next.fetch_add(1)) < c->n;) {
-    const int64_t n0 = i * c->g.block;
-    run_block(c->g, n0, std::min(n0 + c->g.block, c->g.N));
-    c->done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 int max_threads() {
-  static const int v = [] {
-    const char* e = std::getenv("JAXSERVE_CPU_GEMM_THREADS");
-    return e ? std::max(1, std::atoi(e)) : 0;  // 0: the pool's size
-  }();
+  static const int v = env_thread_cap("JAXSERVE_CPU_GEMM_THREADS");
   return v;
 }
 
@@ -172,19 +137,16 @@ int64_t block_rows(int64_t N, int64_t K, int64_t threads) {
 }
 
 void run_all(const Gemm& g0, ffi::ThreadPool& pool) {
-  int64_t threads = pool.num_threads();
-  if (max_threads()) threads = std::min<int64_t>(threads, max_threads());
-  threads = std::max<int64_t>(threads, 1);
+  const int64_t threads = pool_threads(pool, max_threads());
   Gemm g = g0;
   g.block = block_rows(g.N, g.K, threads);
   const int64_t items = (g.N + g.block - 1) / g.block;
-  auto claims = std::make_shared<Claims>(g, items);
   // Small products (under ~64 K multiply-adds per extra thread) stay on the calling thread.
   const int64_t by_work = 1 + g.M * g.N * g.K / (1 << 16);
-  const int64_t helpers = std::min({threads, items, by_work}) - 1;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([claims] { drain(claims.get()); });
-  drain(claims.get());
-  while (claims->done.load(std::memory_order_acquire) < items) std::this_thread::yield();
+  run_claimed(pool, items, std::min(threads, by_work), [g](int64_t i) {
+    const int64_t n0 = i * g.block;
+    run_block(g, n0, std::min(n0 + g.block, g.N));
+  });
 }
 
 ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,

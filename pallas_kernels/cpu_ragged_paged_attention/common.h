@@ -1,6 +1,7 @@
 // Shared by the CPU attention kernel's files (included only by kernel.cc, one translation unit):
-// tile constants, 16-lane float vectors and their helpers (exp, horizontal sums, loads and
-// float32/bfloat16 conversions), the problem, its work items and the per-thread scratch.
+// tile constants, helpers of the 16-lane float vectors (exp, loads and float32/bfloat16
+// conversions; the vectors and horizontal reductions are pallas_kernels/cpu_common's), the problem,
+// its work items and the per-thread scratch.
 #pragma once
 
 #include <algorithm>
@@ -10,34 +11,18 @@
 #include <limits>
 #include <vector>
 
+#include "cpu_shared.h"  // pallas_kernels/cpu_common: L, vf, vi, hsum, hmax, reduce16
+
 namespace {
 
-constexpr int L = 16;           // float lanes per vector
 constexpr int C = 32;           // KV tokens per tile
 constexpr int NC = C / L;       // vectors per tile row
 constexpr int kQueryBlock = 16; // queries per work item (prefill)
 constexpr int kDotRows = 8;     // items with at most this many rows use per-token dot products
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-
 inline vf splat(float x) { return vf{} + x; }
 inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-
-inline float hsum(vf v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 a, b;
-  std::memcpy(&a, &v, 32);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-  a += b;
-  v4 c, d;
-  std::memcpy(&c, &a, 16);
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
-  c += d;
-  return (c[0] + c[2]) + (c[1] + c[3]);
-}
 
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) {
@@ -45,30 +30,6 @@ inline float load1(const uint16_t* p) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-inline float hmax(vf v) {
-  typedef float v8 __attribute__((vector_size(32)));
-  typedef float v4 __attribute__((vector_size(16)));
-  v8 a, b;
-  std::memcpy(&a, &v, 32);
-  std::memcpy(&b, reinterpret_cast<const char*>(&v) + 32, 32);
-  a = a > b ? a : b;
-  v4 c, d;
-  std::memcpy(&c, &a, 16);
-  std::memcpy(&d, reinterpret_cast<const char*>(&a) + 16, 16);
-  c = c > d ? c : d;
-  return std::max(std::max(c[0], c[2]), std::max(c[1], c[3]));
-}
-
-// out[i] = sum of a[i]'s lanes, for 16 vectors (a transposing reduction tree: 15 pairs of shuffles).
-inline vf reduce16(vf* a) {
-  const vi even = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  const vi odd = even + 1;
-  for (int w = L / 2; w > 0; w /= 2)
-    for (int i = 0; i < w; ++i)
-      a[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], even) + __builtin_shuffle(a[2 * i], a[2 * i + 1], odd);
-  return a[0];
 }
 
 // exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); x < -87.3 (and -inf) gives exactly 0.

@@ -15,16 +15,13 @@
 
 //
 // Files: common.h (vectors, conversions, Problem / Item / Scratch), decode.h (run_decode),
-// prefill.h (run_item), and here the work items, the threads and the FFI entry point. The headers
+// prefill.h (run_item), and here the work items, their dispatch to pallas_kernels/cpu_common's
+// run_claimed and the FFI entry point. The headers
 // are included here only: the kernel stays one translation unit.
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -72,56 +69,32 @@ void build_items(Problem& p, int64_t threads) {
   std::stable_sort(p.items.begin(), p.items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 }
 
-// Items claimed one at a time by the caller and its helpers; a helper that starts late finds
-// nothing left and never touches the problem (which lives on the caller's stack).
-struct Claims {
-  explicit Claims(int64_t n) : n(n) {}
-  const int64_t n;  // never read the problem before claiming an item: it may be gone
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
+// Item i (claimed by run_claimed, pallas_kernels/cpu_common) of the n in p, after prefetching item i + 1's first tile.
 template <typename KVT, typename QT>
-void drain(const Problem* p, Claims* c) {
+void run_claimed_item(const Problem* p, int64_t i, int64_t n) {
   thread_local Scratch scratch;
-  for (int64_t i; (i = c->next.fetch_add(1)) < c->n;) {
-    if (i + 1 < c->n) {  // the next item's first tile: its scattered rows arrive while this one runs
-      const Item& nx = p->items[i + 1];
-      const int64_t end = p->seq_lens[nx.b] - (p->qsl[nx.b + 1] - p->qsl[nx.b]) + nx.q0 + nx.nq;
-      prefetch_tile<KVT>(*p, nx.kh, nx.kh_end, p->tables + nx.b * p->W, 0, std::min<int64_t>(C, end));
-    }
-    const Item& it = p->items[i];
-    if (!it.decode) run_item<KVT, QT>(*p, it, scratch);
-    else if (p->H == 2 * L) run_decode<2, KVT, QT>(*p, it, scratch);
-    else if (p->H == 4 * L) run_decode<4, KVT, QT>(*p, it, scratch);
-    else run_decode<8, KVT, QT>(*p, it, scratch);
-    c->done.fetch_add(1, std::memory_order_release);
+  if (i + 1 < n) {  // the next item's first tile: its scattered rows arrive while this one runs
+    const Item& nx = p->items[i + 1];
+    const int64_t end = p->seq_lens[nx.b] - (p->qsl[nx.b + 1] - p->qsl[nx.b]) + nx.q0 + nx.nq;
+    prefetch_tile<KVT>(*p, nx.kh, nx.kh_end, p->tables + nx.b * p->W, 0, std::min<int64_t>(C, end));
   }
+  const Item& it = p->items[i];
+  if (!it.decode) run_item<KVT, QT>(*p, it, scratch);
+  else if (p->H == 2 * L) run_decode<2, KVT, QT>(*p, it, scratch);
+  else if (p->H == 4 * L) run_decode<4, KVT, QT>(*p, it, scratch);
+  else run_decode<8, KVT, QT>(*p, it, scratch);
 }
 
 int max_threads() {
-  static const int v = [] {
-    const char* e = std::getenv("JAXSERVE_CPU_ATTENTION_THREADS");
-    return e ? std::max(1, std::atoi(e)) : 0;  // 0: the pool's size
-  }();
+  static const int v = env_thread_cap("JAXSERVE_CPU_ATTENTION_THREADS");
   return v;
-}
-
-int64_t thread_count(ffi::ThreadPool& pool) {
-  const int64_t threads = pool.num_threads();
-  return max_threads() ? std::min<int64_t>(threads, max_threads()) : threads;
 }
 
 template <typename KVT, typename QT>
 void run_all(Problem& p, ffi::ThreadPool& pool) {
   const int64_t n = static_cast<int64_t>(p.items.size());
-  auto claims = std::make_shared<Claims>(n);
-  const int64_t threads = thread_count(pool);
-  const int64_t helpers = std::min<int64_t>(std::max<int64_t>(threads, 1), n) - 1;
-  const Problem* pp = &p;
-  for (int64_t h = 0; h < helpers; ++h) pool.Schedule([claims, pp] { drain<KVT, QT>(pp, claims.get()); });
-  drain<KVT, QT>(pp, claims.get());
-  while (claims->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+  const Problem* pp = &p;  // read only after a claim: a helper that starts late never touches it
+  run_claimed(pool, n, pool_threads(pool, max_threads()), [pp, n](int64_t i) { run_claimed_item<KVT, QT>(pp, i, n); });
 }
 
 ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
@@ -143,7 +116,7 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   const int64_t covered = std::clamp<int64_t>(p.B ? p.qsl[p.B] : 0, 0, p.T);
   p.elem = q32 ? 4 : 2;
   std::memset(static_cast<char*>(p.out) + covered * p.N * p.H * p.elem, 0, (p.T - covered) * p.N * p.H * p.elem);
-  build_items(p, std::max<int64_t>(thread_count(pool), 1));
+  build_items(p, pool_threads(pool, max_threads()));
   if (k32 && q32) run_all<float, float>(p, pool);
   else if (k32) run_all<float, uint16_t>(p, pool);
   else if (q32) run_all<uint16_t, float>(p, pool);
