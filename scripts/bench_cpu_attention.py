@@ -45,28 +45,15 @@ def register_variant(spec: str) -> str:
 
 
 def _revision_backend(spec: str):
-    import ctypes
     import dataclasses
-    import subprocess
-    import tempfile
-    from pathlib import Path
+
+    from kernel_revision import build_revision
 
     from jaxserve.models import attention_backends as ab
-    from jaxserve.pallas_kernels import cpu_ffi_build as build
 
     rev = spec.partition("+")[2]
-    root = Path(__file__).resolve().parent.parent
-    kdir = "pallas_kernels/cpu_ragged_paged_attention"
-    names = subprocess.run(["git", "ls-tree", "--name-only", f"{rev}:{kdir}"], cwd=root, capture_output=True,
-                           text=True, check=True).stdout.split()
-    d = Path(tempfile.mkdtemp(prefix="cpu_attention_rev_"))
-    for name in (n for n in names if n.endswith((".cc", ".h"))):  # the kernel's sources as of REV
-        (d / name).write_text(subprocess.run(["git", "show", f"{rev}:{kdir}/{name}"], cwd=root, capture_output=True,
-                                             text=True, check=True).stdout)
-    subprocess.run([build.compiler(), *build.FLAGS, f"-I{jax.ffi.include_dir()}",
-                    *(str(p) for p in build.sources(d) if p.suffix == ".cc"), "-o", str(d / "kernel.so")], check=True)
+    lib = build_revision("pallas_kernels/cpu_ragged_paged_attention", rev)
     target = f"jaxserve_cpu_rpa_{rev}"
-    lib = ctypes.cdll.LoadLibrary(str(d / "kernel.so"))
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxserveCpuRaggedPagedAttention), platform="cpu")
 
     @dataclasses.dataclass(frozen=True)

@@ -1,21 +1,24 @@
 """Weight products alone on CPU: XLA's dot_general vs the C++ GEMM (``pallas_kernels/cpu_gemm``),
-interleaved in one process (A B A B ...).
+interleaved in one process (A B A B ...); ``--variants gemm+REV,gemm`` compares the GEMM as of git
+revision REV with the working tree's.
 
 Each variant runs one product shape over ``--layers`` separate bf16 weight matrices [N, K] (as a
 model's layers do: no weight stays in the CPU caches between layers), chained so that they run one
 after another; x is bf16 [M, K], the output float32. Reported per shape and M: median and min wall
 time per product, GB/s of weights streamed and GFLOP/s, process CPU time per product (both threads; the fairer figure
 on a shared machine, where a descheduled helper thread stretches the wall time), and the ratios
-XLA / GEMM (> 1: GEMM faster).
+the first variant's over each other's (> 1: the other faster).
 Default shapes: SmolLM2-135M's q/k/v (960x576), o (576x576), gate or up (1536x576), down (576x1536).
 
   python scripts/bench_cpu_gemm.py --m 2,16,32,64,256
   python scripts/bench_cpu_gemm.py --m 2 --shapes 49152x576 --layers 2
+  python scripts/bench_cpu_gemm.py --m 2,32 --variants gemm+main,gemm
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -27,11 +30,25 @@ import jax.numpy as jnp
 import numpy as np
 
 
+@functools.cache
+def _revision_gemm(rev: str):
+    """The GEMM kernel as of ``rev``, registered under its own FFI target."""
+    from kernel_revision import build_revision
+
+    lib = build_revision("pallas_kernels/cpu_gemm", rev)
+    target = f"jaxserve_cpu_gemm_{rev}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxserveCpuGemm), platform="cpu")
+    return lambda x, w: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+
+
 def product(variant: str):
+    """``xla`` (dot_general), ``gemm`` (the working tree's kernel) or ``gemm+REV``."""
     from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gemm
 
     if variant == "gemm":
         return cpu_gemm
+    if variant.startswith("gemm+"):
+        return _revision_gemm(variant.partition("+")[2])
     dims = (((1,), (1,)), ((), ()))
     return lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
@@ -51,7 +68,7 @@ def chain(variant: str):
 def bench_shape(m: int, n: int, k: int, args: argparse.Namespace, rng) -> dict:
     x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
     ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(args.layers)]
-    runs = {v: chain(v) for v in ("xla", "gemm")}
+    runs = {v: chain(v) for v in args.variants.split(",")}
     for f in runs.values():
         f(x, ws).block_until_ready()
     times: dict[str, list[float]] = {v: [] for v in runs}
@@ -70,8 +87,11 @@ def bench_shape(m: int, n: int, k: int, args: argparse.Namespace, rng) -> dict:
                   "cpu_us_median": round(cmed * 1e6, 1), "GB_s": round(n * k * 2 / med / 1e9, 1),
                   "GFLOP_s": round(2 * m * n * k / med / 1e9, 1),
                   "GFLOP_per_cpu_s": round(2 * m * n * k / cmed / 1e9, 1)}
-    row["xla_over_gemm"] = round(row["xla"]["us_median"] / row["gemm"]["us_median"], 2)
-    row["xla_over_gemm_cpu"] = round(row["xla"]["cpu_us_median"] / row["gemm"]["cpu_us_median"], 2)
+    first, *others = runs
+    for v in others:
+        row[f"{first}_over_{v}"] = round(row[first]["us_median"] / row[v]["us_median"], 2)
+        row[f"{first}_over_{v}_min"] = round(row[first]["us_min"] / row[v]["us_min"], 2)
+        row[f"{first}_over_{v}_cpu"] = round(row[first]["cpu_us_median"] / row[v]["cpu_us_median"], 2)
     return row
 
 
@@ -82,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--inner", type=int, default=3)
+    p.add_argument("--variants", default="xla,gemm", help="xla, gemm, gemm+REV (the kernel as of git revision REV)")
     args = p.parse_args(argv)
     from jaxserve.pallas_kernels.cpu_gemm import ops
 
