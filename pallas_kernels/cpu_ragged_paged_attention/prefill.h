@@ -7,24 +7,31 @@
 
 namespace {
 
-// S[r, :] = Q[r, :] . KT[:, :] for NR rows (KT is [Hp, C], rows of Q are Hp long).
-template <int NR>
-inline void qk_rows(const float* Q, const float* KT, float* S, int Hp) {
-  vf a[NR][NC] = {};
-  for (int h = 0; h < Hp; ++h) {
-    vf k[NC];
+// D[i, 0 : NV * L] = (D[i, ...] when Acc, else 0) + sum_k A[i * lda + k] * B[k * ldb : ... + NV * L]
+// for NR rows i and k < n: NR x NV vectors in registers, one rank-1 update per k.
+template <int NR, int NV, bool Acc>
+inline void tile_rows(const float* A, int lda, const float* B, int ldb, int n, float* D, int ldd) {
+  vf a[NR][NV];
+  for (int i = 0; i < NR; ++i)
+    for (int v = 0; v < NV; ++v) a[i][v] = Acc ? loadu(D + i * ldd + v * L) : vf{};
+  for (int k = 0; k < n; ++k) {
+    vf b[NV];
 #pragma GCC unroll 4
-    for (int c = 0; c < NC; ++c) k[c] = loadu(KT + h * C + c * L);
+    for (int v = 0; v < NV; ++v) b[v] = loadu(B + k * ldb + v * L);
 #pragma GCC unroll 8
     for (int i = 0; i < NR; ++i) {
-      const vf q = splat(Q[i * Hp + h]);
+      const vf x = splat(A[i * lda + k]);
 #pragma GCC unroll 4
-      for (int c = 0; c < NC; ++c) a[i][c] += q * k[c];
+      for (int v = 0; v < NV; ++v) a[i][v] += x * b[v];
     }
   }
   for (int i = 0; i < NR; ++i)
-    for (int c = 0; c < NC; ++c) storeu(S + i * C + c * L, a[i][c]);
+    for (int v = 0; v < NV; ++v) storeu(D + i * ldd + v * L, a[i][v]);
 }
+
+// S[r, :] = Q[r, :] . KT[:, :] for NR rows (KT is [Hp, C], rows of Q are Hp long).
+template <int NR>
+inline void qk_rows(const float* Q, const float* KT, float* S, int Hp) { tile_rows<NR, NC, false>(Q, Hp, KT, C, Hp, S, C); }
 
 // S[r, 0:L] = Q[r, :] . Kbuf[j, :] for R rows and L tokens (Kbuf is [L, Hp]).
 inline void qk_dots(const float* Q, int R, const float* Kbuf, float* S, int Hp) {
@@ -42,22 +49,7 @@ inline void qk_dots(const float* Q, int R, const float* Kbuf, float* S, int Hp) 
 // acc[r, h0 : h0 + NV * L] += sum_j P[r, j] V[j, h0 : ...] for NR rows, j < n.
 template <int NR, int NV>
 inline void pv_rows(float* acc, const float* P, const float* V, int Hp, int h0, int n) {
-  vf a[NR][NV];
-  for (int i = 0; i < NR; ++i)
-    for (int v = 0; v < NV; ++v) a[i][v] = loadu(acc + i * Hp + h0 + v * L);
-  for (int j = 0; j < n; ++j) {
-    vf vv[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) vv[v] = loadu(V + j * Hp + h0 + v * L);
-#pragma GCC unroll 4
-    for (int i = 0; i < NR; ++i) {
-      const vf p = splat(P[i * C + j]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) a[i][v] += p * vv[v];
-    }
-  }
-  for (int i = 0; i < NR; ++i)
-    for (int v = 0; v < NV; ++v) storeu(acc + i * Hp + h0 + v * L, a[i][v]);
+  tile_rows<NR, NV, true>(P, C, V + h0, Hp, n, acc + h0, Hp);
 }
 
 template <int NR>
