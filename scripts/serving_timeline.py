@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -52,21 +53,12 @@ def workload_args(name: str) -> argparse.Namespace:
         temperature=0.0, ignore_eos=True, seed=0, sequential=name == "single")
 
 
-def serve_traced(trace_path: str, argv: list[str]) -> int:
-    """The child: jaxserve.serve with the engine's step, scheduler and fetch wrapped to log JSON lines."""
-    from jaxserve import serve
-    from jaxserve.engine import async_engine, llm_engine, model_runner, scheduler
+def _trace_scheduler(state: dict, log: Callable[[dict], None]) -> None:
+    """Wrap Scheduler.schedule (the step's chunks, queue lengths and time into ``state``) and
+    Scheduler.finish (one record per request: its arrival, first scheduled and first token moments)."""
+    from jaxserve.engine import scheduler
 
-    if os.environ.get("TIMELINE_BURST_WINDOW_MS"):  # A/B of the engine loop's burst gathering
-        async_engine.AsyncEngine.burst_window_s = float(os.environ["TIMELINE_BURST_WINDOW_MS"]) / 1e3
-
-    out = open(trace_path, "a", buffering=1)  # noqa: SIM115 - one line per step, closed at exit
-    state: dict = {}
-
-    def log(rec: dict) -> None:
-        out.write(json.dumps(rec) + "\n")
-
-    orig_schedule = scheduler.Scheduler.schedule
+    orig_schedule, orig_finish = scheduler.Scheduler.schedule, scheduler.Scheduler.finish
 
     def schedule(self: scheduler.Scheduler):  # noqa: ANN202
         t = time.monotonic()
@@ -78,22 +70,32 @@ def serve_traced(trace_path: str, argv: list[str]) -> int:
                               for s in res.scheduled]}
         return res
 
-    orig_run = model_runner.ModelRunner._run
+    def finish(self, req, status):  # noqa: ANN001, ANN202
+        log({"request": req.request_id, "arrival": req.arrival_time, "first_scheduled": req.first_scheduled_time,
+             "first_token": req.first_token_time, "prompt_tokens": req.num_prompt_tokens})
+        return orig_finish(self, req, status)
+
+    scheduler.Scheduler.schedule = schedule
+    scheduler.Scheduler.finish = finish
+
+
+def _trace_steps(state: dict, log: Callable[[dict], None]) -> None:
+    """Wrap ModelRunner._run (the step's shape and launch moment), ModelRunner.fetch (when results
+    reach the host) and LLMEngine.step (one record per step: its host time, ``state``, first tokens)."""
+    from jaxserve.engine import llm_engine, model_runner
+
+    orig_run, orig_fetch, orig_step = model_runner.ModelRunner._run, model_runner.ModelRunner.fetch, llm_engine.LLMEngine.step
 
     def run(self, shape, inputs):  # noqa: ANN001, ANN202
         state["shape"] = [shape.num_tokens, shape.num_seqs, shape.decode_only]
         state["t_launch"] = time.monotonic()
         return orig_run(self, shape, inputs)
 
-    orig_fetch = model_runner.ModelRunner.fetch
-
     def fetch(self, handle):  # noqa: ANN001, ANN202
         t = time.monotonic()
         res = orig_fetch(self, handle)
         state.setdefault("fetches", []).append([t, time.monotonic()])
         return res
-
-    orig_step = llm_engine.LLMEngine.step
 
     def step(self):  # noqa: ANN001, ANN202
         state.clear()
@@ -104,18 +106,26 @@ def serve_traced(trace_path: str, argv: list[str]) -> int:
         log(rec)
         return outs
 
-    orig_finish = scheduler.Scheduler.finish
-
-    def finish(self, req, status):  # noqa: ANN001, ANN202
-        log({"request": req.request_id, "arrival": req.arrival_time, "first_scheduled": req.first_scheduled_time,
-             "first_token": req.first_token_time, "prompt_tokens": req.num_prompt_tokens})
-        return orig_finish(self, req, status)
-
-    scheduler.Scheduler.schedule = schedule
-    scheduler.Scheduler.finish = finish
     model_runner.ModelRunner._run = run
     model_runner.ModelRunner.fetch = fetch
     llm_engine.LLMEngine.step = step
+
+
+def serve_traced(trace_path: str, argv: list[str]) -> int:
+    """The child: jaxserve.serve with the engine's step, scheduler and fetch wrapped to log JSON lines."""
+    from jaxserve import serve
+    from jaxserve.engine import async_engine
+
+    if os.environ.get("TIMELINE_BURST_WINDOW_MS"):  # A/B of the engine loop's burst gathering
+        async_engine.AsyncEngine.burst_window_s = float(os.environ["TIMELINE_BURST_WINDOW_MS"]) / 1e3
+    out = open(trace_path, "a", buffering=1)  # noqa: SIM115 - one line per step, closed at exit
+
+    def log(rec: dict) -> None:
+        out.write(json.dumps(rec) + "\n")
+
+    state: dict = {}  # the current step's facts, filled by the wrappers, logged by the step's
+    _trace_scheduler(state, log)
+    _trace_steps(state, log)
     return serve.main(argv)
 
 
