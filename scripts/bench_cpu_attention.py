@@ -23,10 +23,14 @@ import json
 import statistics
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxserve.models.attention_backends import CpuBackend
 
 
 def register_variant(spec: str) -> str:
@@ -44,7 +48,8 @@ def register_variant(spec: str) -> str:
     return spec
 
 
-def _revision_backend(spec: str):
+def _revision_backend(spec: str) -> CpuBackend:
+    """The cpu backend with the attention kernel as of ``cpu+REV``'s revision (its own FFI target)."""
     import dataclasses
 
     from kernel_revision import build_revision

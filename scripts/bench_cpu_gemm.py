@@ -24,6 +24,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ import numpy as np
 
 
 @functools.cache
-def _revision_gemm(rev: str):
+def _revision_gemm(rev: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """The GEMM kernel as of ``rev``, registered under its own FFI target."""
     from kernel_revision import build_revision
 
@@ -41,7 +42,7 @@ def _revision_gemm(rev: str):
     return lambda x, w: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
 
 
-def product(variant: str):
+def product(variant: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """``xla`` (dot_general), ``gemm`` (the working tree's kernel) or ``gemm+REV``."""
     from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gemm
 
@@ -53,10 +54,11 @@ def product(variant: str):
     return lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
 
-def chain(variant: str):
+def chain(variant: str) -> Callable[[jax.Array, list[jax.Array]], jax.Array]:
+    """``variant``'s product over each weight in turn, jitted (each waits for the last)."""
     f = product(variant)
 
-    def run(x, ws):
+    def run(x: jax.Array, ws: list[jax.Array]) -> jax.Array:
         for w in ws:  # each product waits for the last: no two run at once
             y = f(x, w)
             x = x + (y[:, :1] * 0).astype(x.dtype)
@@ -65,7 +67,8 @@ def chain(variant: str):
     return jax.jit(run)
 
 
-def bench_shape(m: int, n: int, k: int, args: argparse.Namespace, rng) -> dict:
+def bench_shape(m: int, n: int, k: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
+    """One JSON row: every variant's times for x [m, k] . w [n, k]^T, interleaved, and the first's ratios."""
     x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
     ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(args.layers)]
     runs = {v: chain(v) for v in args.variants.split(",")}

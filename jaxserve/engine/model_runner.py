@@ -39,7 +39,7 @@ from jaxserve.engine.scheduler import ScheduledRequest
 from jaxserve.engine.step_executables import StepExecutables
 from jaxserve.engine.step_functions import build_forward, build_sample, build_step, split_inputs
 from jaxserve.models.attention import abstract_metadata, host_metadata_and_positions
-from jaxserve.models.attention_backends import KVCache, get_backend
+from jaxserve.models.attention_backends import KVCache, SplitPagesBackend, TpuBackend, get_backend
 from jaxserve.request import PLACEHOLDER, Request
 from jaxserve.weights.loader import LoadedModel
 
@@ -187,7 +187,7 @@ class ModelRunner(StepExecutables):
         )
         self.sample_fn = jax.jit(build_sample(self.max_rows), in_shardings=(rep,) * 4, out_shardings=(rep, rep))
 
-    def _allocate_caches(self, attention, num_blocks: int):
+    def _allocate_caches(self, attention: SplitPagesBackend | TpuBackend, num_blocks: int) -> KVCache:
         """One zeroed cache per layer in the attention backend's layout; returns its shardings.
 
         The cache holds activations in the backend's page dtype: the model dtype on accelerators;
@@ -200,7 +200,7 @@ class ModelRunner(StepExecutables):
                                         attention.page_dtype(self.loaded.compute_dtype, self.loaded.dtype))
         kv_sh = jax.tree.map(lambda spec: jax.sharding.NamedSharding(mesh, spec), attention.cache_specs("model"))
 
-        def allocate(shape: jax.ShapeDtypeStruct, sharding) -> jax.Array | jax.ShapeDtypeStruct:
+        def allocate(shape: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding) -> jax.Array | jax.ShapeDtypeStruct:
             if self.abstract:
                 return jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=sharding)
             return _zeros(sharding)(shape.shape, shape.dtype)

@@ -12,7 +12,7 @@ DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 PAGE_DTYPES = (*DTYPES, jnp.dtype(jnp.uint16))  # uint16: bf16 values stored as their bits
 
 
-def supports(q_dtype, kv_dtype) -> bool:
+def supports(q_dtype: jnp.dtype | type, kv_dtype: jnp.dtype | type) -> bool:
     """Whether the kernel takes these dtypes (q and output: f32 or bf16; K/V pages: f32, bf16 or
     bf16 bits as uint16)."""
     return jnp.dtype(q_dtype) in DTYPES and jnp.dtype(kv_dtype) in PAGE_DTYPES
