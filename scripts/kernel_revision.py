@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import subprocess
 import tempfile
 from pathlib import Path
 
-import jax
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = "pallas_kernels/cpu_common"  # the shared headers (since the kernels include cpu_shared.h)
@@ -35,12 +35,9 @@ def build_revision(kernel_dir: str, rev: str) -> ctypes.CDLL:
     (d / "common").mkdir()
     _export(rev, kernel_dir, d)
     _export(rev, COMMON, d / "common")
-    units = [str(p) for p in build.sources(d) if p.suffix == ".cc"]
-    if not units:
+    if not any(p.suffix == ".cc" for p in build.sources(d)):
         raise SystemExit(f"no C++ sources in {kernel_dir} at {rev}")
-    cmd = [build.compiler(), *build.FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{d / 'common'}", *units, "-o",
-           str(d / "kernel.so")]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    if run.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{run.stderr[-2000:]}")
+    log = logging.getLogger(__name__)
+    build.FfiLibrary(d / "kernel.cc", {}, f"{kernel_dir} at {rev}", "nothing", log, include=d / "common")._build(
+        build.compiler(), d / "kernel.so")  # the build's own command: its flags, include path, every *.cc
     return ctypes.cdll.LoadLibrary(str(d / "kernel.so"))
