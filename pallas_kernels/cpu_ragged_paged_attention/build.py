@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from jaxserve.pallas_kernels.cpu_ffi_build import cache_dir, compiler  # noqa: F401 -- re-exported for tests
 from jaxserve.pallas_kernels.cpu_ffi_build import FfiLibrary
 
 TARGET = "jaxserve_cpu_ragged_paged_attention"

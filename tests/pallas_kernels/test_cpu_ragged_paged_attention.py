@@ -13,6 +13,7 @@ import pytest
 
 from jaxserve.models.attention import build_host_metadata as model_metadata
 from jaxserve.models.attention_backends import BACKENDS, SPLIT_REFERENCE
+from jaxserve.pallas_kernels.cpu_ffi_build import cache_dir
 from jaxserve.pallas_kernels.cpu_ragged_paged_attention import build
 from jaxserve.pallas_kernels.cpu_ragged_paged_attention.ops import cpu_ragged_paged_attention
 from jaxserve.sampling_params import SamplingParams
@@ -143,7 +144,7 @@ def test_failed_build_falls_back_to_xla(failing_build, caplog):
     assert build.TARGET not in hlo and "custom_call" not in hlo
     want, _, _ = _backend_step(BACKENDS["cpu_xla"], 4)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
-    assert not list((build.cache_dir()).glob("*.so*"))  # no half-written library left behind
+    assert not list(cache_dir().glob("*.so*"))  # no half-written library left behind
 
 
 def test_random_model_greedy_tokens_equal_the_reference_backend(tmp_path_factory):
