@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-pages", type=int, default=1024)
     p.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--block-sizes", default="16", help="comma-separated KV page sizes, each a variant")
     args = p.parse_args(argv)
 
     from jaxserve.models.attention import build_host_metadata
@@ -92,30 +93,36 @@ def main(argv: list[str] | None = None) -> int:
     lo, hi = (int(x) for x in args.context.split(","))
     rng = np.random.default_rng(0)
     lens = rng.integers(max(lo, args.query_len), max(hi, args.query_len) + 1, size=args.batch)
-    perm, tables, used = rng.permutation(np.arange(1, args.num_pages)), [], 0
-    for s in lens:
-        tables.append(perm[used:used + -(-int(s) // 16)].tolist())
-        used += len(tables[-1])
-    t = args.batch * args.query_len
-    meta = build_host_metadata([args.query_len] * args.batch, lens.tolist(), tables, 16, num_tokens=t,
-                               num_seqs=args.batch, table_width=128, decode_only=args.query_len == 1)
-    dt = jnp.dtype(args.kv_dtype)
-    caches = [tuple(jnp.asarray(rng.standard_normal((args.num_pages, 16, k, h), np.float32), dt) for _ in range(2))
-              for _ in range(args.layers)]
-    q = jnp.asarray(rng.standard_normal((t, n, h), np.float32))
 
     def step(backend, q, caches, meta):
         outs = [backend.attend(q, kp, vp, meta, sm_scale=h**-0.5) for kp, vp in caches]
         return sum(o.sum() for o in outs), outs[-1]
 
-    runs = {v: jax.jit(functools.partial(step, get_backend(register_variant(v)))) for v in args.variants.split(",")}
-    last = {v: np.asarray(f(q, caches, meta)[1]) for v, f in runs.items()}
+    t = args.batch * args.query_len
+    q = jnp.asarray(rng.standard_normal((t, n, h), np.float32))
+    dt = jnp.dtype(args.kv_dtype)
+    runs, last = {}, {}
+    for bs in (int(x) for x in args.block_sizes.split(",")):
+        pages = args.num_pages * 16 // bs  # the same KV capacity in tokens for every page size
+        perm, tables, used = rng.permutation(np.arange(1, pages)), [], 0
+        for s in lens:
+            tables.append(perm[used:used + -(-int(s) // bs)].tolist())
+            used += len(tables[-1])
+        meta = build_host_metadata([args.query_len] * args.batch, lens.tolist(), tables, bs, num_tokens=t,
+                                   num_seqs=args.batch, table_width=-(-2048 // bs), decode_only=args.query_len == 1)
+        caches = [tuple(jnp.asarray(rng.standard_normal((pages, bs, k, h), np.float32), dt) for _ in range(2))
+                  for _ in range(args.layers)]
+        for v in args.variants.split(","):
+            name = v if bs == 16 else f"{v}@{bs}"
+            f = jax.jit(functools.partial(step, get_backend(register_variant(v))))
+            runs[name] = functools.partial(f, q, caches, meta)
+            last[name] = np.asarray(runs[name]()[1])
     base = next(iter(last.values()))
     wall, cpu = ({v: [] for v in runs} for _ in range(2))
     for _ in range(args.reps):
         for v, f in runs.items():
             t0, c0 = time.perf_counter(), time.process_time()
-            jax.block_until_ready(f(q, caches, meta))
+            jax.block_until_ready(f())
             wall[v].append((time.perf_counter() - t0) * 1000)
             cpu[v].append((time.process_time() - c0) * 1000)
     print(json.dumps({"batch": args.batch, "context": [lo, hi], "query_len": args.query_len, "variants": {

@@ -28,15 +28,20 @@ void decode_scores(const KVT* kp, const KVT* vp, const int64_t* off, int64_t n, 
     prefetch_rows(vp, off, std::clamp<int64_t>(a - n, 0, n), std::clamp<int64_t>(b - n, 0, n), bytes);
     const int64_t last = std::min<int64_t>(L, n - t0) - 1;  // tokens past n repeat the last one
     for (int kh = 0; kh < nkh; ++kh) {
+      vf kt[L][NH];  // the tile's K rows of this head, converted once for its G query rows
+#pragma GCC unroll 16
+      for (int j = 0; j < L; ++j) {
+        const KVT* kr = kp + off[t0 + std::min<int64_t>(j, last)] + kh * NH * L;
+        for (int h = 0; h < NH; ++h) kt[j][h] = load(kr + h * L);
+      }
       for (int g = 0; g < G; ++g) {
         const int r = kh * G + g;
         vf qv[NH], a[L];
         for (int h = 0; h < NH; ++h) qv[h] = loadu(q + r * NH * L + h * L);
 #pragma GCC unroll 16
         for (int j = 0; j < L; ++j) {
-          const KVT* kr = kp + off[t0 + std::min<int64_t>(j, last)] + kh * NH * L;
-          vf acc = qv[0] * load(kr);
-          for (int h = 1; h < NH; ++h) acc += qv[h] * load(kr + h * L);
+          vf acc = qv[0] * kt[j][0];
+          for (int h = 1; h < NH; ++h) acc += qv[h] * kt[j][h];
           a[j] = acc;
         }
         storeu(sc + r * Tp + t0, reduce16(a));
