@@ -2,12 +2,15 @@
 
 Each variant attends one step's queries over ``--layers`` separate caches (as a model's layers do:
 nothing stays in the CPU caches between layers), SmolLM2-135M's heads by default (9 query heads,
-3 KV heads, head dim 64), float32 pages ``[P, 16, K, H]`` scattered at random. Reported: the
-median process CPU time (both threads) and wall time per step over ``--reps`` repetitions.
+3 KV heads, head dim 64), float32 pages ``[P, S, K, H]`` scattered at random (``--block-sizes``:
+each page size S its own variants, named ``VARIANT@S`` past 16, at the same KV capacity in tokens).
+Reported: the median process CPU time (both threads) and wall time per step over ``--reps``
+repetitions.
 
   python scripts/bench_cpu_attention.py --batch 16 --context 20,124 --variants reference,cpu_xla,cpu
   python scripts/bench_cpu_attention.py --batch 1 --query-len 256 --context 856,856
   python scripts/bench_cpu_attention.py --batch 32 --context 40,160 --variants cpu+acbce78,cpu
+  python scripts/bench_cpu_attention.py --batch 32 --context 40,160 --kv-dtype bfloat16 --block-sizes 16,64,128
 
 A variant ``cpu+REV`` is the ``cpu`` backend with the kernel source of git revision REV (built
 into a temporary directory, registered under its own FFI target): old and new kernels side by side.
@@ -72,6 +75,25 @@ def _revision_backend(spec: str) -> CpuBackend:
     return RevisionBackend(**{**{f.name: getattr(cpu, f.name) for f in dataclasses.fields(cpu)}, "name": spec})
 
 
+def paged_inputs(rng: np.random.Generator, lens: np.ndarray, query_len: int, page_size: int, num_pages: int,
+                 layers: int, kv_heads_dim: tuple[int, int], dtype) -> tuple:
+    """(metadata, ``layers`` (K, V) page caches ``[num_pages, page_size, K, H]``) for sequences of
+    ``lens`` tokens, their pages scattered at random (page 0 unused)."""
+    from jaxserve.models.attention import build_host_metadata
+
+    perm, tables, used = rng.permutation(np.arange(1, num_pages)), [], 0
+    for s in lens:
+        tables.append(perm[used:used + -(-int(s) // page_size)].tolist())
+        used += len(tables[-1])
+    t = len(lens) * query_len
+    meta = build_host_metadata([query_len] * len(lens), lens.tolist(), tables, page_size, num_tokens=t,
+                               num_seqs=len(lens), table_width=-(-2048 // page_size), decode_only=query_len == 1)
+    shape = (num_pages, page_size, *kv_heads_dim)
+    caches = [tuple(jnp.asarray(rng.standard_normal(shape, np.float32), dtype) for _ in range(2))
+              for _ in range(layers)]
+    return meta, caches
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=16)
@@ -86,7 +108,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-sizes", default="16", help="comma-separated KV page sizes, each a variant")
     args = p.parse_args(argv)
 
-    from jaxserve.models.attention import build_host_metadata
     from jaxserve.models.attention_backends import get_backend
 
     n, k, h = (int(x) for x in args.heads.split(","))
@@ -101,17 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     t = args.batch * args.query_len
     q = jnp.asarray(rng.standard_normal((t, n, h), np.float32))
     dt = jnp.dtype(args.kv_dtype)
-    runs, last = {}, {}
+    runs, last = {}, {}  # per page size the same KV capacity in tokens
     for bs in (int(x) for x in args.block_sizes.split(",")):
-        pages = args.num_pages * 16 // bs  # the same KV capacity in tokens for every page size
-        perm, tables, used = rng.permutation(np.arange(1, pages)), [], 0
-        for s in lens:
-            tables.append(perm[used:used + -(-int(s) // bs)].tolist())
-            used += len(tables[-1])
-        meta = build_host_metadata([args.query_len] * args.batch, lens.tolist(), tables, bs, num_tokens=t,
-                                   num_seqs=args.batch, table_width=-(-2048 // bs), decode_only=args.query_len == 1)
-        caches = [tuple(jnp.asarray(rng.standard_normal((pages, bs, k, h), np.float32), dt) for _ in range(2))
-                  for _ in range(args.layers)]
+        meta, caches = paged_inputs(rng, lens, args.query_len, bs, args.num_pages * 16 // bs, args.layers, (k, h), dt)
         for v in args.variants.split(","):
             name = v if bs == 16 else f"{v}@{bs}"
             f = jax.jit(functools.partial(step, get_backend(register_variant(v))))
