@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import statistics
 import sys
@@ -76,12 +77,14 @@ def _revision_backend(spec: str) -> CpuBackend:
 
 
 def paged_inputs(rng: np.random.Generator, lens: np.ndarray, query_len: int, page_size: int, num_pages: int,
-                 layers: int, kv_heads_dim: tuple[int, int], dtype) -> tuple:
+                 layers: int, kv_heads_dim: tuple[int, int], dtype, page_order: str = "random") -> tuple:
     """(metadata, ``layers`` (K, V) page caches ``[num_pages, page_size, K, H]``) for sequences of
-    ``lens`` tokens, their pages scattered at random (page 0 unused)."""
+    ``lens`` tokens, their pages scattered at random (page 0 unused), or with ``page_order``
+    "sequential" each sequence's pages consecutive (as a prompt's from the block manager's free list)."""
     from jaxserve.models.attention import build_host_metadata
 
-    perm, tables, used = rng.permutation(np.arange(1, num_pages)), [], 0
+    ids = np.arange(1, num_pages)
+    perm, tables, used = ids if page_order == "sequential" else rng.permutation(ids), [], 0
     for s in lens:
         tables.append(perm[used:used + -(-int(s) // page_size)].tolist())
         used += len(tables[-1])
@@ -106,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--block-sizes", default="16", help="comma-separated KV page sizes, each a variant")
+    p.add_argument("--page-orders", default="random",
+                   help="comma-separated: random (pages scattered) and/or sequential (each sequence's consecutive), each a variant")
     args = p.parse_args(argv)
 
     from jaxserve.models.attention_backends import get_backend
@@ -123,10 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     q = jnp.asarray(rng.standard_normal((t, n, h), np.float32))
     dt = jnp.dtype(args.kv_dtype)
     runs, last = {}, {}  # per page size the same KV capacity in tokens
-    for bs in (int(x) for x in args.block_sizes.split(",")):
-        meta, caches = paged_inputs(rng, lens, args.query_len, bs, args.num_pages * 16 // bs, args.layers, (k, h), dt)
+    for bs, order in itertools.product((int(x) for x in args.block_sizes.split(",")), args.page_orders.split(",")):
+        meta, caches = paged_inputs(rng, lens, args.query_len, bs, args.num_pages * 16 // bs, args.layers, (k, h), dt,
+                                    order)
         for v in args.variants.split(","):
-            name = v if bs == 16 else f"{v}@{bs}"
+            name = (v if bs == 16 else f"{v}@{bs}") + ("" if order == "random" else f"/{order}")
             f = jax.jit(functools.partial(step, get_backend(register_variant(v))))
             runs[name] = functools.partial(f, q, caches, meta)
             last[name] = np.asarray(runs[name]()[1])
