@@ -106,7 +106,7 @@ struct Problem {
 struct Scratch {  // per thread, grown on demand
   std::vector<float> q, kt, kv, vv, s, acc, m, l;
   std::vector<int> pos;
-  std::vector<int64_t> off;
+  std::vector<int64_t> off, next_off;
 };
 
 // Asks for the K/V rows of tokens [t0, t1) of KV heads [kh, kh_end) ahead of their use (the pages are scattered).

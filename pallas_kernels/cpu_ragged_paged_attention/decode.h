@@ -74,12 +74,14 @@ inline void decode_pv_rows(float* acc, const float* P, int64_t Tp, const KVT* vp
 // across the item's heads.
 template <int NH, typename KVT>
 void decode_pv(const KVT* vp, const int64_t* off, int64_t n, const float* P, int G, int nkh, float* acc,
-               int64_t Tp) {
+               int64_t Tp, const KVT* kp, const int64_t* next_off, int64_t next_n, int64_t next_bytes) {
   constexpr int RB = NH >= 8 ? 2 : 4;  // rows per pass: RB * NH accumulators in registers
   const int64_t bytes = nkh * NH * L * static_cast<int64_t>(sizeof(KVT));
   for (int64_t t0 = 0; t0 < n; t0 += C) {
     const int64_t t1 = std::min<int64_t>(t0 + C, n);
-    prefetch_rows(vp, off, std::min(t0 + kAhead, n), std::min(t0 + kAhead + C, n), bytes);
+    const int64_t a = t0 + kAhead, b = a + C;  // past n: the next item's first K rows
+    prefetch_rows(vp, off, std::min(a, n), std::min(b, n), bytes);
+    prefetch_rows(kp, next_off, std::clamp<int64_t>(a - n, 0, next_n), std::clamp<int64_t>(b - n, 0, next_n), next_bytes);
     for (int kh = 0; kh < nkh; ++kh) {
       const KVT* vh = vp + kh * NH * L;
       for (int g = 0; g < G;) {
@@ -124,20 +126,28 @@ inline void decode_softmax(float* sc, int R, int64_t n, int64_t Tp, float* inv) 
   }
 }
 
+// Offsets of the first `count` tokens' rows of item it's KV heads in the pages (row units).
+inline void decode_offsets(const Problem& p, const Item& it, int64_t count, std::vector<int64_t>& off) {
+  const int32_t* table = p.tables + it.b * p.W;
+  off.resize(count);
+  for (int64_t t = 0; t < count; ++t) {
+    const int64_t page = std::min<int64_t>(std::max<int32_t>(table[t / p.S], 0), p.P - 1);
+    off[t] = ((page * p.S + t % p.S) * p.K + it.kh) * p.H;
+  }
+}
+
 // The one query of sequence it.b (at position seq_len - 1: every token is visible), KV heads
 // [it.kh, it.kh_end): scores over all K rows, softmax, then P.V over all V rows, each row read in
-// place from its page (bf16 converted in registers). H = NH * L.
+// place from its page (bf16 converted in registers); `next` (or null): the decode item likely run
+// after it, whose first K rows are asked for while this one's V rows are read. H = NH * L.
 template <int NH, typename KVT, typename QT>
-void run_decode(const Problem& p, const Item& it, Scratch& s) {
+void run_decode(const Problem& p, const Item& it, const Item* next, Scratch& s) {
   constexpr int H = NH * L;
   const int G = p.N / p.K, nkh = it.kh_end - it.kh, R = nkh * G;
   const int64_t n = p.seq_lens[it.b], Tp = (n + L - 1) / L * L, qi = p.qsl[it.b];
-  const int32_t* table = p.tables + it.b * p.W;
-  s.off.resize(n);
-  for (int64_t t = 0; t < n; ++t) {
-    const int64_t page = std::min<int64_t>(std::max<int32_t>(table[t / p.S], 0), p.P - 1);
-    s.off[t] = ((page * p.S + t % p.S) * p.K + it.kh) * H;
-  }
+  decode_offsets(p, it, n, s.off);
+  const int64_t next_n = next ? std::min<int64_t>(p.seq_lens[next->b], kAhead) : 0;
+  decode_offsets(p, next ? *next : it, next_n, s.next_off);
   s.q.resize(static_cast<size_t>(R) * H);
   const QT* q = static_cast<const QT*>(p.q) + (qi * p.N + it.kh * G) * H;
   for (int r = 0; r < R; ++r)
@@ -147,9 +157,10 @@ void run_decode(const Problem& p, const Item& it, Scratch& s) {
   s.acc.assign(static_cast<size_t>(R) * H, 0.0f);
   const KVT* kp = static_cast<const KVT*>(p.k);
   const KVT* vp = static_cast<const KVT*>(p.v);
+  const int64_t next_bytes = next ? (next->kh_end - next->kh) * H * static_cast<int64_t>(sizeof(KVT)) : 0;
   decode_scores<NH>(kp, vp, s.off.data(), n, s.q.data(), G, nkh, s.s.data(), Tp);
   decode_softmax(s.s.data(), R, n, Tp, s.l.data());
-  decode_pv<NH>(vp, s.off.data(), n, s.s.data(), G, nkh, s.acc.data(), Tp);
+  decode_pv<NH>(vp, s.off.data(), n, s.s.data(), G, nkh, s.acc.data(), Tp, kp, s.next_off.data(), next_n, next_bytes);
   QT* out = static_cast<QT*>(p.out) + (qi * p.N + it.kh * G) * H;
   for (int r = 0; r < R; ++r) {
     float* a = s.acc.data() + r * H;

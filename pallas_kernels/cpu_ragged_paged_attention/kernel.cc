@@ -69,20 +69,23 @@ void build_items(Problem& p, int64_t threads) {
   std::stable_sort(p.items.begin(), p.items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
 }
 
-// Item i (claimed by run_claimed, pallas_kernels/cpu_common) of the n in p, after prefetching item i + 1's first tile.
+// Item i (claimed by run_claimed, pallas_kernels/cpu_common) of the n in p. A decode item followed
+// by another asks for that one's first K rows while it reads its own V rows (run_decode); else the
+// next item's first tile is asked for before this one runs, its scattered rows arriving meanwhile.
 template <typename KVT, typename QT>
 void run_claimed_item(const Problem* p, int64_t i, int64_t n) {
   thread_local Scratch scratch;
-  if (i + 1 < n) {  // the next item's first tile: its scattered rows arrive while this one runs
-    const Item& nx = p->items[i + 1];
-    const int64_t end = p->seq_lens[nx.b] - (p->qsl[nx.b + 1] - p->qsl[nx.b]) + nx.q0 + nx.nq;
-    prefetch_tile<KVT>(*p, nx.kh, nx.kh_end, p->tables + nx.b * p->W, 0, std::min<int64_t>(C, end));
-  }
   const Item& it = p->items[i];
+  const Item* next = i + 1 < n ? &p->items[i + 1] : nullptr;
+  if (next && !(it.decode && next->decode)) {
+    const int64_t end = p->seq_lens[next->b] - (p->qsl[next->b + 1] - p->qsl[next->b]) + next->q0 + next->nq;
+    prefetch_tile<KVT>(*p, next->kh, next->kh_end, p->tables + next->b * p->W, 0, std::min<int64_t>(C, end));
+  }
+  if (next && !next->decode) next = nullptr;
   if (!it.decode) run_item<KVT, QT>(*p, it, scratch);
-  else if (p->H == 2 * L) run_decode<2, KVT, QT>(*p, it, scratch);
-  else if (p->H == 4 * L) run_decode<4, KVT, QT>(*p, it, scratch);
-  else run_decode<8, KVT, QT>(*p, it, scratch);
+  else if (p->H == 2 * L) run_decode<2, KVT, QT>(*p, it, next, scratch);
+  else if (p->H == 4 * L) run_decode<4, KVT, QT>(*p, it, next, scratch);
+  else run_decode<8, KVT, QT>(*p, it, next, scratch);
 }
 
 int max_threads() {
