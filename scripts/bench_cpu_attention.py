@@ -11,6 +11,7 @@ repetitions.
   python scripts/bench_cpu_attention.py --batch 1 --query-len 256 --context 856,856
   python scripts/bench_cpu_attention.py --batch 32 --context 40,160 --variants cpu+acbce78,cpu
   python scripts/bench_cpu_attention.py --batch 32 --context 40,160 --kv-dtype bfloat16 --block-sizes 16,64,128
+  python scripts/bench_cpu_attention.py --batch 32 --context 40,160 --kv-dtype bfloat16 --page-orders random,sequential
 
 A variant ``cpu+REV`` is the ``cpu`` backend with the kernel source of git revision REV (built
 into a temporary directory, registered under its own FFI target): old and new kernels side by side.
@@ -110,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--block-sizes", default="16", help="comma-separated KV page sizes, each a variant")
     p.add_argument("--page-orders", default="random",
-                   help="comma-separated: random (pages scattered) and/or sequential (each sequence's consecutive), each a variant")
+                   help="comma-separated: random (pages scattered), sequential (each sequence's consecutive); "
+                        "each a variant")
     args = p.parse_args(argv)
 
     from jaxserve.models.attention_backends import get_backend

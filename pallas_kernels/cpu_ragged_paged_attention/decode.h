@@ -81,7 +81,8 @@ void decode_pv(const KVT* vp, const int64_t* off, int64_t n, const float* P, int
     const int64_t t1 = std::min<int64_t>(t0 + C, n);
     const int64_t a = t0 + kAhead, b = a + C;  // past n: the next item's first K rows
     prefetch_rows(vp, off, std::min(a, n), std::min(b, n), bytes);
-    prefetch_rows(kp, next_off, std::clamp<int64_t>(a - n, 0, next_n), std::clamp<int64_t>(b - n, 0, next_n), next_bytes);
+    prefetch_rows(kp, next_off, std::clamp<int64_t>(a - n, 0, next_n), std::clamp<int64_t>(b - n, 0, next_n),
+                  next_bytes);
     for (int kh = 0; kh < nkh; ++kh) {
       const KVT* vh = vp + kh * NH * L;
       for (int g = 0; g < G;) {
