@@ -71,7 +71,8 @@ inline void decode_pv_rows(float* acc, const float* P, int64_t Tp, const KVT* vp
 }
 
 // acc[r] = sum_t P[r, t] V[t, r / G] over tokens t < n, in tiles of C tokens whose rows stay cached
-// across the item's heads.
+// across the item's heads; asks for V's rows kAhead tokens on and, past n, for the next decode
+// item's first K rows (next_n rows at next_off, next_bytes each; next_n = 0: none).
 template <int NH, typename KVT>
 void decode_pv(const KVT* vp, const int64_t* off, int64_t n, const float* P, int G, int nkh, float* acc,
                int64_t Tp, const KVT* kp, const int64_t* next_off, int64_t next_n, int64_t next_bytes) {
