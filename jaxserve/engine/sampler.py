@@ -105,6 +105,15 @@ def compute_logprobs(logits_BV: jax.Array, tokens_B: jax.Array, want_B: jax.Arra
 ARGMAX_BLOCK = 128  # vocabulary entries per block of ``first_argmax``'s and ``_inverse_cdf``'s first pass
 
 
+def _blocks(x_BV: jax.Array, fill: float) -> jax.Array:
+    """``x`` as [B, blocks, ARGMAX_BLOCK], the last block padded with ``fill``."""
+    b, v = x_BV.shape
+    blocks = -(-v // ARGMAX_BLOCK)
+    if blocks * ARGMAX_BLOCK != v:
+        x_BV = jnp.pad(x_BV, ((0, 0), (0, blocks * ARGMAX_BLOCK - v)), constant_values=fill)
+    return x_BV.reshape(b, blocks, ARGMAX_BLOCK)
+
+
 def first_argmax(x_BV: jax.Array) -> jax.Array:
     """``argmax`` over the last axis (first maximum wins; a row with a NaN gives the last index), i32[B].
 
@@ -112,11 +121,9 @@ def first_argmax(x_BV: jax.Array) -> jax.Array:
     block holding the row's maximum and the first maximum inside it (XLA:CPU's variadic arg-reduce
     is ~4x slower over a 49k vocabulary, two full reductions ~3x).
     """
-    b, v = x_BV.shape
-    blocks = -(-v // ARGMAX_BLOCK)
-    if blocks * ARGMAX_BLOCK != v:
-        x_BV = jnp.pad(x_BV, ((0, 0), (0, blocks * ARGMAX_BLOCK - v)), constant_values=-jnp.inf)
-    x_BNK = x_BV.reshape(b, blocks, ARGMAX_BLOCK)
+    v = x_BV.shape[-1]
+    x_BNK = _blocks(x_BV, -jnp.inf)
+    blocks = x_BNK.shape[1]
     top_BN = jnp.max(x_BNK, axis=-1)
     block_B = _first_max(top_BN)
     row_BK = jnp.take_along_axis(x_BNK, jnp.minimum(block_B, blocks - 1)[:, None, None], axis=1)[:, 0]
@@ -139,11 +146,9 @@ def _inverse_cdf(probs_BV: jax.Array, u_B: jax.Array) -> jax.Array:
     the block, then one block's cumulative sum the entry (XLA:CPU's cumsum over a whole 49k
     vocabulary is a ~2 ms reduce-window at 32 rows).
     """
-    b, v = probs_BV.shape
-    blocks = -(-v // ARGMAX_BLOCK)
-    if blocks * ARGMAX_BLOCK != v:
-        probs_BV = jnp.pad(probs_BV, ((0, 0), (0, blocks * ARGMAX_BLOCK - v)))
-    p_BNK = probs_BV.reshape(b, blocks, ARGMAX_BLOCK)
+    v = probs_BV.shape[-1]
+    p_BNK = _blocks(probs_BV, 0.0)
+    blocks = p_BNK.shape[1]
     cum_BN = jnp.cumsum(jnp.sum(p_BNK, axis=-1), axis=-1)
     target_B1 = (u_B * cum_BN[:, -1])[:, None]
     block_B = jnp.minimum(jnp.sum(cum_BN <= target_B1, axis=-1), blocks - 1)
