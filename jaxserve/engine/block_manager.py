@@ -8,7 +8,9 @@ a serial number given to each registered block and never reused, so equal keys m
 prefixes exactly (no hash collisions). A sequence's first block has the parent ``-1 - lora_id``
 (``-1`` for the base model): the same tokens under two LoRA adapters never share KV. Blocks whose count drops to zero go to the back of an LRU
 free list but stay findable until they are handed out again (evicted).
-Plain Python, no jax.
+
+Which free block a sequence gets is ``engine/block_placement.py``'s choice: consecutive runs per
+sequence, in approximate LRU order. Plain Python and numpy, no jax.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import itertools
 from collections import OrderedDict
 
+from jaxserve.engine.block_placement import BlockPlacement
 from jaxserve.request import Request
 
 NULL_BLOCK = 0
@@ -50,7 +53,8 @@ class BlockManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(1, num_blocks))  # LRU order
+        self._placement = BlockPlacement(num_blocks)
         self._cache: dict[BlockKey, int] = {}
         self._serial = itertools.count()
         self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
@@ -114,6 +118,7 @@ class BlockManager:
             block = self.blocks[bid]
             if block.ref_count == 0:
                 del self._free[bid]
+                self._placement.free[bid] = False
             block.ref_count += 1
             req.block_ids.append(bid)
         req.num_computed_tokens = len(hits) * self.block_size
@@ -135,6 +140,7 @@ class BlockManager:
                 block.key = key
                 block.chain_id = next(self._serial)
                 self._cache[key] = block.block_id
+                self._placement.cached[block.block_id] = True
                 parent = block.chain_id
             else:  # the same prefix was computed twice concurrently: keep the first copy findable
                 parent = self.blocks[existing].chain_id
@@ -148,21 +154,37 @@ class BlockManager:
         n = self.num_new_blocks(req, num_new_tokens)
         if n > len(self._free):
             raise RuntimeError(f"out of KV blocks: need {n}, {len(self._free)} free")
-        for _ in range(n):
-            bid, _ = self._free.popitem(last=False)  # least recently freed first
-            block = self.blocks[bid]
-            if block.key is not None:  # evict it from the prefix cache
-                del self._cache[block.key]
-                block.key = None
-            block.chain_id = -1
-            block.ref_count = 1
-            req.block_ids.append(bid)
+        place = self._placement
+        while n > 0:
+            bids = place.grow(req.block_ids[-1], n) if req.block_ids else []
+            bids = bids or place.new_run(n) or [next(iter(self._free))]
+            if req.block_ids:
+                place.tail[req.block_ids[-1]] = False
+            for bid in bids:
+                self._take(bid)
+                req.block_ids.append(bid)
+            place.tail[bids[-1]] = True
+            n -= len(bids)
+
+    def _take(self, bid: int) -> None:
+        """Hand out free block ``bid``, evicting it from the prefix cache."""
+        del self._free[bid]
+        self._placement.free[bid] = False
+        block = self.blocks[bid]
+        if block.key is not None:
+            del self._cache[block.key]
+            block.key = None
+            self._placement.cached[bid] = False
+        block.chain_id = -1
+        block.ref_count = 1
 
     def free(self, req: Request) -> None:
         """Drop ``req``'s references; blocks nobody uses go to the back of the LRU free list.
 
-        The tail of a sequence is freed first, so it is evicted before the shareable prefix.
+        The tail of a sequence is freed first, so in LRU order it goes before the shareable prefix.
         """
+        if req.block_ids:
+            self._placement.tail[req.block_ids[-1]] = False
         for bid in reversed(req.block_ids):
             block = self.blocks[bid]
             block.ref_count -= 1
@@ -170,5 +192,6 @@ class BlockManager:
                 if block.key is None:
                     block.chain_id = -1
                 self._free[bid] = None
+                self._placement.release(bid)
         req.block_ids = []
         req.num_registered_blocks = 0
