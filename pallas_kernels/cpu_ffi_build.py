@@ -27,7 +27,8 @@ from pathlib import Path
 import jax
 import jaxlib
 
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra")  # the shipped kernels build warning-free
+# The shipped kernels build warning-free with these (tests/pallas_kernels/test_cpu_ffi_build.py keeps them so).
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra")
 COMMON = Path(__file__).with_name("cpu_common")  # headers every kernel may include (cpu_shared.h)
 _registered: set[str] = set()  # FFI targets registered in this process (XLA keeps them for good)
 
@@ -96,7 +97,7 @@ class FfiLibrary:
         return cache_dir() / f"{self.source.parent.name}-{h.hexdigest()[:20]}.so"
 
     def _build(self, cxx: str, dest: Path) -> str:
-        """Compile the directory's ``*.cc`` into ``dest``; returns the compiler's diagnostics (warnings), ``""`` when clean.
+        """Compile the directory's ``*.cc`` into ``dest``; returns the compiler's warnings (``""`` when clean).
 
         XLA's FFI headers are a system include (``-isystem``): their warnings are not ours to fix."""
         dest.parent.mkdir(parents=True, exist_ok=True)
