@@ -34,6 +34,7 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
+        """Whether the request has ended (stopped, hit its length, or was aborted)."""
         return self in (
             RequestStatus.FINISHED_STOPPED,
             RequestStatus.FINISHED_LENGTH,
@@ -111,6 +112,7 @@ class Request:
         return self.prompt_token_ids[i] if i < n else self.output_token_ids[i - n]
 
     def tokens(self, start: int, stop: int) -> list[int]:
+        """Tokens ``[start, stop)`` of prompt + outputs (the same as ``token_at`` over the range)."""
         n = len(self.prompt_token_ids)
         if stop <= n:
             return self.prompt_token_ids[start:stop]

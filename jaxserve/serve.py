@@ -337,6 +337,8 @@ def draining_server(uv_config: uvicorn.Config, timeout: float) -> uvicorn.Server
             await super().startup(sockets)
 
         def handle_exit(self, sig: int, frame: object) -> None:
+            """The first signal starts the app's drain on the event loop; a later one (or one before
+            start-up) is uvicorn's: stop, then force."""
             if self.loop is None or self.drain_started:
                 self.force_exit = self.should_exit
                 self.should_exit = True

@@ -94,7 +94,8 @@ def paged_attention(
     """Write this step's K/V into the paged cache, then attend. Returns (o_TNH, new cache)."""
     impl = get_backend(backend)
 
-    def local(q, k, v, cache, m):
+    def local(q: jax.Array, k: jax.Array, v: jax.Array, cache: KVCache,
+              m: AttentionMetadata) -> tuple[jax.Array, KVCache]:
         return impl.forward(q, k, v, cache, m, sm_scale=sm_scale)
 
     if mesh is not None and mesh.shape[MODEL_AXIS] > 1:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+from jax.typing import DTypeLike
 
 from jaxserve.models.cpu_decode_attention import grouped_decode_attention
 from jaxserve.pallas_kernels.cpu_ragged_paged_attention import ops as cpu_attention
@@ -51,11 +52,12 @@ class SplitPagesBackend:
     product: str = "xla"  # the layers' weight products (models/products.py)
     lm_head_product: str = "xla"
 
-    def page_dtype(self, compute_dtype, model_dtype) -> jnp.dtype:
+    def page_dtype(self, compute_dtype: DTypeLike, model_dtype: DTypeLike) -> jnp.dtype:
         """The cache's dtype for these activation and weight dtypes (``cache_shapes``' ``dtype``)."""
         return jnp.dtype(compute_dtype)
 
-    def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+    def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                     dtype: DTypeLike) -> KVCache:
         page = jax.ShapeDtypeStruct((num_pages, page_size, num_kv_heads, head_dim), dtype)
         return (page, page)
 
@@ -73,11 +75,14 @@ class SplitPagesBackend:
         return with_rows(meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                          num_rows=num_rows, row_width=width)
 
-    def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
+    def forward(self, q_TNH: jax.Array, k_TKH: jax.Array, v_TKH: jax.Array, cache: KVCache, meta: AttentionMetadata,
+                *, sm_scale: float) -> tuple[jax.Array, KVCache]:
+        """Write this step's K/V into its slots, then attend; returns (o_TNH, the updated pages)."""
         k_pages, v_pages = write_kv(cache[0], cache[1], k_TKH, v_TKH, meta.slot_mapping)
         return self.attend(q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale), (k_pages, v_pages)
 
-    def attend(self, q_TNH, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float) -> jax.Array:
+    def attend(self, q_TNH: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
+               sm_scale: float) -> jax.Array:
         """[T, N, H] attention of this step's queries over pages that already hold its K/V."""
         rows = self.rows(meta, q_TNH.shape[0])
         if self.kernel == "reference":
@@ -99,19 +104,23 @@ class CpuBackend(SplitPagesBackend):
     use_kernel: bool = True
     bf16_pages: bool = True
 
-    def page_dtype(self, compute_dtype, model_dtype) -> jnp.dtype:
+    def page_dtype(self, compute_dtype: DTypeLike, model_dtype: DTypeLike) -> jnp.dtype:
         if self.bf16_pages and jnp.dtype(model_dtype) == jnp.bfloat16 and self.use_kernel and cpu_attention.available():
             return jnp.dtype(jnp.uint16)  # bf16 bits
         return jnp.dtype(compute_dtype)
 
-    def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
+    def forward(self, q_TNH: jax.Array, k_TKH: jax.Array, v_TKH: jax.Array, cache: KVCache, meta: AttentionMetadata,
+                *, sm_scale: float) -> tuple[jax.Array, KVCache]:
+        """As the split pages' forward; bf16-bit (uint16) pages get the new K/V as bf16 bits."""
         if cache[0].dtype != jnp.uint16:
             return super().forward(q_TNH, k_TKH, v_TKH, cache, meta, sm_scale=sm_scale)
         bits = lambda x: jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)  # noqa: E731
         k_pages, v_pages = write_kv(cache[0], cache[1], bits(k_TKH), bits(v_TKH), meta.slot_mapping)
         return self.attend(q_TNH, k_pages, v_pages, meta, sm_scale=sm_scale), (k_pages, v_pages)
 
-    def attend(self, q_TNH, k_pages, v_pages, meta: AttentionMetadata, *, sm_scale: float) -> jax.Array:
+    def attend(self, q_TNH: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
+               sm_scale: float) -> jax.Array:
+        """The C++ kernel when it serves these dtypes; else grouped decode attention or the reference."""
         if self.use_kernel and cpu_attention.supports(q_TNH.dtype, k_pages.dtype) and cpu_attention.available():
             return cpu_attention.cpu_ragged_paged_attention(q_TNH, k_pages, v_pages, meta.query_start_loc,
                                                             meta.seq_lens, meta.block_tables, sm_scale=sm_scale)
@@ -131,10 +140,12 @@ class TpuBackend:
     product: str = "xla"  # the layers' weight products (models/products.py)
     lm_head_product: str = "xla"
 
-    def page_dtype(self, compute_dtype, model_dtype) -> jnp.dtype:
+    def page_dtype(self, compute_dtype: DTypeLike, model_dtype: DTypeLike) -> jnp.dtype:
         return jnp.dtype(compute_dtype)
 
-    def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype) -> KVCache:
+    def cache_shapes(self, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int,
+                     dtype: DTypeLike) -> KVCache:
+        """One combined page array ``[P, S, 2K, H]`` (K at even heads, V at odd)."""
         if head_dim % 128 and not self.split_reference:
             raise ValueError(f"jax's bundled TPU ragged paged attention needs a head_dim that is a multiple of 128; "
                              f"this model's is {head_dim}: use --attention-backend reference")
@@ -150,7 +161,9 @@ class TpuBackend:
         kv_TCH = jnp.stack([k_TKH, v_TKH], axis=2).reshape(-1, c, h)
         return scatter_into_slots(kv_pages_PSCH, kv_TCH, slot_mapping_T)
 
-    def forward(self, q_TNH, k_TKH, v_TKH, cache: KVCache, meta: AttentionMetadata, *, sm_scale: float):
+    def forward(self, q_TNH: jax.Array, k_TKH: jax.Array, v_TKH: jax.Array, cache: KVCache, meta: AttentionMetadata,
+                *, sm_scale: float) -> tuple[jax.Array, KVCache]:
+        """Interleaved K/V write, then the bundled TPU kernel (or the split reference); returns (o_TNH, pages)."""
         kv_pages = self.write(cache, k_TKH, v_TKH, meta.slot_mapping)
         if self.split_reference:
             rows = SPLIT_REFERENCE.rows(meta, q_TNH.shape[0])

@@ -27,7 +27,8 @@ from pathlib import Path
 import jax
 import jaxlib
 
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+# The shipped kernels build warning-free with these (tests/pallas_kernels/test_cpu_ffi_build.py keeps them so).
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall", "-Wextra")
 COMMON = Path(__file__).with_name("cpu_common")  # headers every kernel may include (cpu_shared.h)
 _registered: set[str] = set()  # FFI targets registered in this process (XLA keeps them for good)
 
@@ -95,17 +96,21 @@ class FfiLibrary:
             h.update(b"\0")
         return cache_dir() / f"{self.source.parent.name}-{h.hexdigest()[:20]}.so"
 
-    def _build(self, cxx: str, dest: Path) -> None:
+    def _build(self, cxx: str, dest: Path) -> str:
+        """Compile the directory's ``*.cc`` into ``dest``; returns the compiler's warnings (``""`` when clean).
+
+        XLA's FFI headers are a system include (``-isystem``): their warnings are not ours to fix."""
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=dest.stem + ".", suffix=".so.tmp", dir=dest.parent)
         os.close(fd)
         try:
             units = [str(p) for p in sources(self.source.parent) if p.suffix == ".cc"]
-            cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{self.include}", *units, "-o", tmp]
+            cmd = [cxx, *FLAGS, "-isystem", jax.ffi.include_dir(), f"-I{self.include}", *units, "-o", tmp]
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             if run.returncode:
                 raise RuntimeError(f"{' '.join(cmd)} failed ({run.returncode}):\n{run.stderr[-2000:]}")
             os.replace(tmp, dest)
+            return run.stderr
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -117,7 +122,9 @@ class FfiLibrary:
         path = self.library_path(cxx)
         if not path.exists():
             self.log.info("building the %s with %s into %s", self.what, cxx, path)
-            self._build(cxx, path)
+            warnings = self._build(cxx, path)
+            if warnings:
+                self.log.debug("the %s built with compiler warnings:\n%s", self.what, warnings[-2000:])
         lib = ctypes.cdll.LoadLibrary(str(path))
         for target, symbol in self.targets.items():
             if target not in _registered:

@@ -35,7 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 
 if TYPE_CHECKING:
-    from jaxserve.models.attention_backends import CpuBackend
+    from jaxserve.models.attention import AttentionMetadata
+    from jaxserve.models.attention_backends import CpuBackend, KVCache
 
 
 def register_variant(spec: str) -> str:
@@ -68,7 +69,8 @@ def _revision_backend(spec: str) -> CpuBackend:
 
     @dataclasses.dataclass(frozen=True)
     class RevisionBackend(ab.CpuBackend):
-        def attend(self, q, k_pages, v_pages, meta, *, sm_scale):
+        def attend(self, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, meta: AttentionMetadata, *,
+                   sm_scale: float) -> jax.Array:
             call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(q.shape, q.dtype))
             return call(q, k_pages, v_pages, meta.query_start_loc, meta.seq_lens, meta.block_tables,
                         sm_scale=np.float32(sm_scale))
@@ -78,7 +80,8 @@ def _revision_backend(spec: str) -> CpuBackend:
 
 
 def paged_inputs(rng: np.random.Generator, lens: np.ndarray, query_len: int, page_size: int, num_pages: int,
-                 layers: int, kv_heads_dim: tuple[int, int], dtype, page_order: str = "random") -> tuple:
+                 layers: int, kv_heads_dim: tuple[int, int], dtype: jnp.dtype, page_order: str = "random",
+                 ) -> tuple[AttentionMetadata, list[tuple[jax.Array, jax.Array]]]:
     """(metadata, ``layers`` (K, V) page caches ``[num_pages, page_size, K, H]``) for sequences of
     ``lens`` tokens, their pages scattered at random (page 0 unused), or with ``page_order``
     "sequential" each sequence's pages consecutive (as a prompt's from the block manager's free list)."""
@@ -122,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     rng = np.random.default_rng(0)
     lens = rng.integers(max(lo, args.query_len), max(hi, args.query_len) + 1, size=args.batch)
 
-    def step(backend, q, caches, meta):
+    def step(backend: CpuBackend, q: jax.Array, caches: list[KVCache], meta: AttentionMetadata,
+             ) -> tuple[jax.Array, jax.Array]:
         outs = [backend.attend(q, kp, vp, meta, sm_scale=h**-0.5) for kp, vp in caches]
         return sum(o.sum() for o in outs), outs[-1]
 

@@ -28,14 +28,23 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+if TYPE_CHECKING:
+    from jaxserve.models import ModelConfig
+    from jaxserve.models.attention import AttentionMetadata
+    from jaxserve.models.attention_backends import KVCache
+    from jaxserve.weights.abstract_model import LoadedModel
 
-def load(model: str, backend: str):
+StepInputs = tuple[np.ndarray, np.ndarray, "AttentionMetadata", np.ndarray]  # tokens, positions, metadata, logits rows
+
+
+def load(model: str, backend: str) -> tuple[LoadedModel, ModelConfig]:
     """(LoadedModel, ModelConfig) of ``model`` with bf16 weights and f32 activations (the CPU default)."""
     from jaxserve.weights.loader import load_model, read_model_config
     from jaxserve.weights.source import resolve_model_source
@@ -67,7 +76,8 @@ def sampler(mode: str, rows: int) -> Callable[[jax.Array], jax.Array]:
     return lambda logits: sample(logits, st, extras)[0]
 
 
-def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int, rows: int):
+def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: int, page_size: int, rows: int,
+                  ) -> tuple[jax.stages.Wrapped, list[KVCache]]:
     """``backend[:bf16][@xla_option=value...][#sampling]`` -> (jitted step, caches). The step returns
     (sampled tokens, caches), sampled by the engine's sampler (``greedy`` unless ``#`` names another
     ``SAMPLING`` mode); the options after ``@`` (``+``-separated) go to XLA's compiler."""
@@ -86,7 +96,8 @@ def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int, rows: 
     caches = [jax.tree.map(lambda s: _page_values(rng.standard_normal(s.shape, np.float32) * 0.5, s.dtype), shapes)
               for _ in range(cfg.num_layers)]
 
-    def step(state, caches, tokens, positions, meta, idx):
+    def step(state: nnx.State, caches: list[KVCache], tokens: jax.Array, positions: jax.Array,
+             meta: AttentionMetadata, idx: jax.Array) -> tuple[jax.Array, list[KVCache]]:
         model = nnx.merge(graphdef, state)
         logits, caches = model(tokens, positions, caches, meta, idx)
         return pick(logits), caches
@@ -94,7 +105,7 @@ def build_variant(loaded, cfg, spec: str, num_pages: int, page_size: int, rows: 
     return jax.jit(step, donate_argnums=(1,)), caches
 
 
-def _page_values(x: np.ndarray, dtype) -> jax.Array:
+def _page_values(x: np.ndarray, dtype: jnp.dtype) -> jax.Array:
     """``x`` in a page dtype (uint16 pages hold bf16 bits)."""
     if dtype == jnp.uint16:
         return jax.lax.bitcast_convert_type(jnp.asarray(x, jnp.bfloat16), jnp.uint16)
@@ -109,7 +120,8 @@ def _option(text: str) -> tuple[str, object]:
     return name, int(value) if value.lstrip("-").isdigit() else value
 
 
-def batch_inputs(batch: int, context: tuple[int, int], page_size: int, num_pages: int, width: int, seed: int):
+def batch_inputs(batch: int, context: tuple[int, int], page_size: int, num_pages: int, width: int,
+                 seed: int) -> StepInputs:
     """Host inputs of one decode step: B sequences, one new token each, pages drawn at random."""
     from jaxserve.models.attention import build_host_metadata
 
@@ -127,7 +139,7 @@ def batch_inputs(batch: int, context: tuple[int, int], page_size: int, num_pages
     return tokens, (lens - 1).astype(np.int32), meta, np.arange(batch, dtype=np.int32)
 
 
-def prefill_inputs(spec: str, max_seqs: int, page_size: int, num_pages: int, width: int, seed: int):
+def prefill_inputs(spec: str, max_seqs: int, page_size: int, num_pages: int, width: int, seed: int) -> StepInputs:
     """Host inputs of one mixed step ``T,L[,C]``: prompts of L new tokens after C cached ones
     packed into T tokens (the last one chunked), logits rows at each prompt's last token."""
     from jaxserve.models.attention import build_host_metadata
@@ -270,7 +282,8 @@ def op_summary(trace_dir: Path, hlo_text: str, steps: int) -> tuple[Rows, Rows]:
     return rows(total, count, 30), rows(ktotal, kcount, 40)
 
 
-def compile_variants(loaded, cfg, specs: list[str], inputs: tuple, args: argparse.Namespace) -> dict[str, list]:
+def compile_variants(loaded: LoadedModel, cfg: ModelConfig, specs: list[str], inputs: StepInputs,
+                     args: argparse.Namespace) -> dict[str, list]:
     """spec -> [compiled step, caches, last argmax] (each run once; HLO written under ``--profile``)."""
     runs = {}
     for spec in specs:
@@ -288,7 +301,8 @@ def compile_variants(loaded, cfg, specs: list[str], inputs: tuple, args: argpars
     return runs
 
 
-def time_variants(runs: dict[str, list], state, inputs: tuple, reps: int, inner: int) -> dict:
+def time_variants(runs: dict[str, list], state: nnx.State, inputs: StepInputs, reps: int,
+                  inner: int) -> dict[str, dict[str, float | list[float]]]:
     """Interleaved repetitions (A B A B ...): wall and process CPU ms per step, minor page faults."""
     wall, cpu, faults = ({s: [] for s in runs} for _ in range(3))
     for _ in range(reps):
@@ -311,7 +325,8 @@ def time_variants(runs: dict[str, list], state, inputs: tuple, reps: int, inner:
                    "all_ms": [round(x, 2) for x in wall[spec]]} for spec in runs}
 
 
-def profile_variants(runs: dict[str, list], state, inputs: tuple, directory: str, steps: int = 5) -> None:
+def profile_variants(runs: dict[str, list], state: nnx.State, inputs: StepInputs, directory: str,
+                     steps: int = 5) -> None:
     """A jax profiler trace of ``steps`` steps per variant, printed as ``op_summary``."""
     for spec, run in runs.items():
         d = Path(directory) / _slug(spec)

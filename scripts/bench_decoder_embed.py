@@ -19,8 +19,13 @@ import argparse
 import os
 import platform
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxserve.engine.embedding_engine import EmbeddingEngine
+    from jaxserve.engine.pooling_engine import PoolingEngine
 
 
 def workload(kind: str, n: int, vocab: int, args: argparse.Namespace, seed: int) -> list[list[int]]:
@@ -31,7 +36,7 @@ def workload(kind: str, n: int, vocab: int, args: argparse.Namespace, seed: int)
     return [prefix + rng.integers(3, vocab, rng.integers(8, 25)).tolist() for _ in range(n)]
 
 
-def run(engine, seqs: list[list[int]], batch: int) -> tuple[float, np.ndarray]:
+def run(engine: EmbeddingEngine | PoolingEngine, seqs: list[list[int]], batch: int) -> tuple[float, np.ndarray]:
     t = time.perf_counter()
     out = np.concatenate([engine.embed(seqs[i: i + batch]) for i in range(0, len(seqs), batch)])
     return time.perf_counter() - t, out

@@ -17,8 +17,12 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
+
+Batch = TypeVar("Batch")  # what the timed function embeds at once: token id lists or texts
 
 
 def sentences(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
@@ -27,7 +31,7 @@ def sentences(n: int, lo: int, hi: int, seed: int = 0) -> list[str]:
     return [" ".join(rng.choice(words, size=rng.randint(lo, hi + 1))) for _ in range(n)]
 
 
-def timed(fn, batches: list, repeats: int) -> float:
+def timed(fn: Callable[[Batch], np.ndarray], batches: list[Batch], repeats: int) -> float:
     fn(batches[0])  # warm
     best = float("inf")
     for _ in range(repeats):

@@ -31,13 +31,19 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_offline import build_engine  # noqa: E402
+
+if TYPE_CHECKING:
+    from jaxserve.engine.llm_engine import LLMEngine
+    from jaxserve.engine.model_runner import HostLogprobs, StepHandle
 
 _clock = time.perf_counter  # --clock thread: time.thread_time (this thread's CPU time)
 PHASES = ("schedule", "inputs", "call", "launch", "fetch", "apply")
@@ -47,7 +53,7 @@ GC = ("gc0", "gc1", "gc2")  # inside the phases above
 class PhaseTimer:
     """Wraps the engine's phase methods on their instances; ``spent[phase]`` accumulates seconds."""
 
-    def __init__(self, engine) -> None:
+    def __init__(self, engine: LLMEngine) -> None:
         self.spent: dict[str, float] = defaultdict(float)
         self.wait = 0.0
         self._gc_start = 0.0
@@ -60,7 +66,7 @@ class PhaseTimer:
         self._wrap(engine.results, "apply", "apply")
         orig_fetch = runner.fetch
 
-        def fetch(handle):
+        def fetch(handle: StepHandle) -> tuple[np.ndarray, HostLogprobs | None]:
             t0 = _clock()
             handle.tokens.block_until_ready()
             t1 = _clock()
@@ -77,10 +83,10 @@ class PhaseTimer:
         else:
             self.spent[f"gc{info['generation']}"] += _clock() - self._gc_start
 
-    def _wrap(self, obj, name: str, phase: str) -> None:
+    def _wrap(self, obj: object, name: str, phase: str) -> None:
         orig = getattr(obj, name)
 
-        def timed(*a, **k):
+        def timed(*a: object, **k: object) -> object:
             t0 = _clock()
             try:
                 return orig(*a, **k)
@@ -94,7 +100,7 @@ class PhaseTimer:
         self.wait = 0.0
 
 
-def run_workload(engine, timer: PhaseTimer, args: argparse.Namespace, workload: str, batch: int,
+def run_workload(engine: LLMEngine, timer: PhaseTimer, args: argparse.Namespace, workload: str, batch: int,
                  rng: np.random.RandomState, profile: cProfile.Profile | None = None) -> dict:
     """One measurement: per-step µs of each phase over the counted steps."""
     from jaxserve.sampling_params import SamplingParams

@@ -23,24 +23,25 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.pallas_kernels.ragged_paged_attention.metadata import build_host_metadata
+from jaxserve.pallas_kernels.ragged_paged_attention.metadata import RaggedMetadata, build_host_metadata
 from jaxserve.pallas_kernels.ragged_paged_attention.ops import ragged_paged_attention
 from jaxserve.pallas_kernels.ragged_paged_attention.reference import ref_ragged_paged_attention
 
 HEADS = {"qwen2.5-7b": (28, 4, 128), "qwen2.5-0.5b": (14, 2, 64)}
 
 
-def device_time(fn, *args, iters: int, trials: int) -> float:
+def device_time(fn: Callable[..., jax.Array], *args: jax.Array | RaggedMetadata, iters: int, trials: int) -> float:
     """Median seconds per call of ``fn(*args)`` with calls chained inside one jitted loop."""
 
     @jax.jit
-    def repeated(*a):
-        def body(_, carry):
+    def repeated(*a: jax.Array | RaggedMetadata) -> jax.Array:
+        def body(_: int, carry: jax.Array) -> jax.Array:
             out = fn(carry, *a[1:])
             return carry + (0 * out.reshape(-1)[0]).astype(carry.dtype)  # a dependency, no CSE
 
@@ -56,7 +57,7 @@ def device_time(fn, *args, iters: int, trials: int) -> float:
 
 
 @contextlib.contextmanager
-def recorded(row: dict, name: str):
+def recorded(row: dict[str, object], name: str) -> Iterator[None]:
     """Run one measurement; a failure is recorded in ``row`` (``<name>_error``) instead of raised."""
     try:
         yield
@@ -70,7 +71,10 @@ def copy_bandwidth(nbytes: int, iters: int, trials: int) -> float:
     return 2 * nbytes / t  # read + write
 
 
-def decode_case(batch: int, context: int, heads: tuple[int, int, int], page: int, rng: np.random.RandomState):
+def decode_case(batch: int, context: int, heads: tuple[int, int, int], page: int, rng: np.random.RandomState,
+                ) -> tuple[jax.Array, jax.Array, jax.Array, RaggedMetadata, np.ndarray]:
+    """bf16 queries and K/V pages of ``batch`` decode rows at ``context`` tokens, pages scattered at random;
+    (q, k pages, v pages, metadata, block tables)."""
     n, k, h = heads
     pages_per_seq = -(-context // page)
     num_pages = batch * pages_per_seq + 1

@@ -15,6 +15,8 @@ import argparse
 import pathlib
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
@@ -24,8 +26,13 @@ from jaxserve.tokenizer import load_tokenizer  # noqa: E402
 from jaxserve.weights.source import resolve_model_source  # noqa: E402
 from tests.server.fake_app import fake_serving  # noqa: E402
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
-def _measure(app, body: dict) -> tuple[list[float], float, int]:
+T = TypeVar("T")
+
+
+def _measure(app: FastAPI, body: dict[str, object]) -> tuple[list[float], float, int]:
     """Serve ``app`` with uvicorn on a loopback port; poll /health every 5 ms from another thread while
     one client sends ``body``; the polls' latencies (seconds), the big request's time and status."""
     import socket
@@ -71,7 +78,7 @@ def main() -> int:
     if args.on_loop:
         import jaxserve.server.chat as chat
 
-        async def on_loop(fn, *a):  # noqa: RUF029
+        async def on_loop(fn: Callable[..., T], *a: object) -> T:  # noqa: RUF029
             return fn(*a)
 
         chat.off_loop = on_loop

@@ -29,12 +29,13 @@ from safetensors.numpy import save_file
 
 from jaxserve.config import ServeConfig
 from jaxserve.engine.llm_engine import LLMEngine
+from jaxserve.models import ModelConfig
 from jaxserve.sampling_params import SamplingParams
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def module_dims(cfg) -> dict[str, tuple[int, int]]:
+def module_dims(cfg: ModelConfig) -> dict[str, tuple[int, int]]:
     """PEFT module -> (in, out) features of the checkpoint."""
     d, f = cfg.hidden_size, cfg.intermediate_size
     nh, kh = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
@@ -42,7 +43,7 @@ def module_dims(cfg) -> dict[str, tuple[int, int]]:
             "up_proj": (d, f), "down_proj": (f, d)}
 
 
-def make_adapter(directory: Path, cfg, rank: int, seed: int) -> None:
+def make_adapter(directory: Path, cfg: ModelConfig, rank: int, seed: int) -> None:
     """A random rank-``rank`` PEFT LoRA adapter on every module (small values: outputs stay sane)."""
     rng = np.random.default_rng(seed)
     tensors = {}

@@ -27,10 +27,16 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxserve.engine.llm_engine import LLMEngine
+    from jaxserve.engine.model_runner import HostLogprobs, ModelRunner, StepHandle
+    from jaxserve.engine.scheduler import ScheduledRequest
 
 
 def measure_memory_bandwidth(nbytes: int = 1 << 29) -> float:
@@ -59,7 +65,7 @@ class CompileCounter:
         self.count = 0
         jax.monitoring.register_event_duration_secs_listener(self._on_event)
 
-    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+    def _on_event(self, event: str, duration: float, **kwargs: object) -> None:
         if event == self.EVENT:
             self.count += 1
 
@@ -67,7 +73,7 @@ class CompileCounter:
 class StepTracer:
     """Wraps ModelRunner.dispatch/fetch to time steps; a thread records when outputs are ready."""
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
         self.records: list[dict] = []
         self._q: queue.Queue = queue.Queue()
@@ -75,7 +81,7 @@ class StepTracer:
         self._thread.start()
         orig_dispatch, orig_fetch = runner.dispatch, runner.fetch
 
-        def dispatch(scheduled, seeds, prev_rows):
+        def dispatch(scheduled: list[ScheduledRequest], seeds: list[int], prev_rows: dict[str, int]) -> StepHandle:
             t0 = time.perf_counter()
             handle = orig_dispatch(scheduled, seeds, prev_rows)
             rec = {"dispatch_start": t0, "dispatched": time.perf_counter(), "num_seqs": len(scheduled),
@@ -87,7 +93,7 @@ class StepTracer:
             self._q.put((handle, rec))
             return handle
 
-        def fetch(handle):
+        def fetch(handle: StepHandle) -> tuple[np.ndarray, HostLogprobs | None]:
             t0 = time.perf_counter()
             out = orig_fetch(handle)
             handle.trace["fetch_wait"] = time.perf_counter() - t0
@@ -107,7 +113,7 @@ class StepTracer:
             rec["ready"] = time.perf_counter()
 
 
-def build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, float]:
     """The engine under test, timed (load, compile, warm-up)."""
     from jaxserve.config import ServeConfig
     from jaxserve.engine.llm_engine import LLMEngine
@@ -129,7 +135,7 @@ def build_engine(args: argparse.Namespace):
 PENALTIES = {"presence_penalty": 0.5, "frequency_penalty": 0.3, "repetition_penalty": 1.1}
 
 
-def measure(engine, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float,
+def measure(engine: LLMEngine, prompts: list[list[int]], args: argparse.Namespace, bandwidth: float,
             profile: cProfile.Profile | None = None) -> dict:
     """Run ``prompts`` to completion (all admitted at once); throughput, step timing and roofline."""
     from jaxserve.sampling_params import SamplingParams

@@ -26,9 +26,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 from tqdm import tqdm
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 CHAT_QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis simply.",
@@ -63,7 +67,7 @@ def build_prefixes(args: argparse.Namespace) -> list[str]:
 
 
 @functools.cache
-def _tokenizer(name: str):  # noqa: ANN202 - a transformers tokenizer
+def _tokenizer(name: str) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(name)

@@ -18,8 +18,14 @@ import argparse
 import json
 import platform
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
+
+if TYPE_CHECKING:
+    from jaxserve.engine.llm_engine import LLMEngine
+    from jaxserve.sampling_params import SamplingParams, StructuredOutput
 
 SCHEMA = {  # at least 30 people: no document fits in 64 tokens
     "type": "object",
@@ -41,7 +47,8 @@ COMPILE_SPECS = {
 }
 
 
-def build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace) -> LLMEngine:
+    """The engine under test (``--model``, ``--max-num-seqs``; 256-token steps, 1024-token context)."""
     from jaxserve.config import ServeConfig
     from jaxserve.engine.llm_engine import LLMEngine
 
@@ -52,14 +59,14 @@ def build_engine(args: argparse.Namespace):
     return LLMEngine(cfg, progress=False)
 
 
-def timed_run(engine, prompts: list[list[int]], params) -> tuple[float, int]:
+def timed_run(engine: LLMEngine, prompts: list[list[int]], params: SamplingParams) -> tuple[float, int]:
     """Seconds to run ``prompts`` to completion (all admitted at once) and output tokens."""
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     return time.perf_counter() - t0, sum(len(o) for o in outs)
 
 
-def forced_tokens(engine, spec, outputs: list[list[int]]) -> dict[str, float]:
+def forced_tokens(engine: LLMEngine, spec: StructuredOutput, outputs: list[list[int]]) -> dict[str, float]:
     """What jump-forward could skip: replay each reply through a fresh matcher and count the tokens
     ``compute_ff_tokens`` would have forced (appended without sampling) and the runs they come in
     (each run turns that request's next step into a prefill chunk)."""
@@ -82,7 +89,7 @@ def forced_tokens(engine, spec, outputs: list[list[int]]) -> dict[str, float]:
             "tokens_per_reply": round(total / len(outputs), 1)}
 
 
-def _best_ms(run, repeats: int) -> float:
+def _best_ms(run: Callable[[], object], repeats: int) -> float:
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -91,7 +98,7 @@ def _best_ms(run, repeats: int) -> float:
     return 1e3 * best
 
 
-def step_times(engine, repeats: int = 5) -> dict[str, float]:
+def step_times(engine: LLMEngine, repeats: int = 5) -> dict[str, float]:
     """Device ms of one step of each decode shape and of small prefill shapes on padding inputs (best
     of ``repeats``): fused steps whole, grammar steps' forward and sampling (mask all ones) apart."""
     r = engine.runner

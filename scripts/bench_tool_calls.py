@@ -12,18 +12,25 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from jaxserve.engine.grammar import GrammarCompiler
+    from jaxserve.server.protocol import ToolDefinition
+    from jaxserve.tokenizer import Tokenizer
 
 PARAMS = {"type": "object", "properties": {f"arg{j}": {"type": "string", "maxLength": 40} for j in range(4)},
           "required": ["arg0"]}
 
 
-def tools(n: int):
+def tools(n: int) -> list[ToolDefinition]:
     from jaxserve.server.protocol import ToolDefinition
 
     return [ToolDefinition(type="function", function={"name": f"tool_{i}", "parameters": PARAMS}) for i in range(n)]
 
 
-def compile_ms(compiler, fmt: str, n: int, **kw) -> float:
+def compile_ms(compiler: GrammarCompiler, fmt: str, n: int, **kw: bool | str | None) -> float:
+    """Milliseconds to compile the call grammar of ``n`` tools in format ``fmt`` (``kw``: ``call_grammar``'s)."""
     from jaxserve.sampling_params import StructuredOutput
     from jaxserve.server.tool_calls import call_grammar
 
@@ -32,7 +39,7 @@ def compile_ms(compiler, fmt: str, n: int, **kw) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def parser_us_per_token(tok, repeats: int) -> tuple[float, int]:
+def parser_us_per_token(tok: Tokenizer, repeats: int) -> tuple[float, int]:
     from jaxserve.server.chat_output import ChoiceParser
 
     call = '<tool_call>\n{"name": "tool_1", "arguments": {"arg0": "' + "some words " * 8 + '", "arg1": "x"}}\n</tool_call>'

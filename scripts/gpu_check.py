@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -91,7 +92,7 @@ def smoke_steps() -> list[Step]:
     ]
 
 
-def run_step(step: Step, tmp: Path, remaining: float, log) -> dict:
+def run_step(step: Step, tmp: Path, remaining: float, log: TextIO) -> dict:
     """Run one step within ``min(step.timeout, remaining)``; JSON lines of its stdout are its records."""
     timeout = min(step.timeout, remaining)
     if timeout < 10:

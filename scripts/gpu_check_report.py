@@ -15,7 +15,8 @@ TARGETS = {
 }
 
 
-def _f(x, nd: int = 2) -> str:
+def _f(x: float | int | str | None, nd: int = 2) -> str:
+    """A table cell: floats to ``nd`` decimals, None as a dash."""
     return "—" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 

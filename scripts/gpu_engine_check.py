@@ -19,9 +19,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+
+if TYPE_CHECKING:
+    from jaxserve.engine.llm_engine import LLMEngine
 
 HERE = Path(__file__).resolve().parent
 EXPECTED = HERE / "gpu_engine_check.json"
@@ -57,7 +61,7 @@ def run_backend(model_dir: Path, backend: str) -> dict:
     return {"tokens": out, "engine_build_s": round(built, 2), "resolved_backend": engine_backend(engine)}
 
 
-def engine_backend(engine) -> str:
+def engine_backend(engine: LLMEngine) -> str:
     """The attention implementation the engine's model actually runs (after ``auto`` resolution)."""
     from flax import nnx
 

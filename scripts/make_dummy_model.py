@@ -16,6 +16,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import Qwen2Config
 
 SHAPES = {  # as in ../shared/peers/gpu_hf_generate.py (the HF generate baseline)
     "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -49,7 +53,7 @@ def write_byte_tokenizer(directory: Path) -> None:
     fast.save_pretrained(str(directory))
 
 
-def write_random_weights(directory: Path, cfg, seed: int) -> None:
+def write_random_weights(directory: Path, cfg: Qwen2Config, seed: int) -> None:
     """float32 weights ~ N(0, 1/fan_in), norms 1, small q/k/v biases, embeddings N(0, 0.1²) and an
     untied LM head: attention outputs outweigh the token's own embedding in the residual stream, so
     the next token depends on the cached context (a broken KV cache changes it), and the logits

@@ -29,12 +29,24 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_serving  # noqa: E402
 from server_health import NotReady, wait_healthy  # noqa: E402
+
+if TYPE_CHECKING:
+    import jax
+    import numpy as np
+
+    from jaxserve.engine.compilation import StepShape
+    from jaxserve.engine.model_runner import HostLogprobs, StepHandle
+    from jaxserve.engine.output_processor import RequestOutput
+    from jaxserve.engine.sampler import LogprobsOut
+    from jaxserve.engine.scheduler import SchedulerOutput
+    from jaxserve.request import Request, RequestStatus
 
 WORKLOADS = {  # (prompts, output tokens, shared system-prompt words): scripts/bench_peers.sh's
     "concurrent16": (16, 64, 0),
@@ -60,7 +72,7 @@ def _trace_scheduler(state: dict, log: Callable[[dict], None]) -> None:
 
     orig_schedule, orig_finish = scheduler.Scheduler.schedule, scheduler.Scheduler.finish
 
-    def schedule(self: scheduler.Scheduler):  # noqa: ANN202
+    def schedule(self: scheduler.Scheduler) -> SchedulerOutput:
         t = time.monotonic()
         res = orig_schedule(self)
         state["sched"] = {"t_sched": t, "sched_s": time.monotonic() - t, "waiting": len(self.waiting),
@@ -70,7 +82,7 @@ def _trace_scheduler(state: dict, log: Callable[[dict], None]) -> None:
                               for s in res.scheduled]}
         return res
 
-    def finish(self, req, status):  # noqa: ANN001, ANN202
+    def finish(self: scheduler.Scheduler, req: Request, status: RequestStatus) -> None:
         log({"request": req.request_id, "arrival": req.arrival_time, "first_scheduled": req.first_scheduled_time,
              "first_token": req.first_token_time, "prompt_tokens": req.num_prompt_tokens})
         return orig_finish(self, req, status)
@@ -86,18 +98,18 @@ def _trace_steps(state: dict, log: Callable[[dict], None]) -> None:
 
     orig_run, orig_fetch, orig_step = model_runner.ModelRunner._run, model_runner.ModelRunner.fetch, llm_engine.LLMEngine.step
 
-    def run(self, shape, inputs):  # noqa: ANN001, ANN202
+    def run(self: model_runner.ModelRunner, shape: StepShape, inputs: tuple) -> tuple[jax.Array, LogprobsOut]:
         state["shape"] = [shape.num_tokens, shape.num_seqs, shape.decode_only]
         state["t_launch"] = time.monotonic()
         return orig_run(self, shape, inputs)
 
-    def fetch(self, handle):  # noqa: ANN001, ANN202
+    def fetch(self: model_runner.ModelRunner, handle: StepHandle) -> tuple[np.ndarray, HostLogprobs | None]:
         t = time.monotonic()
         res = orig_fetch(self, handle)
         state.setdefault("fetches", []).append([t, time.monotonic()])
         return res
 
-    def step(self):  # noqa: ANN001, ANN202
+    def step(self: llm_engine.LLMEngine) -> list[RequestOutput]:
         state.clear()
         t0 = time.monotonic()
         outs = orig_step(self)

@@ -183,6 +183,7 @@ def _add_status_routes(app: FastAPI, router: Router) -> None:
 
     @app.get("/v1/models")
     async def models() -> dict:
+        """``GET /v1/models``: every accepted model name and loaded LoRA adapter, with its max length and task."""
         cards = []
         for m in router.models:
             max_len = m.engine.info.max_model_len if m.engine.is_ready else m.config.max_model_len
@@ -219,6 +220,7 @@ def _add_generation_routes(app: FastAPI, router: Router) -> None:
 
     @app.post("/tokenize")
     async def tokenize_route(req: TokenizeRequest) -> dict:
+        """``POST /tokenize``: a prompt or chat messages to ids (messages need a generating model's chat template)."""
         m = any_task(req.model)
         if req.messages is not None:  # an encoder has no chat template
             m, _ = router.resolve(m.config.model_name, "generate")

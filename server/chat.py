@@ -92,6 +92,8 @@ async def create_chat_completion(
     req: ChatCompletionRequest, raw: Request, engine: AsyncEngine, model_name: str, opts: ChatOptions,
     lora: str | None = None,
 ) -> JSONResponse | StreamingResponse:
+    """``POST /v1/chat/completions`` for a resolved model: render the chat prompt (tools, template), submit
+    ``n`` choices and answer with one JSON response or an SSE stream; unsupported fields are a 400."""
     check_unsupported(req)
     info = engine.info
     plan = plan_tools(req, opts, opts.chat_template or info.tokenizer.chat_template)

@@ -40,6 +40,7 @@ class CompletionEndpoint:
         return []
 
     def stream_choice(self, i: int, out: RequestOutput) -> list[CompletionChoice]:
+        """Choice ``i``'s streamed piece of one output: echo first, then the new text and logprobs; [] when empty."""
         text = out.new_text
         if self.pending_echo[i]:
             text, self.pending_echo[i] = self.echoes[i] + text, False
@@ -60,6 +61,7 @@ class CompletionEndpoint:
                                         choices=choices, usage=usage)
 
     def response(self, choices: list[Collected], usage: UsageInfo) -> CompletionResponse:
+        """The non-streaming response: every choice's full text (echo included) and logprobs."""
         return CompletionResponse(
             id=self.job.request_id, created=self.created, model=self.model_name, usage=usage,
             choices=[
@@ -77,6 +79,8 @@ async def create_completion(
     req: CompletionRequest, raw: Request, engine: AsyncEngine, model_name: str,
     lora: str | None = None,
 ) -> JSONResponse | StreamingResponse:
+    """``POST /v1/completions`` for a resolved model: ``n`` choices per prompt (choice k: prompt k // n),
+    answered as one JSON response or an SSE stream; unsupported fields are a 400."""
     check_unsupported(req)
     info = engine.info
     prompt_list = await off_loop(completion_prompts, info.tokenizer, req)

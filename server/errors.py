@@ -76,6 +76,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    """Every error becomes OpenAI's error body: ours as raised, validation errors a 400 naming the field,
+    HTTP errors with their status, anything else a 500 (logged)."""
     @app.exception_handler(OpenAIError)
     async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
         return error_response(exc)

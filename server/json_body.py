@@ -93,6 +93,7 @@ class StrictJSONRoute(APIRoute):
     """Routes whose JSON bodies are read by ``parse_body``."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        """FastAPI's handler, given a request whose ``json()`` is ``parse_body``'s."""
         handler = super().get_route_handler()
 
         async def strict_handler(request: Request) -> Response:

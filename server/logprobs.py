@@ -56,6 +56,8 @@ def _finite(x: float) -> float:
 
 
 def chat_logprobs(tt: TokenText, lps: list[TokenLogprob]) -> dict[str, Any]:
+    """The chat ``logprobs`` object: per token its text, logprob, UTF-8 bytes and top alternatives
+    (-inf as -9999, JSON has no infinity)."""
     content = []
     for lp in lps:
         text, raw = tt(lp.token_id)

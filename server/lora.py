@@ -28,6 +28,7 @@ def add_lora_routes(app: FastAPI, engine_for: EngineFor, taken: Callable[[str], 
 
     @app.post("/v1/load_lora_adapter")
     async def load(req: LoadLoraAdapterRequest) -> PlainTextResponse:
+        """``POST /v1/load_lora_adapter``: load an adapter under a new name (400 if taken or unreadable)."""
         engine = engine_for(req.model)
         if taken(req.lora_name):
             raise OpenAIError(400, f"The LoRA adapter name `{req.lora_name}` is already in use.", param="lora_name")
@@ -39,6 +40,7 @@ def add_lora_routes(app: FastAPI, engine_for: EngineFor, taken: Callable[[str], 
 
     @app.post("/v1/unload_lora_adapter")
     async def unload(req: UnloadLoraAdapterRequest) -> PlainTextResponse:
+        """``POST /v1/unload_lora_adapter``: 404 for an unknown adapter, 409 while requests still use it."""
         engine = engine_for(req.model)
         try:
             await engine.unload_lora(req.lora_name)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from jaxserve.engine.interface import EngineMetrics
@@ -22,7 +22,8 @@ class EngineCollector(Collector):
     def __init__(self, models: list[ModelSnapshot]) -> None:
         self.models = models
 
-    def collect(self) -> Iterator:
+    def collect(self) -> Iterator[Metric]:
+        """Readiness per model; the rest only once an engine has published a snapshot."""
         labels = ["model_name"]
         ready = GaugeMetricFamily("jaxserve:engine_ready", "1 when the engine serves requests", labels=labels)
         for is_ready, _, name in self.models:

@@ -91,6 +91,8 @@ class Outbox:
         self._engine, self._ids, self._unfinished, self._limit = engine, ids, unfinished, limit
 
     def put(self, index: int, item: RequestOutput | BaseException) -> None:
+        """Queue one output (or error) for choice ``index``; past ``limit`` queued, drop the reader (see the class).
+        Errors are always queued; after a drop, nothing more is."""
         if self.dropped:
             return
         if self._limit is None or self.queue.qsize() < self._limit or isinstance(item, BaseException):
@@ -126,6 +128,8 @@ class Submission:
         self._finalizer = weakref.finalize(self, engine._release, ids, self._open)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """``(choice, output)`` until every choice has finished; an error queued for this submission is raised.
+        Leaving the iteration early aborts the unfinished choices (``close``)."""
         try:
             while self._open:
                 i, item = await self._queue.get()

@@ -128,6 +128,12 @@ class BucketPolicy:
         return StepShape(t, rows[-1] if num_seqs is None else next(r for r in rows if r >= num_seqs), False)
 
     def shape_for(self, num_seqs: int, num_tokens: int, extras: bool = False, grammar: bool = False) -> StepShape:
+        """The compiled shape a step of ``num_seqs`` sequences and ``num_tokens`` tokens runs in.
+
+        Decode-only (one token per sequence) and plain: the smallest decode bucket; mixed: the
+        smallest mixed bucket. ``extras`` (logits processors) take the single largest shape of their
+        family, and ``grammar`` the grammar variant (decode buckets keep their size without extras).
+        Raises ValueError past the configured maxima."""
         if num_seqs > self.max_num_seqs or num_tokens > self.max_num_batched_tokens:
             raise ValueError(f"batch of {num_seqs} seqs / {num_tokens} tokens exceeds the configured maxima")
         decode = num_tokens == num_seqs
@@ -164,6 +170,8 @@ class BucketPolicy:
         return min(fits, default=None)
 
     def all_shapes(self) -> list[StepShape]:
+        """Every shape ``shape_for`` can return, sorted: the decode and mixed buckets; with sampling
+        (a generating model) also the extras and grammar variants."""
         shapes = {self.decode_shape(b) for b in self.decode_sizes}
         shapes |= {StepShape(t, b, False) for t in self.prefill_sizes for b in self.mixed_rows(t)}
         if not self.sampling:

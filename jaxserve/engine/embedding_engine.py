@@ -53,6 +53,7 @@ class EmbedBuckets:
 
     @property
     def lengths(self) -> list[int]:
+        """The compiled sequence lengths: powers of two from ``MIN_LEN_BUCKET`` below ``max_len``, then ``max_len``."""
         out, n = [], MIN_LEN_BUCKET
         while n < self.max_len:
             out.append(n)
@@ -60,6 +61,7 @@ class EmbedBuckets:
         return [*out, self.max_len]
 
     def batch_sizes(self, length: int) -> list[int]:
+        """The compiled batch sizes for ``length``: 1, then powers of two within ``max_num_seqs`` and ``max_tokens``."""
         out, b = [1], 2
         while b <= self.max_num_seqs and b * length <= self.max_tokens:
             out.append(b)

@@ -73,6 +73,7 @@ class StepChannel:
             self._broadcast(np.array([CMD_STOP, 0], np.int32))
 
     def follower_receive(self) -> tuple[StepShape, tuple] | None:
+        """On a follower: the next step the leader sent (its shape and first inputs), or None when it stops."""
         header = np.asarray(self._broadcast(np.zeros(2, np.int32)))
         if int(header[0]) == CMD_STOP:
             return None

@@ -126,6 +126,7 @@ class OutputProcessor:
         logprobs: list[TokenLogprob] | None,
         num_output_tokens: int,
     ) -> RequestOutput:
+        """The ``RequestOutput`` for one step of ``req``: its new tokens and text, logprobs, and how it ended (if it did)."""
         return RequestOutput(
             request_id=req.request_id,
             new_token_ids=new_token_ids,

@@ -68,8 +68,9 @@ class Histogram:
         return HistogramSnapshot(self.help, self.buckets, tuple(self.counts), self.total)
 
 
-# name after the ``jaxserve:`` prefix -> (help text, buckets); max_model_len fills the token buckets
 def histogram_specs(max_model_len: int) -> dict[str, tuple[str, tuple[float, ...]]]:
+    """The latency and size histograms: name after the ``jaxserve:`` prefix -> (help text, buckets);
+    ``max_model_len`` bounds the token-count buckets."""
     tokens = one_two_five_buckets(max_model_len)
     return {
         "time_to_first_token_seconds": ("Time from arrival to the first output token", TTFT_BUCKETS),

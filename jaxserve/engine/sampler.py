@@ -80,6 +80,9 @@ jax.tree_util.register_dataclass(
 
 
 def compute_logprobs(logits_BV: jax.Array, tokens_B: jax.Array, want_B: jax.Array) -> LogprobsOut:
+    """The sampled tokens' log-probabilities and the ``MAX_LOGPROBS`` most likely of each row (ids and
+    values; tiny vocabularies padded with id 0 at -inf), from the raw logits. Computed only when some
+    row wants them (``want_B``); otherwise zeros of the same shapes."""
     b = logits_BV.shape[0]
 
     def compute() -> LogprobsOut:
@@ -218,6 +221,8 @@ def sample(
     is_random = st.temperature > 0.0
 
     def random_path() -> jax.Array:
+        """Rows with a temperature sample by inverse CDF (after top-k/top-p/min-p), keyed by (seed, step);
+        greedy rows keep the argmax."""
         temp = jnp.where(is_random, st.temperature, 1.0)
         probs = jax.nn.softmax(logits_BV / temp[:, None], axis=-1)
         needs_filter = jnp.any(is_random & ((st.top_k > 0) | (st.top_p < 1.0) | (st.min_p > 0.0)))

@@ -77,6 +77,7 @@ class Scheduler:
         self.num_preemptions = 0
 
     def add(self, req: Request) -> None:
+        """Queue ``req`` as waiting; ValueError if its prompt plus ``max_tokens`` can never fit in the cache."""
         if self.block_manager.blocks_needed(req.num_prompt_tokens + req.max_tokens) > self.block_manager.num_usable_blocks:
             raise ValueError(
                 f"request needs {req.num_prompt_tokens + req.max_tokens} KV positions but the cache "
@@ -90,6 +91,11 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def schedule(self) -> SchedulerOutput:
+        """The next step's requests and token counts within ``max_num_batched_tokens`` and ``max_num_seqs``.
+
+        Running requests first, in admission order, each its remaining tokens (a chunk when the budget
+        runs out); when blocks run short the most recently admitted is preempted (recomputed later).
+        Waiting requests are admitted (prefix-cache hits skipped) only when nothing was preempted."""
         budget = self.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
         preempted: list[Request] = []

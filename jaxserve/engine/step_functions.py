@@ -31,7 +31,7 @@ def resolve_tokens(prev_tokens_M: jax.Array, tokens_T: jax.Array, prev_idx_T: ja
     return jnp.where(prev_idx_T >= 0, prev_tokens_M[jnp.maximum(prev_idx_T, 0)], tokens_T)
 
 
-def build_forward(graphdef: nnx.GraphDef, state_def) -> Callable:
+def build_forward(graphdef: nnx.GraphDef, state_def: jax.tree_util.PyTreeDef) -> Callable:
     """Model forward over the flat batch: logits at each sequence's last position and the updated KV caches.
 
     ``lora_layers`` (the adapter slots) and ``lora_slots_T`` (each token's slot) are None without
@@ -70,7 +70,7 @@ def build_sample(max_rows: int) -> Callable:
     return sample_step
 
 
-def build_step(graphdef: nnx.GraphDef, state_def, max_rows: int) -> Callable:
+def build_step(graphdef: nnx.GraphDef, state_def: jax.tree_util.PyTreeDef, max_rows: int) -> Callable:
     """The fused device step: forward then sampling; the KV caches come back updated. A penalty
     row's in-flight output token is its chunk's last input token (read here on device)."""
     forward, sample_step = build_forward(graphdef, state_def), build_sample(max_rows)

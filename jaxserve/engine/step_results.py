@@ -44,6 +44,7 @@ class SampledTokens:
     top_vals: np.ndarray | None = None  # f32[n, k]
 
     def logprobs_for(self, row: int, k: int | None) -> list[TokenLogprob] | None:
+        """Row ``row``'s sampled token with its logprob and its ``k`` most likely alternatives; None when not asked."""
         if k is None or self.logprob is None:
             return None
         assert self.top_ids is not None and self.top_vals is not None

@@ -106,6 +106,8 @@ class GGUFCheckpoint:
         return default if f is None else f.contents()
 
     def model_config(self) -> ModelConfig:
+        """The ``ModelConfig`` from the file's ``{arch}.*`` metadata and tensor names (biases, QK norm, tied head).
+        ValueError for RoPE scalings we do not rebuild (other than linear; a ``rope_freqs`` tensor)."""
         a = self.arch
         n_heads = int(self.field(f"{a}.attention.head_count"))
         hidden = int(self.field(f"{a}.embedding_length"))

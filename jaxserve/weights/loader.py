@@ -131,6 +131,8 @@ class _Placer:
         self.staged: dict[StatePath, dict[str, Any]] = {}  # fused q/k/v parts waiting for their siblings
 
     def place(self, path: StatePath, read_block: Callable[[tuple], np.ndarray]) -> None:
+        """Make parameter ``path`` a (possibly sharded) array; ``read_block(shape, index)`` reads each device's
+        block of the checkpoint tensor, converted to the model dtype."""
         shape = tuple(self.abstract.leaves[path].shape)
 
         def read(index: tuple) -> np.ndarray:
@@ -175,6 +177,7 @@ class _Placer:
         self.place(fused, functools.partial(_read_fused, [parts[k] for k in QKV_PARTS], layout))
 
     def result(self, seconds: float) -> LoadedModel:
+        """The loaded model; ValueError naming the parameters no checkpoint tensor filled."""
         missing = sorted(".".join(map(str, p)) for p in self.abstract.leaves if p not in self.loaded)
         if missing:
             raise ValueError(f"checkpoint is missing parameters: {', '.join(missing[:8])}"

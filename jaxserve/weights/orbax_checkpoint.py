@@ -19,6 +19,7 @@ import json
 import shutil
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 from flax import nnx
@@ -34,6 +35,9 @@ from jaxserve.weights.abstract_model import (
     state_path,
 )
 
+if TYPE_CHECKING:
+    from jaxserve.tokenizer import Tokenizer
+
 FORMAT = "jaxserve-orbax-2"  # 2: linear kernels [out, in] (1 was [in, out])
 MARKER = "jaxserve_checkpoint.json"
 
@@ -43,6 +47,7 @@ def is_orbax_checkpoint(directory: Path) -> bool:
 
 
 def read_orbax_config(directory: Path) -> tuple[ModelConfig, str]:
+    """The model config and dtype name saved beside a converted checkpoint; ValueError for another format."""
     meta = json.loads((directory / MARKER).read_text())
     if meta.get("format") != FORMAT:
         raise ValueError(
@@ -55,7 +60,8 @@ def read_orbax_config(directory: Path) -> tuple[ModelConfig, str]:
     return ModelConfig(**raw), meta["dtype"]
 
 
-def save_orbax(directory: Path, cfg: ModelConfig, state: nnx.State, dtype: str, tokenizer, source_dir: Path | None) -> None:
+def save_orbax(directory: Path, cfg: ModelConfig, state: nnx.State, dtype: str, tokenizer: Tokenizer,
+               source_dir: Path | None) -> None:
     """Write a converted checkpoint (``state`` must use the checkpoint's own head layout, TP = 1)."""
     import orbax.checkpoint as ocp
 

@@ -28,6 +28,7 @@ def safetensors_files(directory: Path) -> list[Path]:
 
 
 def count_tensors(files: list[Path]) -> int:
+    """How many tensors ``files`` hold (headers only)."""
     total = 0
     for f in files:
         with safe_open(str(f), framework="numpy") as fh:
@@ -38,7 +39,7 @@ def count_tensors(files: list[Path]) -> int:
 class LazyTensor:
     """A tensor in a safetensors file read only where it is sliced (``t[a:b, c:d]``)."""
 
-    def __init__(self, handle, name: str) -> None:
+    def __init__(self, handle: safe_open, name: str) -> None:
         self._slice = handle.get_slice(name)
         self.shape = tuple(self._slice.get_shape())
 

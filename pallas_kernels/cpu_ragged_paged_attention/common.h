@@ -23,6 +23,8 @@ constexpr int kDotRows = 8;     // items with at most this many rows use per-tok
 inline vf splat(float x) { return vf{} + x; }
 inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+static_assert(L == 16, "lane_index lists L lanes");
+inline vi lane_index() { return vi{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}; }  // lane i holds i
 
 inline float load1(const float* p) { return *p; }
 inline float load1(const uint16_t* p) {

@@ -104,8 +104,7 @@ void decode_pv(const KVT* vp, const int64_t* off, int64_t n, const float* P, int
 // Softmax of each of R rows of sc over its first n scores, in place (the rest: 0); returns 1 / sum in inv.
 inline void decode_softmax(float* sc, int R, int64_t n, int64_t Tp, float* inv) {
   const vf ninf = splat(-std::numeric_limits<float>::infinity());
-  vi lane;
-  for (int i = 0; i < L; ++i) lane[i] = i;
+  const vi lane = lane_index();
   for (int r = 0; r < R; ++r) {
     float* row = sc + r * Tp;
     if (n % L) {  // the last vector's lanes past n

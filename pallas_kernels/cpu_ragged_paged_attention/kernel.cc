@@ -109,7 +109,8 @@ ffi::Error Attention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuffer k, f
   Problem p{q.untyped_data(), k.untyped_data(), v.untyped_data(), qsl.typed_data(), seq_lens.typed_data(),
             tables.typed_data(), out->untyped_data(), qd[0], qd[1], qd[2], kd[0], kd[1], kd[2], td[0], td[1],
             sm_scale, 0, {}};
-  if (kd[3] != p.H || p.N % p.K || seq_lens.element_count() != p.B || qsl.element_count() != p.B + 1)
+  if (kd[3] != p.H || p.N % p.K || static_cast<int64_t>(seq_lens.element_count()) != p.B ||
+      static_cast<int64_t>(qsl.element_count()) != p.B + 1)
     return ffi::Error::InvalidArgument("inconsistent attention shapes");
   const auto qt = q.element_type(), kt = k.element_type();
   const bool q32 = qt == ffi::DataType::F32, k32 = kt == ffi::DataType::F32;

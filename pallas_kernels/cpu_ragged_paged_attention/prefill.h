@@ -62,8 +62,7 @@ inline void pv_rows_all(float* acc, const float* P, const float* V, int Hp, int 
 // Online-softmax update of rows [0, R) with this tile's scores S (tokens t0 .. t0 + C).
 inline void softmax_tile(Scratch& s, int R, int Hp, int t0) {
   vi tok[NC];
-  for (int c = 0; c < NC; ++c)
-    for (int i = 0; i < L; ++i) tok[c][i] = t0 + c * L + i;
+  for (int c = 0; c < NC; ++c) tok[c] = lane_index() + (t0 + c * L);
   const vf ninf = splat(-std::numeric_limits<float>::infinity());
   for (int r = 0; r < R; ++r) {
     float* row = s.s.data() + r * C;

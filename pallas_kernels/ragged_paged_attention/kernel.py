@@ -10,6 +10,7 @@ table; unused slots of the last page are never trusted (their V is zeroed, their
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +23,12 @@ INFO_KV_LEN, INFO_Q_POS0, INFO_Q_LEN = 0, 1, 2  # columns of the per-row info ar
 
 
 def _kernel(
-    info_ref,  # i32[4]          (kv_len, position of the row's first query, number of queries, 0)
-    bt_ref,  # i32[Wp]           the row's block table (padded to whole blocks)
-    q_ref,  # [Mp, H]            the row's queries for this KV head: Q tokens x Gp heads
-    k_ref,  # [P, S, H]          this KV head's slice of the key pages
-    v_ref,  # [P, S, H]          this KV head's slice of the value pages
-    o_ref,  # [Mp, H]
+    info_ref: jax.Ref,  # i32[4]          (kv_len, position of the row's first query, number of queries, 0)
+    bt_ref: jax.Ref,  # i32[Wp]           the row's block table (padded to whole blocks)
+    q_ref: jax.Ref,  # [Mp, H]            the row's queries for this KV head: Q tokens x Gp heads
+    k_ref: jax.Ref,  # [P, S, H]          this KV head's slice of the key pages
+    v_ref: jax.Ref,  # [P, S, H]          this KV head's slice of the value pages
+    o_ref: jax.Ref,  # [Mp, H]
     *,
     sm_scale: float,
     pages_per_block: int,
@@ -52,7 +53,8 @@ def _kernel(
     if sliding_window is not None:
         first_block = jnp.maximum(q_pos0 - sliding_window + 1, 0) // c
 
-    def body(i, carry):
+    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """One loop step: ``pages_per_block`` pages of K/V folded into the running (o, m, l)."""
         o, m, l = carry
         pages = bt_ref[pl.ds(i * pages_per_block, pages_per_block)]
         k = k_ref[pages].reshape(c, h)
@@ -115,7 +117,7 @@ def build_call(
     num_warps: int,
     num_stages: int,
     interpret: bool,
-):
+) -> Callable[..., jax.Array]:
     """The ``pallas_call``: grid (rows, KV heads), operands (info, block tables, q, k pages, v pages).
 
     Shapes: info i32[R, 4]; block tables i32[R, Wp]; q [R, K, Mp, H]; pages [P, S, K, H];

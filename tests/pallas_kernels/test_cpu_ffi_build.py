@@ -93,3 +93,23 @@ def test_the_shipped_kernels_hash_their_headers():
     assert [p.name for p in cpu_ffi_build.shared_headers()] == ["cpu_shared.h"]
     for kernel in (attention_build, gemm_build):  # both libraries are keyed by (and include) the real shared directory
         assert kernel._library.include == cpu_ffi_build.COMMON
+
+
+@pytest.mark.parametrize("shipped", [attention_build, gemm_build], ids=["attention", "gemm"])
+def test_the_shipped_kernels_build_without_warnings(shipped, tmp_path):
+    cxx = cpu_ffi_build.compiler()
+    assert cxx is not None and "-Wall" in cpu_ffi_build.FLAGS and "-Wextra" in cpu_ffi_build.FLAGS
+    dest = tmp_path / "shipped.so"
+    assert shipped._library._build(cxx, dest) == ""
+    assert dest.exists()
+
+
+def test_a_build_returns_the_compilers_warnings(kernel, tmp_path):
+    """The twin of the check above: a sign-compare in a kernel's source comes back from the build."""
+    part = kernel.with_name("part.cc")
+    part.write_text(part.read_text() + "bool fits(unsigned long n, long m) { return n < m; }\n")
+    cxx = cpu_ffi_build.compiler()
+    assert cxx is not None
+    dest = tmp_path / "out" / "kern.so"
+    assert "-Wsign-compare" in _library(kernel)._build(cxx, dest)
+    assert ctypes.cdll.LoadLibrary(str(dest)).entry(4) == 90  # warnings do not fail the build
