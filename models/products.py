@@ -7,6 +7,7 @@ attention backend names it, ``models/attention_backends.py``):
 - ``cpu_gemm``: the C++ bf16 GEMM (``pallas_kernels/cpu_gemm``, an XLA FFI custom call) for
   products of at most ``GEMM_MAX_ROWS`` rows of x, where it beats XLA:CPU's (docs/benchmarks.md
   §15); larger products, non-bf16 weights, hosts without AVX512-BF16 and failed builds keep XLA's.
+  A gated MLP's gate and up products and its SiLU gating are one call there (``gated_matmul_t``).
 
 Under a multi-device mesh the model asks for ``xla`` (tensor-parallel shardings stay XLA's).
 """
@@ -43,3 +44,16 @@ def matmul_t(x: jax.Array, w: jax.Array, product: str = "xla") -> jax.Array:
         return cpu_gemm.cpu_gemm(x, w)
     dims = (((x.ndim - 1,), (1,)), ((), ()))
     return jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
+
+
+def gated_matmul_t(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, product: str = "xla") -> jax.Array:
+    """``silu(x . w_gate^T) * (x . w_up^T)`` (bias-free ``Linear`` products, as ``matmul_t``'s) in x's
+    dtype, rounded once to w's: the precision the MLP's down product reads it at (its input cast), so
+    that XLA folds the round trip into that cast. ``cpu_gemm`` computes it in one call where the
+    GEMM applies (the call returns it in w's dtype); otherwise these are ``GatedMLP``'s own ops."""
+    if product == "cpu_gemm" and w_up.shape == w_gate.shape and w_up.dtype == w_gate.dtype and _use_gemm(x, w_gate):
+        h = cpu_gemm.cpu_gated_gemm(x.astype(w_gate.dtype), w_gate, w_up)
+    else:
+        gate = matmul_t(x, w_gate, product).astype(x.dtype)
+        h = jax.nn.silu(gate) * matmul_t(x, w_up, product).astype(x.dtype)
+    return h.astype(w_gate.dtype).astype(x.dtype)

@@ -9,10 +9,14 @@ time per product, GB/s of weights streamed and GFLOP/s, process CPU time per pro
 on a shared machine, where a descheduled helper thread stretches the wall time), and the ratios
 the first variant's over each other's (> 1: the other faster).
 Default shapes: SmolLM2-135M's q/k/v (960x576), o (576x576), gate or up (1536x576), down (576x1536).
+``--gated``: each step is a gated MLP's first half, silu(x . wg^T) * (x . wu^T) over two weights of
+the shape (default 1536x576): ``xla`` and ``gemm`` run two products and XLA's SiLU gating, ``gated``
+the fused call (``cpu_gated_gemm``); FLOP and bytes count both products.
 
   python scripts/bench_cpu_gemm.py --m 2,16,32,64,256
   python scripts/bench_cpu_gemm.py --m 2 --shapes 49152x576 --layers 2
   python scripts/bench_cpu_gemm.py --m 2,32 --variants gemm+main,gemm
+  python scripts/bench_cpu_gemm.py --m 1,16,32,64 --gated --variants gemm,gated
 """
 
 from __future__ import annotations
@@ -54,13 +58,24 @@ def product(variant: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=jnp.float32)
 
 
-def chain(variant: str) -> Callable[[jax.Array, list[jax.Array]], jax.Array]:
-    """``variant``'s product over each weight in turn, jitted (each waits for the last)."""
+def gated(variant: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """``silu(x . wg^T) * (x . wu^T)``: ``gated`` (the fused call) or two of ``variant``'s products."""
+    from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gated_gemm
+
+    if variant == "gated":
+        return cpu_gated_gemm
     f = product(variant)
+    return lambda x, wg, wu: jax.nn.silu(f(x, wg)) * f(x, wu)
+
+
+def chain(variant: str, pairs: bool = False) -> Callable[[jax.Array, list[jax.Array]], jax.Array]:
+    """``variant``'s product over each weight in turn (``pairs``: ``gated`` over consecutive pairs),
+    jitted (each waits for the last)."""
+    f = gated(variant) if pairs else product(variant)
 
     def run(x: jax.Array, ws: list[jax.Array]) -> jax.Array:
-        for w in ws:  # each product waits for the last: no two run at once
-            y = f(x, w)
+        for i in range(0, len(ws), 2 if pairs else 1):  # each waits for the last: no two run at once
+            y = f(x, ws[i], ws[i + 1]) if pairs else f(x, ws[i])
             x = x + (y[:, :1] * 0).astype(x.dtype)
         return y
 
@@ -70,8 +85,9 @@ def chain(variant: str) -> Callable[[jax.Array, list[jax.Array]], jax.Array]:
 def bench_shape(m: int, n: int, k: int, args: argparse.Namespace, rng: np.random.Generator) -> dict:
     """One JSON row: every variant's times for x [m, k] . w [n, k]^T, interleaved, and the first's ratios."""
     x = jnp.asarray(rng.standard_normal((m, k), np.float32), jnp.bfloat16)
-    ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(args.layers)]
-    runs = {v: chain(v) for v in args.variants.split(",")}
+    mats = 2 if args.gated else 1
+    ws = [jnp.asarray(rng.standard_normal((n, k), np.float32), jnp.bfloat16) for _ in range(args.layers * mats)]
+    runs = {v: chain(v, args.gated) for v in args.variants.split(",")}
     for f in runs.values():
         f(x, ws).block_until_ready()
     times: dict[str, list[float]] = {v: [] for v in runs}
@@ -83,7 +99,8 @@ def bench_shape(m: int, n: int, k: int, args: argparse.Namespace, rng: np.random
                 f(x, ws).block_until_ready()
             times[v].append((time.perf_counter() - t) / (args.inner * args.layers))
             cpu[v].append((time.process_time() - c) / (args.inner * args.layers))
-    row = {"m": m, "n": n, "k": k}
+    row = {"m": m, "n": n, "k": k, "pair": args.gated}
+    n *= mats  # both products' weights and FLOP
     for v, ts in times.items():
         med, cmed = statistics.median(ts), statistics.median(cpu[v])
         row[v] = {"us_median": round(med * 1e6, 1), "us_min": round(min(ts) * 1e6, 1),
@@ -105,8 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--inner", type=int, default=3)
-    p.add_argument("--variants", default="xla,gemm", help="xla, gemm, gemm+REV (the kernel as of git revision REV)")
+    p.add_argument("--variants", default="xla,gemm",
+                   help="xla, gemm, gemm+REV (the kernel as of git revision REV), gated (with --gated)")
+    p.add_argument("--gated", action="store_true", help="gate and up products with SiLU gating (see above)")
     args = p.parse_args(argv)
+    if args.gated and args.shapes == p.get_default("shapes"):
+        args.shapes = "1536x576"
+    if "gated" in args.variants.split(",") and not args.gated:
+        p.error("the gated variant needs --gated")
     from jaxserve.pallas_kernels.cpu_gemm import ops
 
     if not ops.available():

@@ -2,10 +2,13 @@
 dtype, XLA options), timed interleaved in one process (A B A B ...), min and median per variant.
 
 Each variant is the model's forward (all layers, LM head) and the engine's sampler (greedy unless
-the variant names another mode after ``#``: ``cpu#topp``, ``cpu#argmax``). Decode (default): over
-``--batch`` sequences whose contexts are drawn from ``--context`` (lo,hi). Prefill (``--prefill
-T,L[,C]``): a mixed step of T tokens (the engine's bucket, ``min(T, --max-num-seqs)`` sequences)
-packed with prompts of L new tokens each after C cached ones, the last prompt chunked to fill T.
+the variant names another mode after ``#``: ``cpu#topp``, ``cpu#argmax``). ``~unfused`` after the
+backend (``cpu~unfused``) keeps a gated MLP's gate and up products and SiLU gating as separate ops
+(``matmul_t`` each), as before ``products.gated_matmul_t`` fused them on the C++ GEMM.
+Decode (default): over ``--batch`` sequences whose contexts are drawn from ``--context`` (lo,hi).
+Prefill (``--prefill T,L[,C]``): a mixed step of T tokens (the engine's bucket, ``min(T,
+--max-num-seqs)`` sequences) packed with prompts of L new tokens each after C cached ones, the last
+prompt chunked to fill T.
 Pages are scattered at random over the cache (as after many requests). ``--profile DIR`` also
 writes a jax profiler trace of each variant and prints its XLA ops summed by name and by kind
 (ms per step).
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import gzip
 import json
 import linecache
@@ -85,6 +89,7 @@ def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: i
     from jaxserve.weights.abstract_model import build_abstract
 
     spec, _, mode = spec.partition("#")
+    spec, unfused = spec.replace(UNFUSED, ""), UNFUSED in spec
     pick = sampler(mode or "greedy", rows)
     backend, _, act = spec.split("@")[0].partition(":")
     compute = jnp.bfloat16 if act == "bf16" else jnp.float32
@@ -99,10 +104,31 @@ def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: i
     def step(state: nnx.State, caches: list[KVCache], tokens: jax.Array, positions: jax.Array,
              meta: AttentionMetadata, idx: jax.Array) -> tuple[jax.Array, list[KVCache]]:
         model = nnx.merge(graphdef, state)
-        logits, caches = model(tokens, positions, caches, meta, idx)
+        with unfused_gated_mlp() if unfused else contextlib.nullcontext():
+            logits, caches = model(tokens, positions, caches, meta, idx)
         return pick(logits), caches
 
     return jax.jit(step, donate_argnums=(1,)), caches
+
+
+UNFUSED = "~unfused"  # variant suffix: the gated MLP without products.gated_matmul_t's fused call
+
+
+@contextlib.contextmanager
+def unfused_gated_mlp():
+    """While tracing: ``GatedMLP`` runs its gate and up products (``matmul_t``) and SiLU gating as
+    separate ops, as before the fused ``cpu_gemm`` call (the ``xla`` product's ops)."""
+    from jaxserve.models import layers, products
+
+    def gated_matmul_t(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, product: str = "xla") -> jax.Array:
+        gate = products.matmul_t(x, w_gate, product).astype(x.dtype)  # (named as the fused one: op_kinds)
+        return jax.nn.silu(gate) * products.matmul_t(x, w_up, product).astype(x.dtype)
+
+    fused, layers.gated_matmul_t = layers.gated_matmul_t, gated_matmul_t
+    try:
+        yield
+    finally:
+        layers.gated_matmul_t = fused
 
 
 def _page_values(x: np.ndarray, dtype: jnp.dtype) -> jax.Array:
@@ -235,6 +261,11 @@ def _kind(name: str, frames: list[tuple[str, str]], in_loop: bool) -> str:
         if name.startswith(("ynn_fusion", "dot", "ffi_call")):  # ffi_call: the C++ GEMM
             return f"product {proj}"
         return "Linear input convert (+ fused norm or SiLU)"
+    if any(f.endswith("gated_matmul_t") for f in fns):  # the gated MLP's gate/up products and SiLU (fused or not)
+        if name.startswith(("ynn_fusion", "dot", "ffi_call")):
+            return "product gate/up" + (" (+ SiLU × up)" if "cpu_gated_gemm" in fns else "")
+        line = next(src for f, src in frames if f.endswith("gated_matmul_t"))
+        return "SiLU × up" if "silu" in line else "Linear input convert (+ fused norm or SiLU)"
     for fn, kind in (("RMSNorm", "RMSNorm"), ("GatedMLP", "SiLU × up"), ("Embedding", "embedding"),
                      ("DecoderLayer", "residual adds")):
         if any(f.startswith(fn) for f in fns):
@@ -289,7 +320,7 @@ def compile_variants(loaded: LoadedModel, cfg: ModelConfig, specs: list[str], in
     for spec in specs:
         fn, caches = build_variant(loaded, cfg, spec, args.num_pages, args.page_size, len(inputs[3]))
         t = time.perf_counter()
-        opts = spec.partition("#")[0]
+        opts = spec.partition("#")[0].replace(UNFUSED, "")
         options = dict(_option(o) for o in opts.split("@")[1].split("+")) if "@" in opts else None
         compiled = fn.lower(loaded.state, caches, *inputs).compile(compiler_options=options)
         out, caches = compiled(loaded.state, caches, *inputs)
@@ -375,10 +406,11 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.variants.split(",")
     from bench_cpu_attention import register_variant  # cpu+REV (an older kernel), NAME/f32 (f32 pages)
 
-    for spec in specs:
-        if spec.startswith("cpu"):
-            register_variant(spec.partition("#")[0].split("@")[0].partition(":")[0])
-    loaded, cfg = load(args.model, specs[0].partition("#")[0].partition(":")[0].split("@")[0])
+    backends = [s.partition("#")[0].replace(UNFUSED, "").split("@")[0].partition(":")[0] for s in specs]
+    for backend in backends:
+        if backend.startswith("cpu"):
+            register_variant(backend)
+    loaded, cfg = load(args.model, backends[0])
     ctx = tuple(int(x) for x in args.context.split(","))
     width = -(-args.max_model_len // args.page_size)
     if args.prefill:

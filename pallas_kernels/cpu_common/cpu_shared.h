@@ -20,6 +20,33 @@ constexpr int L = 16;  // float lanes per vector
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
 
+inline vf splat(float x) { return vf{} + x; }
+
+// exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); x < -87.3 (and -inf) gives exactly 0.
+inline vf vexp(vf x) {
+  const vi under = x < splat(-87.3f);
+  x = x < splat(-87.3f) ? splat(-87.3f) : x;
+  x = x > splat(88.3f) ? splat(88.3f) : x;
+  vf fx = x * 1.44269504088896341f + 0.5f;
+  vf fl = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
+  fl = fl > fx ? fl - 1.0f : fl;  // floor
+  const vi n = __builtin_convertvector(fl, vi);
+  x = x - fl * 0.693359375f + fl * 2.12194440e-4f;
+  const vf z = x * x;
+  vf y = splat(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * z + x + 1.0f;
+  const vi e = (n + 127) << 23;
+  vf p2;
+  std::memcpy(&p2, &e, sizeof p2);
+  y *= p2;
+  return under ? splat(0.0f) : y;
+}
+
 struct Add {
   template <typename T>
   T operator()(T a, T b) const { return a + b; }

@@ -9,9 +9,11 @@ from pathlib import Path
 from jaxserve.pallas_kernels.cpu_ffi_build import FfiLibrary
 
 TARGET = "jaxserve_cpu_gemm"
+GATED_TARGET = "jaxserve_cpu_gated_gemm"  # silu(x . wg^T) * (x . wu^T), the same library
 SOURCE = Path(__file__).with_name("kernel.cc")
 
-_library = FfiLibrary(SOURCE, {TARGET: "JaxserveCpuGemm"}, "CPU GEMM kernel", "XLA's dot products", logging.getLogger(__name__))
+_library = FfiLibrary(SOURCE, {TARGET: "JaxserveCpuGemm", GATED_TARGET: "JaxserveCpuGatedGemm"}, "CPU GEMM kernel",
+                      "XLA's dot products", logging.getLogger(__name__))
 load = _library.load
 reset = _library.reset
 

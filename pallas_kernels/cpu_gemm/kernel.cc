@@ -10,10 +10,19 @@
 // Work items are blocks of consecutive w rows, each against ALL rows of x, so every weight byte is
 // read from memory once per call; blocks are claimed in order by the calling thread and the helpers
 // it schedules on XLA's intra-op thread pool (the FFI execution context's).
+//
+// The gated product (a second target, JaxserveCpuGatedGemm) is a gated MLP's first half in one call:
+// h[M, F] (bf16) = silu(x . wg^T) * (x . wu^T) with wg, wu [F, K], rounded to nearest even once.
+// Its work items are blocks of columns of h: the block's gate product into a per-thread f32 scratch,
+// then its up product, whose register tiles end by reading their gate sums back (L1/L2-resident)
+// and storing silu(g) * u (XLA's order: (g * (1 / (1 + exp(-g)))) * u). Each pass reads one
+// matrix's block as the plain product does (interleaving the two matrices' tiles instead was 10-25 %
+// slower at 16-64 rows).
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
@@ -54,14 +63,18 @@ constexpr bool kNativeBf16 = false;
 struct Gemm {
   const uint16_t* x;
   const uint16_t* w;
-  float* y;
+  const uint16_t* up;  // the gated product's up matrix (w is its gate), else null
+  float* y;            // the product; in the gated product's passes, one matrix's sums of a block
+  uint16_t* h;         // the gated product's output
   int64_t M, N, K;
   int64_t block;  // w rows per work item
+  int64_t ldy;    // y's row stride
+  int64_t y0;     // the column of w (and h) that y's column 0 holds
 };
 
-// y[MR x NR] = x rows [MR, K] . w rows [NR, K]^T; both with row stride K, y with row stride ldy.
+// Lane r * NR + c: x row r . w row c (x rows [MR, K], w rows [NR, K], both with row stride K).
 template <int MR, int NR>
-void tile(const uint16_t* x, const uint16_t* w, int64_t K, float* y, int64_t ldy) {
+vf tile(const uint16_t* x, const uint16_t* w, int64_t K) {
   static_assert(MR * NR <= L, "at most 16 accumulators");
   vf acc[L] = {};
   int64_t k = 0;
@@ -83,11 +96,38 @@ void tile(const uint16_t* x, const uint16_t* w, int64_t K, float* y, int64_t ldy
       for (int r = 0; r < MR; ++r) acc[r * NR + c] = dot(acc[r * NR + c], xv[r], wv);
     }
   }
+  return reduce16(acc);
+}
+
+// silu(g) * u, lane by lane, in XLA's order; exp(-g) overflows to +inf as XLA's does (silu(g) = -0).
+inline vf silu_mul(vf g, vf u) {
+  const vf e = vexp(-g);
+  const vf one = splat(1.0f);
+  return g * (one / (one + (-g > splat(88.3f) ? splat(__builtin_inff()) : e))) * u;
+}
+
+// bfloat16 bits of each lane, rounded to nearest even as XLA's convert (NaN: a quiet NaN of its sign).
+inline vi to_bf16(vf v) {
+  typedef uint32_t vu32 __attribute__((vector_size(64)));
+  vu32 u;
+  std::memcpy(&u, &v, sizeof u);
+  const vu32 rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const vu32 nan = (u >> 16 & 0x8000u) | 0x7FC0u;
+  return reinterpret_cast<vi>(v != v ? nan : rounded);
+}
+
+// Lanes r * NR + c of `sums` to y[r, c] (row stride ldy).
+template <int MR, int NR>
+void store(vf sums, float* y, int64_t ldy) {
   float s[L];
-  const vf sums = reduce16(acc);
   std::memcpy(s, &sums, sizeof s);
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NR; ++c) y[r * ldy + c] = s[r * NR + c];
+}
+// The tile of rows m .. m + MR and columns n .. n + NR of x . w^T, to y.
+template <int MR, int NR>
+void out_tile(const Gemm& g, int64_t m, int64_t n) {
+  store<MR, NR>(tile<MR, NR>(g.x + m * g.K, g.w + n * g.K, g.K), g.y + m * g.ldy + (n - g.y0), g.ldy);
 }
 
 // NR = 8 for one or two x rows (decode: more weight rows in flight), 4 otherwise.
@@ -95,10 +135,10 @@ template <int MR>
 constexpr int nr() { return MR <= 2 ? 8 : 4; }
 
 template <int MR, int NR>
-void tail_cols(const Gemm& g, const uint16_t* x, int64_t n, int rest, float* y) {
+void tail_cols(const Gemm& g, int64_t m, int64_t n, int rest) {
   if constexpr (NR > 1) {
-    if (rest == NR - 1) return tile<MR, NR - 1>(x, g.w + n * g.K, g.K, y, g.N);
-    return tail_cols<MR, NR - 1>(g, x, n, rest, y);
+    if (rest == NR - 1) return out_tile<MR, NR - 1>(g, m, n);
+    return tail_cols<MR, NR - 1>(g, m, n, rest);
   }
 }
 
@@ -106,13 +146,46 @@ void tail_cols(const Gemm& g, const uint16_t* x, int64_t n, int rest, float* y) 
 template <int MR>
 void row_tile(const Gemm& g, int64_t m, int64_t n0, int64_t n1) {
   constexpr int NR = nr<MR>();
-  const uint16_t* x = g.x + m * g.K;
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) tile<MR, NR>(x, g.w + n * g.K, g.K, g.y + m * g.N + n, g.N);
-  if (n < n1) tail_cols<MR, NR>(g, x, n, static_cast<int>(n1 - n), g.y + m * g.N + n);
+  for (; n + NR <= n1; n += NR) out_tile<MR, NR>(g, m, n);
+  if (n < n1) tail_cols<MR, NR>(g, m, n, static_cast<int>(n1 - n));
+}
+
+// h[m, c] = silu(gate[m, c]) * up[m, c] for c < width (rows of stride ld, a multiple of L).
+void gate_rows(const float* gate, const float* up, int64_t M, int64_t width, int64_t ld, uint16_t* h, int64_t ldh) {
+  typedef uint16_t vh16 __attribute__((vector_size(2 * L)));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t c = 0; c < width; c += L) {
+      vf gv, uv;
+      std::memcpy(&gv, gate + m * ld + c, sizeof gv);
+      std::memcpy(&uv, up + m * ld + c, sizeof uv);
+      const vh16 bits = __builtin_convertvector(to_bf16(silu_mul(gv, uv)), vh16);
+      std::memcpy(h + m * ldh + c, &bits, std::min<int64_t>(L, width - c) * sizeof(uint16_t));
+    }
+}
+
+void run_block(const Gemm& g, int64_t n0, int64_t n1);
+
+// The gated product's columns n0 .. n1: the gate's and then the up's sums into this thread's
+// scratch (rows padded to whole vectors), then h from them.
+void gated_block(const Gemm& g, int64_t n0, int64_t n1) {
+  thread_local std::vector<float> sums;
+  const int64_t ld = (n1 - n0 + L - 1) / L * L;
+  sums.resize(2 * g.M * ld);
+  Gemm pass = g;
+  pass.up = nullptr;
+  pass.ldy = ld;
+  pass.y0 = n0;
+  pass.y = sums.data();
+  run_block(pass, n0, n1);
+  pass.w = g.up;
+  pass.y = sums.data() + g.M * ld;
+  run_block(pass, n0, n1);
+  gate_rows(sums.data(), pass.y, g.M, n1 - n0, ld, g.h + n0, g.N);
 }
 
 void run_block(const Gemm& g, int64_t n0, int64_t n1) {
+  if (g.up) return gated_block(g, n0, n1);
   int64_t m = 0;
   for (; m + 4 <= g.M; m += 4) row_tile<4>(g, m, n0, n1);
   switch (g.M - m) {
@@ -128,8 +201,9 @@ int max_threads() {
   return v;
 }
 
-// w rows per work item: a multiple of 8 that keeps a block near 48 KiB (L1/L2-resident while every
-// x row passes over it), and at least 4 items per thread where N allows.
+// w rows per work item: a multiple of 8 that keeps a block near 24 KiB (L1/L2-resident while every
+// x row passes over it; the gated product's passes read one matrix's block each), and at least 4
+// items per thread where N allows.
 int64_t block_rows(int64_t N, int64_t K, int64_t threads) {
   int64_t rows = std::max<int64_t>(8, (24 * 1024 / (2 * std::max<int64_t>(K, 1))) / 8 * 8);
   const int64_t per_item = (N + 4 * threads - 1) / (4 * threads);
@@ -138,24 +212,33 @@ int64_t block_rows(int64_t N, int64_t K, int64_t threads) {
 
 void run_all(const Gemm& g0, ffi::ThreadPool& pool) {
   const int64_t threads = pool_threads(pool, max_threads());
+  const int64_t mats = g0.up ? 2 : 1;
   Gemm g = g0;
   g.block = block_rows(g.N, g.K, threads);
   const int64_t items = (g.N + g.block - 1) / g.block;
   // Small products (under ~64 K multiply-adds per extra thread) stay on the calling thread.
-  const int64_t by_work = 1 + g.M * g.N * g.K / (1 << 16);
+  const int64_t by_work = 1 + mats * g.M * g.N * g.K / (1 << 16);
   run_claimed(pool, items, std::min(threads, by_work), [g](int64_t i) {
     const int64_t n0 = i * g.block;
     run_block(g, n0, std::min(n0 + g.block, g.N));
   });
 }
 
+// Checks x [M, K], w [N, K] and an output [M, N]; the Gemm of them (y or h set by the caller).
+ffi::Error Problem(ffi::Buffer<ffi::BF16>& x, ffi::Buffer<ffi::BF16>& w, ffi::Span<const int64_t> out, Gemm* g) {
+  const auto xd = x.dimensions(), wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2 || out.size() != 2 || xd[1] != wd[1] || out[0] != xd[0] || out[1] != wd[0])
+    return ffi::Error::InvalidArgument("expected x [M, K], w [N, K] and an output [M, N]");
+  *g = Gemm{reinterpret_cast<const uint16_t*>(x.untyped_data()), reinterpret_cast<const uint16_t*>(w.untyped_data()),
+            nullptr, nullptr, nullptr, xd[0], wd[0], xd[1], 0, wd[0], 0};
+  return ffi::Error::Success();
+}
+
 ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
-                ffi::Result<ffi::Buffer<ffi::F32>> y) {
-  const auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
-  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || xd[1] != wd[1] || yd[0] != xd[0] || yd[1] != wd[0])
-    return ffi::Error::InvalidArgument("expected x [M, K], w [N, K] and y [M, N]");
-  const Gemm g{reinterpret_cast<const uint16_t*>(x.untyped_data()), reinterpret_cast<const uint16_t*>(w.untyped_data()),
-               y->typed_data(), xd[0], wd[0], xd[1], 0};
+                   ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  Gemm g;
+  if (ffi::Error e = Problem(x, w, y->dimensions(), &g); e.failure()) return e;
+  g.y = y->typed_data();
   if (g.M == 0 || g.N == 0) return ffi::Error::Success();
   if (g.K == 0) {
     std::memset(g.y, 0, g.M * g.N * sizeof(float));
@@ -165,8 +248,25 @@ ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
-}  // namespace
+ffi::Error GatedHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> gate,
+                        ffi::Buffer<ffi::BF16> up, ffi::Result<ffi::Buffer<ffi::BF16>> h) {
+  const auto gd = gate.dimensions(), ud = up.dimensions();
+  if (gd.size() != ud.size() || !std::equal(gd.begin(), gd.end(), ud.begin()))
+    return ffi::Error::InvalidArgument("expected gate and up weights of one shape [F, K]");
+  Gemm g;
+  if (ffi::Error e = Problem(x, gate, h->dimensions(), &g); e.failure()) return e;
+  g.up = reinterpret_cast<const uint16_t*>(up.untyped_data());
+  g.h = reinterpret_cast<uint16_t*>(h->untyped_data());
+  if (g.M == 0 || g.N == 0) return ffi::Error::Success();
+  if (g.K == 0) {  // g = u = 0: silu(0) * 0 = +0
+    std::memset(g.h, 0, g.M * g.N * sizeof(uint16_t));
+    return ffi::Error::Success();
+  }
+  run_all(g, pool);
+  return ffi::Error::Success();
+}
 
+}  // namespace
 extern "C" int JaxserveCpuGemmNativeBf16() { return kNativeBf16 ? 1 : 0; }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuGemm, Handler,
@@ -175,3 +275,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuGemm, Handler,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuGatedGemm, GatedHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>());

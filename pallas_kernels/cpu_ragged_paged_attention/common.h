@@ -1,6 +1,6 @@
 // Shared by the CPU attention kernel's files (included only by kernel.cc, one translation unit):
-// tile constants, helpers of the 16-lane float vectors (exp, loads and float32/bfloat16
-// conversions; the vectors and horizontal reductions are pallas_kernels/cpu_common's), the problem,
+// tile constants, helpers of the 16-lane float vectors (loads and float32/bfloat16 conversions;
+// the vectors, their exp and horizontal reductions are pallas_kernels/cpu_common's), the problem,
 // its work items and the per-thread scratch.
 #pragma once
 
@@ -11,7 +11,7 @@
 #include <limits>
 #include <vector>
 
-#include "cpu_shared.h"  // pallas_kernels/cpu_common: L, vf, vi, hsum, hmax, reduce16
+#include "cpu_shared.h"  // pallas_kernels/cpu_common: L, vf, vi, splat, vexp, hsum, hmax, reduce16
 
 namespace {
 
@@ -20,7 +20,6 @@ constexpr int NC = C / L;       // vectors per tile row
 constexpr int kQueryBlock = 16; // queries per work item (prefill)
 constexpr int kDotRows = 8;     // items with at most this many rows use per-token dot products
 
-inline vf splat(float x) { return vf{} + x; }
 inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 static_assert(L == 16, "lane_index lists L lanes");
@@ -32,31 +31,6 @@ inline float load1(const uint16_t* p) {
   float f;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-// exp(x) for x <= 0 (Cephes' polynomial, ~1 ulp); x < -87.3 (and -inf) gives exactly 0.
-inline vf vexp(vf x) {
-  const vi under = x < splat(-87.3f);
-  x = x < splat(-87.3f) ? splat(-87.3f) : x;
-  x = x > splat(88.3f) ? splat(88.3f) : x;
-  vf fx = x * 1.44269504088896341f + 0.5f;
-  vf fl = __builtin_convertvector(__builtin_convertvector(fx, vi), vf);
-  fl = fl > fx ? fl - 1.0f : fl;  // floor
-  const vi n = __builtin_convertvector(fl, vi);
-  x = x - fl * 0.693359375f + fl * 2.12194440e-4f;
-  const vf z = x * x;
-  vf y = splat(1.9875691500e-4f);
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * z + x + 1.0f;
-  const vi e = (n + 127) << 23;
-  vf p2;
-  std::memcpy(&p2, &e, sizeof p2);
-  y *= p2;
-  return under ? splat(0.0f) : y;
 }
 
 // Element types: float, or bfloat16 as its bits (uint16_t). load(p): L elements as floats.
