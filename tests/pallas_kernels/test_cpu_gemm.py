@@ -1,5 +1,7 @@
-"""The CPU GEMM kernel (C++, XLA FFI) against a float32 product of the same bf16 inputs, the ``cpu``
-backend's weight products (``models/products.py``) in a model, and the fallback when it cannot be built."""
+"""The CPU GEMM kernel (C++, XLA FFI) against a float32 product of the same bf16 inputs, its gated
+product (a gated MLP's gate and up products and SiLU gating) against float64 and XLA's ops, the
+``cpu`` backend's weight products (``models/products.py``) in a model, and the fallback when it
+cannot be built."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import pytest
 from jaxserve.models import products
 from jaxserve.pallas_kernels.cpu_ffi_build import cache_dir
 from jaxserve.pallas_kernels.cpu_gemm import build
-from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gemm
+from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gated_gemm, cpu_gemm
 from tests.pallas_kernels.helpers import failing_kernel_build
 
 # (M, N, K): K tails (100, 33, 1, 1537), N tails of every width below the 8- and 4-row tiles,
@@ -71,8 +73,79 @@ def test_leading_dims_and_concurrent_callers():
     assert len(got) == 4 and all(np.array_equal(g, want) for g in got)
 
 
+# (M, F, K) of the gated product: M tails beside 4-row tiles and decode's 1-2 rows, F tails below a
+# vector (16) and a block, K tails, SmolLM2's MLP.
+GATED_SHAPES = [(1, 1536, 576), (2, 37, 100), (7, 1023, 33), (64, 1536, 576), (5, 3, 1537)]
+
+
+def _silu_times(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    return g / (1 + np.exp(-g)) * u
+
+
+@pytest.mark.parametrize("m,f,k", GATED_SHAPES)
+def test_gated_product_matches_float64_and_xla_ops(m, f, k):
+    """bf16 h against float64 silu(g) * u (bound: one bf16 rounding plus the float32 sums' error,
+    carried through silu' <= 1.1 and |silu(g)| <= |g|), and against XLA's SiLU gating of the GEMM's
+    two products rounded to bf16 (the unfused path: equal up to one bf16 ulp where XLA's exp and the
+    kernel's differ by an ulp before rounding)."""
+    x, wg = _inputs(m, f, k, seed=m + f + k)
+    _, wu = _inputs(m, f, k, seed=m + f + k + 1)
+    h = jax.jit(cpu_gated_gemm)(x, wg, wu)
+    assert h.shape == (m, f) and h.dtype == jnp.bfloat16
+    h = np.asarray(h, np.float64)
+    xf, gf, uf = (np.asarray(a, np.float64) for a in (x, wg, wu))
+    g, u = xf @ gf.T, xf @ uf.T
+    want = _silu_times(g, u)
+    err = 1e-5 * (np.abs(xf) @ np.abs(gf).T * 1.1 * np.abs(u) + np.abs(xf) @ np.abs(uf).T * np.abs(g)) + 1e-30
+    assert np.all(np.abs(h - want) <= 2.0 ** -8 * np.abs(want) + err), np.max(np.abs(h - want) / (np.abs(want) + err))
+    xla = jax.jit(lambda a, b, c: (jax.nn.silu(cpu_gemm(a, b)) * cpu_gemm(a, c)).astype(jnp.bfloat16))(x, wg, wu)
+    np.testing.assert_allclose(h, np.asarray(xla, np.float64), rtol=2.0 ** -7, atol=0)
+
+
+def test_gated_product_overflow_nan_and_errors():
+    """silu over the whole float range as XLA computes it in float32 (exp(-g) overflowing to inf gives
+    -0, inf * 1 = inf, NaN stays NaN), leading dims of x, and mismatched weights refused."""
+    g = np.array([-200, -100, -89, -88.5, -88, -87.5, -87, -50, -1e-3, 0, 1e-3, 3, 50, 88.5, 200, np.inf, -np.inf,
+                  np.nan], np.float32)
+    wg = jnp.asarray(g[:, None], jnp.bfloat16)
+    h = jax.jit(cpu_gated_gemm)(jnp.ones((1, 1, 1), jnp.bfloat16), wg, jnp.ones_like(wg))
+    assert h.shape == (1, 1, len(g))
+    want = jax.nn.silu(wg[:, 0].astype(jnp.float32)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(h[0, 0], np.float32), np.asarray(want, np.float32))
+    with pytest.raises(ValueError, match="one shape"):
+        cpu_gated_gemm(jnp.ones((1, 4), jnp.bfloat16), jnp.ones((3, 4), jnp.bfloat16), jnp.ones((2, 4), jnp.bfloat16))
+
+
 def _hlo(f, *args) -> str:
     return jax.jit(f).lower(*args).as_text()
+
+
+def _calls(hlo: str, target: str) -> int:
+    """Custom calls of ``target`` in lowered StableHLO text."""
+    return hlo.count(f"stablehlo.custom_call @{target}(")
+
+
+def test_gated_matmul_t_fuses_only_where_the_gemm_applies():
+    """``gated_matmul_t``: one gated call (no plain GEMM calls) for small bf16 products under
+    ``cpu_gemm``, XLA's ops for ``xla``, prefill-sized x and float32 weights; in x's dtype with w's
+    precision, equal to the unfused ops' result rounded to bf16 (up to an ulp of exp, as above)."""
+    x, wg = _inputs(products.GEMM_MAX_ROWS, 200, 96, seed=6)
+    _, wu = _inputs(products.GEMM_MAX_ROWS, 200, 96, seed=7)
+    x = x.astype(jnp.float32)
+    fused = lambda a, b, c: products.gated_matmul_t(a, b, c, "cpu_gemm")  # noqa: E731
+    hlo = _hlo(fused, x, wg, wu)
+    assert _calls(hlo, build.GATED_TARGET) == 1 and _calls(hlo, build.TARGET) == 0
+    assert _calls(_hlo(lambda a, b, c: products.gated_matmul_t(a, b, c, "xla"), x, wg, wu), build.GATED_TARGET) == 0
+    big = jnp.zeros((products.GEMM_MAX_ROWS + 1, 96), jnp.float32)
+    assert _calls(_hlo(fused, big, wg, wu), build.GATED_TARGET) == 0
+    f32 = wg.astype(jnp.float32)
+    assert "custom_call" not in _hlo(fused, x, f32, f32)
+    h = jax.jit(fused)(x, wg, wu)
+    assert h.dtype == jnp.float32 and np.array_equal(np.asarray(h), np.asarray(h.astype(jnp.bfloat16), np.float32))
+    gate = products.matmul_t(x, wg)
+    want = (jax.nn.silu(gate) * products.matmul_t(x, wu)).astype(jnp.bfloat16).astype(jnp.float32)
+    np.testing.assert_allclose(h, want, rtol=2.0 ** -7, atol=0)
+    np.testing.assert_array_equal(jax.jit(lambda a, b, c: products.gated_matmul_t(a, b, c, "xla"))(x, wg, wu), want)
 
 
 def test_products_use_the_gemm_for_small_bf16_products_only():
@@ -96,9 +169,11 @@ def failing_build(tmp_path, monkeypatch):
 def test_failed_build_falls_back_to_xla(failing_build, caplog):
     x, w = _inputs(4, 40, 64, seed=5)
     f = lambda a, b: products.matmul_t(a, b, "cpu_gemm")  # noqa: E731
+    gated = lambda a, b: products.gated_matmul_t(a, b, b, "cpu_gemm")  # noqa: E731
     with caplog.at_level(logging.WARNING, logger=build.__name__):
         hlo = _hlo(f, x, w)
         got = jax.jit(f)(x, w)
+        assert "custom_call" not in _hlo(gated, x, w)
         assert build.load() is False  # tried once: no second build, no second warning
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "using XLA's dot products instead" in warnings[0].getMessage()
@@ -128,8 +203,11 @@ def test_random_model_greedy_tokens_equal_the_reference_backend():
     def logits(model, tokens, mask):
         return model.lm_head(model.hidden_states(tokens, mask))
 
-    assert build.TARGET in nnx.jit(lambda m, t, k: m.hidden_states(t, k)).lower(
-        models["cpu"], jnp.zeros((2, 24), jnp.int32), jnp.ones((2, 24), bool)).as_text()
+    hlo = {b: nnx.jit(lambda m, t, k: m.hidden_states(t, k)).lower(
+        model, jnp.zeros((2, 24), jnp.int32), jnp.ones((2, 24), bool)).as_text() for b, model in models.items()}
+    # per layer: q, k, v, o and down on the GEMM, gate and up with the SiLU gating in one gated call
+    assert _calls(hlo["cpu"], build.GATED_TARGET) == cfg.num_layers and _calls(hlo["cpu"], build.TARGET) > 0
+    assert _calls(hlo["reference"], build.GATED_TARGET) == 0 == _calls(hlo["reference"], build.TARGET)
     rng = np.random.RandomState(2)
     lens = [5, 9]
     tokens = {b: np.zeros((2, 24), np.int32) for b in models}
