@@ -59,13 +59,14 @@ def product(variant: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 
 def gated(variant: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """``silu(x . wg^T) * (x . wu^T)``: ``gated`` (the fused call) or two of ``variant``'s products."""
+    """bf16 ``silu(x . wg^T) * (x . wu^T)``: ``gated`` (the fused call) or two of ``variant``'s products
+    and XLA's SiLU gating and convert (one fusion, as in the model)."""
     from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gated_gemm
 
     if variant == "gated":
         return cpu_gated_gemm
     f = product(variant)
-    return lambda x, wg, wu: jax.nn.silu(f(x, wg)) * f(x, wu)
+    return lambda x, wg, wu: (jax.nn.silu(f(x, wg)) * f(x, wu)).astype(jnp.bfloat16)
 
 
 def chain(variant: str, pairs: bool = False) -> Callable[[jax.Array, list[jax.Array]], jax.Array]:

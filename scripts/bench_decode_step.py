@@ -30,7 +30,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -115,7 +115,7 @@ UNFUSED = "~unfused"  # variant suffix: the gated MLP without products.gated_mat
 
 
 @contextlib.contextmanager
-def unfused_gated_mlp():
+def unfused_gated_mlp() -> Iterator[None]:
     """While tracing: ``GatedMLP`` runs its gate and up products (``matmul_t``) and SiLU gating as
     separate ops, as before the fused ``cpu_gemm`` call (the ``xla`` product's ops)."""
     from jaxserve.models import layers, products
