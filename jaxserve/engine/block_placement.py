@@ -1,8 +1,8 @@
 """Which free KV pages a sequence gets: consecutive runs where possible, within approximate LRU.
 
 The CPU decode kernel reads a sequence's pages in block-table order; consecutive page ids make that
-one forward stream and the step's attention 1.5x faster than scattered ones (docs/benchmarks.md
-§15, "Block placement"). Taking pages from the LRU front alone interleaves concurrently growing
+one forward stream, and the kernel alone 1.5x faster than on scattered ones (served 64-row steps
+did not show it beyond the noise: docs/benchmarks.md §15, "Block placement"). Taking pages from the LRU front alone interleaves concurrently growing
 sequences, so almost no neighbouring entries are adjacent. This policy:
 
 - grows a sequence into ``last + 1`` when that page is free and *eligible*;
