@@ -2,18 +2,21 @@
 
 The CPU decode kernel reads a sequence's pages in block-table order; consecutive page ids make that
 one forward stream, and the kernel alone 1.5x faster than on scattered ones (served 64-row steps
-did not show it beyond the noise: docs/benchmarks.md §15, "Block placement"). Taking pages from the LRU front alone interleaves concurrently growing
-sequences, so almost no neighbouring entries are adjacent. This policy:
+did not show it beyond the noise: docs/benchmarks.md §15, "Block placement"). Taking pages from
+the LRU front alone interleaves concurrently growing sequences, so almost no neighbouring entries
+are adjacent. This policy:
 
-- grows a sequence into ``last + 1`` when that page is free and *eligible*;
-- otherwise starts a new run: the first run of eligible pages long enough for the request plus
-  ``RUN_GAP`` pages, beginning ``RUN_GAP`` pages after a page that is some sequence's last one,
-  so that sequence can still grow in place; runs of pages without a cache entry first, then any;
-  failing that, the longest eligible run; failing that, the LRU front (the caller's).
+- grows a sequence into ``last + 1, last + 2, ...`` while those pages are free and hold no
+  prefix-cache entry, or, when no uncached page is free at all, hold an *old* one;
+- otherwise starts a new run: the first run long enough for the request plus ``RUN_GAP`` pages,
+  beginning ``RUN_GAP`` pages after a page that is some sequence's last one, so that sequence can
+  still grow in place; among uncached pages first, then uncached or old cached ones; failing that,
+  the longest uncached run, then the longest old cached one; failing that, the LRU front (the
+  caller's).
 
-*Eligible*: a free page that holds no prefix-cache entry, or whose entry was freed in the older half
-of the time since the oldest free page was freed. So a cached page freed recently is never evicted
-while older ones are free: LRU order up to a factor of two in age, instead of exactly.
+*Old*: a free cached page freed in the older half of the time since the oldest free cached page
+was freed. So a cached page freed recently is not evicted while older ones are free: LRU order up
+to a factor of two in age, instead of exactly, and uncached pages before any cached one.
 Plain numpy, no jax. Page 0 (the null block) is never free here.
 """
 
