@@ -106,11 +106,17 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarr
 
 
 def apply_rope(x_TNH: jax.Array, positions_T: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half (GPT-NeoX layout) rotary embedding, computed in float32 like HF."""
+    """Rotate-half (GPT-NeoX layout) rotary embedding, computed in float32 like HF.
+
+    HF's ``x * cos + cat(-x2, x1) * sin`` with each head viewed as its two halves [2, H/2]: the
+    rotated copy is those halves swapped (a reverse, not a concatenate) times ``(-sin, sin)``, the
+    same products and sums. XLA:CPU runs a minor-axis concatenate element by element, 3-4x slower
+    (docs/benchmarks.md, "RoPE without a concatenate").
+    """
+    t, n, h = x_TNH.shape
     freqs = positions_T.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, H/2]
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    cos = jnp.cos(emb)[:, None, :].astype(x_TNH.dtype)
-    sin = jnp.sin(emb)[:, None, :].astype(x_TNH.dtype)
-    half = x_TNH.shape[-1] // 2
-    rotated = jnp.concatenate([-x_TNH[..., half:], x_TNH[..., :half]], axis=-1)
-    return x_TNH * cos + rotated * sin
+    cos, sin = jnp.cos(freqs).astype(x_TNH.dtype), jnp.sin(freqs).astype(x_TNH.dtype)
+    cos_T122 = jnp.stack([cos, cos], axis=1)[:, None]  # [T, 1, 2, H/2]
+    sin_T122 = jnp.stack([-sin, sin], axis=1)[:, None]
+    halves = x_TNH.reshape(t, n, 2, h // 2)
+    return (halves * cos_T122 + jnp.flip(halves, axis=2) * sin_T122).reshape(t, n, h)

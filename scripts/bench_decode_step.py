@@ -4,7 +4,8 @@ dtype, XLA options), timed interleaved in one process (A B A B ...), min and med
 Each variant is the model's forward (all layers, LM head) and the engine's sampler (greedy unless
 the variant names another mode after ``#``: ``cpu#topp``, ``cpu#argmax``). ``~unfused`` after the
 backend (``cpu~unfused``) keeps a gated MLP's gate and up products and SiLU gating as separate ops
-(``matmul_t`` each), as before ``products.gated_matmul_t`` fused them on the C++ GEMM.
+(``matmul_t`` each), as before ``products.gated_matmul_t`` fused them on the C++ GEMM; ``~oldrope``
+builds RoPE's rotated copy with HF's concatenate, as before ``layers.apply_rope`` reversed halves.
 Decode (default): over ``--batch`` sequences whose contexts are drawn from ``--context`` (lo,hi).
 Prefill (``--prefill T,L[,C]``): a mixed step of T tokens (the engine's bucket, ``min(T,
 --max-num-seqs)`` sequences) packed with prompts of L new tokens each after C cached ones, the last
@@ -90,6 +91,7 @@ def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: i
 
     spec, _, mode = spec.partition("#")
     spec, unfused = spec.replace(UNFUSED, ""), UNFUSED in spec
+    spec, old_rope = spec.replace(OLD_ROPE, ""), OLD_ROPE in spec
     pick = sampler(mode or "greedy", rows)
     backend, _, act = spec.split("@")[0].partition(":")
     compute = jnp.bfloat16 if act == "bf16" else jnp.float32
@@ -104,7 +106,8 @@ def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: i
     def step(state: nnx.State, caches: list[KVCache], tokens: jax.Array, positions: jax.Array,
              meta: AttentionMetadata, idx: jax.Array) -> tuple[jax.Array, list[KVCache]]:
         model = nnx.merge(graphdef, state)
-        with unfused_gated_mlp() if unfused else contextlib.nullcontext():
+        with (unfused_gated_mlp() if unfused else contextlib.nullcontext(),
+              concatenate_rope() if old_rope else contextlib.nullcontext()):
             logits, caches = model(tokens, positions, caches, meta, idx)
         return pick(logits), caches
 
@@ -129,6 +132,38 @@ def unfused_gated_mlp() -> Iterator[None]:
         yield
     finally:
         layers.gated_matmul_t = fused
+
+
+OLD_ROPE = "~oldrope"  # variant suffix: RoPE with HF's concatenate (as before the halves' reverse)
+
+
+@contextlib.contextmanager
+def concatenate_rope() -> Iterator[None]:
+    """While tracing: the decoder's RoPE builds HF's rotated copy with a concatenate, as before
+    ``layers.apply_rope`` swapped the halves with a reverse (the same values)."""
+    from jaxserve.models import decoder
+
+    def apply_rope(x_TNH: jax.Array, positions_T: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+        freqs = positions_T.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]
+        emb = jnp.concatenate([freqs, freqs], axis=-1)
+        cos = jnp.cos(emb)[:, None, :].astype(x_TNH.dtype)
+        sin = jnp.sin(emb)[:, None, :].astype(x_TNH.dtype)
+        half = x_TNH.shape[-1] // 2
+        rotated = jnp.concatenate([-x_TNH[..., half:], x_TNH[..., :half]], axis=-1)
+        return x_TNH * cos + rotated * sin
+
+    current, decoder.apply_rope = decoder.apply_rope, apply_rope
+    try:
+        yield
+    finally:
+        decoder.apply_rope = current
+
+
+def _without_suffixes(spec: str) -> str:
+    """``spec`` without the ``~`` variant suffixes (``UNFUSED``, ``OLD_ROPE``)."""
+    for suffix in (UNFUSED, OLD_ROPE):
+        spec = spec.replace(suffix, "")
+    return spec
 
 
 def _page_values(x: np.ndarray, dtype: jnp.dtype) -> jax.Array:
@@ -320,7 +355,7 @@ def compile_variants(loaded: LoadedModel, cfg: ModelConfig, specs: list[str], in
     for spec in specs:
         fn, caches = build_variant(loaded, cfg, spec, args.num_pages, args.page_size, len(inputs[3]))
         t = time.perf_counter()
-        opts = spec.partition("#")[0].replace(UNFUSED, "")
+        opts = _without_suffixes(spec.partition("#")[0])
         options = dict(_option(o) for o in opts.split("@")[1].split("+")) if "@" in opts else None
         compiled = fn.lower(loaded.state, caches, *inputs).compile(compiler_options=options)
         out, caches = compiled(loaded.state, caches, *inputs)
@@ -406,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     specs = args.variants.split(",")
     from bench_cpu_attention import register_variant  # cpu+REV (an older kernel), NAME/f32 (f32 pages)
 
-    backends = [s.partition("#")[0].replace(UNFUSED, "").split("@")[0].partition(":")[0] for s in specs]
+    backends = [_without_suffixes(s.partition("#")[0]).split("@")[0].partition(":")[0] for s in specs]
     for backend in backends:
         if backend.startswith("cpu"):
             register_variant(backend)
