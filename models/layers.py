@@ -110,7 +110,7 @@ def apply_rope(x_TNH: jax.Array, positions_T: jax.Array, inv_freq: np.ndarray) -
 
     HF's ``x * cos + cat(-x2, x1) * sin`` with each head viewed as its two halves [2, H/2]: the
     rotated copy is those halves swapped (a reverse, not a concatenate) times ``(-sin, sin)``, the
-    same products and sums. XLA:CPU runs a minor-axis concatenate element by element, 3-4x slower
+    same products and sums. XLA:CPU's fusions with the minor-axis concatenate were ~4x slower
     (docs/benchmarks.md, "RoPE without a concatenate").
     """
     t, n, h = x_TNH.shape
