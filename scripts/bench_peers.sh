@@ -13,7 +13,9 @@
 # Peers come from ../shared/peers/setup_peers.sh (built into $PEERS_DIR, default /tmp/peers).
 # Usage: scripts/bench_peers.sh [out_dir] [jaxserve|llama|vllm ...]
 #   WORKLOADS="concurrent16 single" runs a subset; JAXSERVE_ARGS adds flags to jaxserve's command
-#   (the shipped configs/smollm2.yaml otherwise decides, e.g. --max-num-seqs).
+#   (the shipped configs/smollm2.yaml otherwise decides, e.g. --max-num-seqs); REPEAT=N runs each
+#   workload N times in a row on the same server (NAME-W.json, then NAME-W-r2.json ...), so that one
+#   of the machine's slow stretches cannot decide a run (scripts/peers_table.py takes the median).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-bench_results/peers-$(date -u +%Y%m%d-%H%M)}; shift || true
@@ -53,12 +55,15 @@ workload_args() {  # workload -> bench_serving.py flags
 }
 
 bench() {  # name port model
-  local name=$1 port=$2 model=$3 w
+  local name=$1 port=$2 model=$3 w r tag
   for w in $WORKLOADS; do
-    # shellcheck disable=SC2046
-    "$PY" scripts/bench_serving.py --base-url "http://127.0.0.1:$port" --model "$model" --endpoint chat \
-      $(workload_args "$w") --temperature 0 --ignore-eos --warmup \
-      --no-progress --save-result "$OUT/$name-$w.json" | tee "$OUT/$name-$w.txt" || true
+    for r in $(seq 1 "${REPEAT:-1}"); do
+      tag=$name-$w; [ "$r" = 1 ] || tag=$tag-r$r
+      # shellcheck disable=SC2046
+      "$PY" scripts/bench_serving.py --base-url "http://127.0.0.1:$port" --model "$model" --endpoint chat \
+        $(workload_args "$w") --temperature 0 --ignore-eos --warmup \
+        --no-progress --save-result "$OUT/$tag.json" | tee "$OUT/$tag.txt" || true
+    done
   done
 }
 
