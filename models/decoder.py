@@ -41,9 +41,11 @@ class SelfAttention(nnx.Module):
         self.mesh = mesh
 
     def __call__(
-        self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata,
+        self, r_TD: jax.Array, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata,
         lora: LayerLora | None = None,
     ) -> tuple[jax.Array, KVCache]:
+        """The residual stream ``r_TD`` plus the attention of ``x_TD`` (o_proj's product accumulated
+        into it, ``Linear.add_to``), and the updated cache."""
         t = x_TD.shape[0]
         q, k, v = self.layout.split(add_lora(self.qkv_proj(x_TD), x_TD, lora, "qkv_proj", self.layout))
         if self.q_norm is not None:
@@ -55,10 +57,10 @@ class SelfAttention(nnx.Module):
             q, k, v, kv_cache, meta, sm_scale=self.head_dim**-0.5, backend=self.backend, mesh=self.mesh
         )
         o = o.reshape(t, self.num_heads * self.head_dim)
-        return add_lora(self.o_proj(o), o, lora, "o_proj"), kv_cache
+        return self.o_proj.add_to(r_TD, o, lora, "o_proj"), kv_cache
 
-    def dense(self, x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
-        """Cache-free causal attention over right-padded rows (positions 0..L-1)."""
+    def dense(self, r_BLD: jax.Array, x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
+        """``r_BLD`` plus cache-free causal attention of ``x_BLD``'s right-padded rows (positions 0..L-1)."""
         b, n, _ = x_BLD.shape
         q, k, v = self.layout.split(self.qkv_proj(x_BLD.reshape(b * n, -1)))
         if self.q_norm is not None:
@@ -68,11 +70,12 @@ class SelfAttention(nnx.Module):
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         o = dense_causal_attention(q.reshape(b, n, *q.shape[1:]), k.reshape(b, n, *k.shape[1:]),
                                    v.reshape(b, n, *v.shape[1:]), mask_BL, sm_scale=self.head_dim**-0.5)
-        return self.o_proj(o.reshape(b, n, self.num_heads * self.head_dim))
+        return self.o_proj.add_to(r_BLD, o.reshape(b, n, self.num_heads * self.head_dim))
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)) (each product accumulated into x where
+    its product allows: ``products.matmul_t_add``)."""
 
     def __init__(
         self, cfg: ModelConfig, *, dtype: jnp.dtype, backend: str, mesh: Mesh | None, rngs: nnx.Rngs
@@ -87,15 +90,13 @@ class DecoderLayer(nnx.Module):
         self, x_TD: jax.Array, positions_T: jax.Array, kv_cache: KVCache, meta: AttentionMetadata,
         lora: LayerLora | None = None,
     ) -> tuple[jax.Array, KVCache]:
-        a, kv_cache = self.self_attn(self.input_layernorm(x_TD), positions_T, kv_cache, meta, lora)
-        x_TD = x_TD + a
-        x_TD = x_TD + self.mlp(self.post_attention_layernorm(x_TD), lora)
-        return x_TD, kv_cache
+        x_TD, kv_cache = self.self_attn(x_TD, self.input_layernorm(x_TD), positions_T, kv_cache, meta, lora)
+        return self.mlp.add_to(x_TD, self.post_attention_layernorm(x_TD), lora), kv_cache
 
     def dense(self, x_BLD: jax.Array, mask_BL: jax.Array) -> jax.Array:
         """The same block over padded rows with ``SelfAttention.dense`` (no KV cache)."""
-        x_BLD = x_BLD + self.self_attn.dense(self.input_layernorm(x_BLD), mask_BL)
-        return x_BLD + self.mlp(self.post_attention_layernorm(x_BLD))
+        x_BLD = self.self_attn.dense(x_BLD, self.input_layernorm(x_BLD), mask_BL)
+        return self.mlp.add_to(x_BLD, self.post_attention_layernorm(x_BLD))
 
 
 class DecoderForCausalLM(nnx.Module):

@@ -15,7 +15,7 @@ from flax import nnx
 
 from jaxserve.models.config import RopeScaling
 from jaxserve.models.lora import LayerLora, add_lora
-from jaxserve.models.products import gated_matmul_t, matmul_t
+from jaxserve.models.products import gated_matmul_t, matmul_t, matmul_t_add
 
 
 class Linear(nnx.Module):
@@ -40,6 +40,14 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(x.dtype)
+
+    def add_to(self, r: jax.Array, x: jax.Array, lora: LayerLora | None = None, target: str = "") -> jax.Array:
+        """``r + add_lora(self(x), x, lora, target)`` (a residual add). Without a bias or a LoRA delta
+        and with r in x's dtype, the product accumulates into r (``matmul_t_add``: one GEMM call
+        under ``cpu_gemm``; the same ops as the expression under ``xla``)."""
+        if self.bias is not None or r.dtype != x.dtype or (lora is not None and target in lora.weights):
+            return r + add_lora(self(x), x, lora, target)
+        return matmul_t_add(x, self.kernel[...], r, self.product)
 
 
 class RMSNorm(nnx.Module):
@@ -77,12 +85,19 @@ class GatedMLP(nnx.Module):
         self.down_proj = Linear(hidden, dim, bias=bias, dtype=dtype, rngs=rngs, product=product)
 
     def __call__(self, x: jax.Array, lora: LayerLora | None = None) -> jax.Array:
-        if lora is None and self.gate_proj.bias is None and self.up_proj.bias is None:
-            h = gated_matmul_t(x, self.gate_proj.kernel[...], self.up_proj.kernel[...], self.gate_proj.product)
-        else:
-            gate = add_lora(self.gate_proj(x), x, lora, "gate_proj")
-            h = jax.nn.silu(gate) * add_lora(self.up_proj(x), x, lora, "up_proj")
+        h = self._hidden(x, lora)
         return add_lora(self.down_proj(h), h, lora, "down_proj")
+
+    def add_to(self, r: jax.Array, x: jax.Array, lora: LayerLora | None = None) -> jax.Array:
+        """``r + self(x, lora)``, the down product accumulated into r (``Linear.add_to``)."""
+        return self.down_proj.add_to(r, self._hidden(x, lora), lora, "down_proj")
+
+    def _hidden(self, x: jax.Array, lora: LayerLora | None) -> jax.Array:
+        """The down product's input ``silu(gate(x)) * up(x)``."""
+        if lora is None and self.gate_proj.bias is None and self.up_proj.bias is None:
+            return gated_matmul_t(x, self.gate_proj.kernel[...], self.up_proj.kernel[...], self.gate_proj.product)
+        gate = add_lora(self.gate_proj(x), x, lora, "gate_proj")
+        return jax.nn.silu(gate) * add_lora(self.up_proj(x), x, lora, "up_proj")
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling) -> np.ndarray:

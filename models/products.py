@@ -7,7 +7,9 @@ attention backend names it, ``models/attention_backends.py``):
 - ``cpu_gemm``: the C++ bf16 GEMM (``pallas_kernels/cpu_gemm``, an XLA FFI custom call) for
   products of at most ``GEMM_MAX_ROWS`` rows of x, where it beats XLA:CPU's (docs/benchmarks.md
   §15); larger products, non-bf16 weights, hosts without AVX512-BF16 and failed builds keep XLA's.
-  A gated MLP's gate and up products and its SiLU gating are one call there (``gated_matmul_t``).
+  A gated MLP's gate and up products and its SiLU gating are one call there (``gated_matmul_t``),
+  and a product added to a float32 residual stream accumulates into it in the GEMM's store
+  (``matmul_t_add``: no separate add).
 
 Under a multi-device mesh the model asks for ``xla`` (tensor-parallel shardings stay XLA's).
 """
@@ -57,3 +59,14 @@ def gated_matmul_t(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, product: st
         gate = matmul_t(x, w_gate, product).astype(x.dtype)
         h = jax.nn.silu(gate) * matmul_t(x, w_up, product).astype(x.dtype)
     return h.astype(w_gate.dtype).astype(x.dtype)
+
+
+def matmul_t_add(x: jax.Array, w: jax.Array, r: jax.Array, product: str = "xla") -> jax.Array:
+    """``r + matmul_t(x, w, product)`` in r's dtype (the product cast to it, then added). ``cpu_gemm``
+    adds in the GEMM's store where it applies and r is float32 [..., N] (r's buffer reused in place:
+    one call, no add op; the same float32 sums and add, so the same bits)."""
+    xw = x.astype(w.dtype)
+    if (product == "cpu_gemm" and r.dtype == jnp.float32 and r.shape == (*x.shape[:-1], w.shape[0])
+            and _use_gemm(xw, w)):
+        return cpu_gemm.cpu_gemm_add(xw, w, r)
+    return r + matmul_t(x, w, product).astype(r.dtype)

@@ -5,7 +5,9 @@ Each variant is the model's forward (all layers, LM head) and the engine's sampl
 the variant names another mode after ``#``: ``cpu#topp``, ``cpu#argmax``). ``~unfused`` after the
 backend (``cpu~unfused``) keeps a gated MLP's gate and up products and SiLU gating as separate ops
 (``matmul_t`` each), as before ``products.gated_matmul_t`` fused them on the C++ GEMM; ``~oldrope``
-builds RoPE's rotated copy with HF's concatenate, as before ``layers.apply_rope`` reversed halves.
+builds RoPE's rotated copy with HF's concatenate, as before ``layers.apply_rope`` reversed halves;
+``~noresid`` keeps the residual adds separate (``r + matmul_t``), as before ``products.matmul_t_add``
+accumulated o and down products into the residual stream in the C++ GEMM's store.
 Decode (default): over ``--batch`` sequences whose contexts are drawn from ``--context`` (lo,hi).
 Prefill (``--prefill T,L[,C]``): a mixed step of T tokens (the engine's bucket, ``min(T,
 --max-num-seqs)`` sequences) packed with prompts of L new tokens each after C cached ones, the last
@@ -92,6 +94,7 @@ def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: i
     spec, _, mode = spec.partition("#")
     spec, unfused = spec.replace(UNFUSED, ""), UNFUSED in spec
     spec, old_rope = spec.replace(OLD_ROPE, ""), OLD_ROPE in spec
+    spec, no_resid = spec.replace(NO_RESID, ""), NO_RESID in spec
     pick = sampler(mode or "greedy", rows)
     backend, _, act = spec.split("@")[0].partition(":")
     compute = jnp.bfloat16 if act == "bf16" else jnp.float32
@@ -107,7 +110,8 @@ def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: i
              meta: AttentionMetadata, idx: jax.Array) -> tuple[jax.Array, list[KVCache]]:
         model = nnx.merge(graphdef, state)
         with (unfused_gated_mlp() if unfused else contextlib.nullcontext(),
-              concatenate_rope() if old_rope else contextlib.nullcontext()):
+              concatenate_rope() if old_rope else contextlib.nullcontext(),
+              separate_residual_adds() if no_resid else contextlib.nullcontext()):
             logits, caches = model(tokens, positions, caches, meta, idx)
         return pick(logits), caches
 
@@ -159,9 +163,28 @@ def concatenate_rope() -> Iterator[None]:
         decoder.apply_rope = current
 
 
+NO_RESID = "~noresid"  # variant suffix: residual adds as separate ops (no products.matmul_t_add call)
+
+
+@contextlib.contextmanager
+def separate_residual_adds() -> Iterator[None]:
+    """While tracing: ``Linear.add_to`` adds its product to the residual stream as a separate op
+    (``r + matmul_t``, the ``xla`` product's form), as before the ``cpu_gemm`` accumulating call."""
+    from jaxserve.models import layers, products
+
+    def matmul_t_add(x: jax.Array, w: jax.Array, r: jax.Array, product: str = "xla") -> jax.Array:
+        return r + products.matmul_t(x, w, product).astype(r.dtype)
+
+    fused, layers.matmul_t_add = layers.matmul_t_add, matmul_t_add
+    try:
+        yield
+    finally:
+        layers.matmul_t_add = fused
+
+
 def _without_suffixes(spec: str) -> str:
-    """``spec`` without the ``~`` variant suffixes (``UNFUSED``, ``OLD_ROPE``)."""
-    for suffix in (UNFUSED, OLD_ROPE):
+    """``spec`` without the ``~`` variant suffixes (``UNFUSED``, ``OLD_ROPE``, ``NO_RESID``)."""
+    for suffix in (UNFUSED, OLD_ROPE, NO_RESID):
         spec = spec.replace(suffix, "")
     return spec
 
@@ -295,6 +318,15 @@ def _kind(name: str, frames: list[tuple[str, str]], in_loop: bool) -> str:
         proj = next((k for key, k in _LINEAR if key in caller), "other")
         if name.startswith(("ynn_fusion", "dot", "ffi_call")):  # ffi_call: the C++ GEMM
             return f"product {proj}"
+        return "Linear input convert (+ fused norm or SiLU)"
+    if "Linear.add_to" in fns:  # a product added to the residual stream (accumulated by the GEMM, or not)
+        i = fns.index("Linear.add_to") + 1
+        caller = frames[i][1] if i < len(frames) else ""
+        proj = next((k for key, k in _LINEAR if key in caller), "other")
+        if name.startswith(("ynn_fusion", "dot", "ffi_call")):
+            return f"product {proj}" + (" (+ residual add)" if any(f.endswith("cpu_gemm_add") for f in fns) else "")
+        if any(src.lstrip().startswith("return r + ") for _, src in frames):
+            return "residual adds"
         return "Linear input convert (+ fused norm or SiLU)"
     if any(f.endswith("gated_matmul_t") for f in fns):  # the gated MLP's gate/up products and SiLU (fused or not)
         if name.startswith(("ynn_fusion", "dot", "ffi_call")):

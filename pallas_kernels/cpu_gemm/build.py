@@ -10,9 +10,11 @@ from jaxserve.pallas_kernels.cpu_ffi_build import FfiLibrary
 
 TARGET = "jaxserve_cpu_gemm"
 GATED_TARGET = "jaxserve_cpu_gated_gemm"  # silu(x . wg^T) * (x . wu^T), the same library
+ADD_TARGET = "jaxserve_cpu_gemm_add"  # r + x . w^T, r aliased to the output, the same library
 SOURCE = Path(__file__).with_name("kernel.cc")
 
-_library = FfiLibrary(SOURCE, {TARGET: "JaxserveCpuGemm", GATED_TARGET: "JaxserveCpuGatedGemm"}, "CPU GEMM kernel",
+_library = FfiLibrary(SOURCE, {TARGET: "JaxserveCpuGemm", GATED_TARGET: "JaxserveCpuGatedGemm",
+                                ADD_TARGET: "JaxserveCpuGemmAdd"}, "CPU GEMM kernel",
                       "XLA's dot products", logging.getLogger(__name__))
 load = _library.load
 reset = _library.reset

@@ -17,6 +17,10 @@
 // as the plain product's tiles into a per-thread f32 scratch (L1/L2-resident), then silu(g) * u in
 // whole vectors (XLA's order: (g * (1 / (1 + exp(-g)))) * u). Interleaving the two matrices' tiles
 // was 10-25 % slower at 16-64 rows, and SiLU in each tile's epilogue ~3 % slower at 64.
+//
+// The accumulating product (a third target, JaxserveCpuGemmAdd) is the plain one with y = r + x . w^T:
+// r (f32 [M, N]) is aliased to y, and each tile's store adds its sums to what y holds (one f32 add,
+// r + sum, as XLA's add of the plain product). It folds a decoder's residual adds into the store.
 
 #include <algorithm>
 #include <cstdint>
@@ -69,6 +73,7 @@ struct Gemm {
   int64_t block;  // w rows per work item
   int64_t ldy;    // y's row stride
   int64_t y0;     // the column of w (and h) that y's column 0 holds
+  bool add;       // the store adds the sums to y's values (the accumulating product), else overwrites
 };
 
 // Lane r * NR + c: x row r . w row c (x rows [MR, K], w rows [NR, K], both with row stride K).
@@ -115,19 +120,20 @@ inline vi to_bf16(vf v) {
   return reinterpret_cast<vi>(v != v ? nan : rounded);
 }
 
-// Lanes r * NR + c of `sums` to y[r, c] (row stride ldy).
+// Lanes r * NR + c of `sums` to y[r, c] (row stride ldy), or added to y[r, c] (y + sum, in f32).
 template <int MR, int NR>
-void store(vf sums, float* y, int64_t ldy) {
+void store(vf sums, float* y, int64_t ldy, bool add) {
   float s[L];
   std::memcpy(s, &sums, sizeof s);
   for (int r = 0; r < MR; ++r)
-    for (int c = 0; c < NR; ++c) y[r * ldy + c] = s[r * NR + c];
+    for (int c = 0; c < NR; ++c) y[r * ldy + c] = add ? y[r * ldy + c] + s[r * NR + c] : s[r * NR + c];
 }
 
 // The tile of rows m .. m + MR and columns n .. n + NR of x . w^T, to y.
 template <int MR, int NR>
 void out_tile(const Gemm& g, int64_t m, int64_t n) {
-  store<MR, NR>(tile<MR, NR>(g.x + m * g.K, g.w + n * g.K, g.K), g.y + m * g.ldy + (n - g.y0), g.ldy);
+  store<MR, NR>(tile<MR, NR>(g.x + m * g.K, g.w + n * g.K, g.K), g.y + m * g.ldy + (n - g.y0), g.ldy,
+                  g.add);
 }
 
 // NR = 8 for one or two x rows (decode: more weight rows in flight), 4 otherwise.
@@ -239,7 +245,7 @@ ffi::Error Problem(ffi::Buffer<ffi::BF16>& x, ffi::Buffer<ffi::BF16>& w, ffi::Sp
   if (xd.size() != 2 || wd.size() != 2 || out.size() != 2 || xd[1] != wd[1] || out[0] != xd[0] || out[1] != wd[0])
     return ffi::Error::InvalidArgument("expected x [M, K], w [N, K] and an output [M, N]");
   *g = Gemm{reinterpret_cast<const uint16_t*>(x.untyped_data()), reinterpret_cast<const uint16_t*>(w.untyped_data()),
-            nullptr, nullptr, nullptr, xd[0], wd[0], xd[1], 0, wd[0], 0};
+            nullptr, nullptr, nullptr, xd[0], wd[0], xd[1], 0, wd[0], 0, false};
   return ffi::Error::Success();
 }
 
@@ -251,6 +257,25 @@ ffi::Error Handler(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<f
   if (g.M == 0 || g.N == 0) return ffi::Error::Success();
   if (g.K == 0) {
     std::memset(g.y, 0, g.M * g.N * sizeof(float));
+    return ffi::Error::Success();
+  }
+  run_all(g, pool);
+  return ffi::Error::Success();
+}
+
+// y = r + x . w^T with r aliased to y (XLA copies r first where the caller still needs it).
+ffi::Error AddHandler(ffi::ThreadPool pool, ffi::Buffer<ffi::BF16> x, ffi::Buffer<ffi::BF16> w,
+                      ffi::Buffer<ffi::F32> r, ffi::Result<ffi::Buffer<ffi::F32>> y) {
+  Gemm g;
+  if (ffi::Error e = Problem(x, w, y->dimensions(), &g); e.failure()) return e;
+  const auto rd = r.dimensions();
+  if (rd.size() != 2 || rd[0] != g.M || rd[1] != g.N) return ffi::Error::InvalidArgument("expected r [M, N]");
+  g.y = y->typed_data();
+  g.add = true;
+  if (r.typed_data() != g.y) std::memcpy(g.y, r.typed_data(), g.M * g.N * sizeof(float));
+  if (g.M == 0 || g.N == 0) return ffi::Error::Success();
+  if (g.K == 0) {  // r + 0 (-0 becomes +0, as XLA's add of an empty product)
+    for (int64_t i = 0; i < g.M * g.N; ++i) g.y[i] += 0.0f;
     return ffi::Error::Success();
   }
   run_all(g, pool);
@@ -293,3 +318,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuGatedGemm, GatedHandler,
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Arg<ffi::Buffer<ffi::BF16>>()
                                   .Ret<ffi::Buffer<ffi::BF16>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxserveCpuGemmAdd, AddHandler,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::BF16>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -40,8 +40,21 @@ def cpu_gated_gemm(x_MK: jax.Array, wg_FK: jax.Array, wu_FK: jax.Array) -> jax.A
     return _call(build.GATED_TARGET, jnp.bfloat16, x_MK, wg_FK, wu_FK)
 
 
-def _call(target: str, out: jnp.dtype, x_MK: jax.Array, w_NK: jax.Array, *more: jax.Array) -> jax.Array:
-    """``target`` on x (leading dims flattened, then restored) and the weights, after the checks."""
+def cpu_gemm_add(x_MK: jax.Array, w_NK: jax.Array, r_MN: jax.Array) -> jax.Array:
+    """y[M, N] = r[M, N] + x[M, K] . w[N, K]^T in float32: ``cpu_gemm``'s sums, each added to r's value
+    by one float32 add (XLA's ``r + cpu_gemm(x, w)``, bit for bit). r (float32, x's leading dims and
+    N) is aliased to y: the sums are added in place, after a copy XLA makes where r is used again."""
+    n = w_NK.shape[0]
+    if r_MN.dtype != jnp.float32 or r_MN.shape != (*x_MK.shape[:-1], n):
+        raise ValueError(f"r must be float32 {(*x_MK.shape[:-1], n)}, got {r_MN.dtype} {r_MN.shape}")
+    r2 = r_MN.reshape(math.prod(x_MK.shape[:-1]), n)
+    return _call(build.ADD_TARGET, jnp.float32, x_MK, w_NK, r2, aliases={2: 0})
+
+
+def _call(target: str, out: jnp.dtype, x_MK: jax.Array, w_NK: jax.Array, *more: jax.Array,
+          aliases: dict[int, int] | None = None) -> jax.Array:
+    """``target`` on x (leading dims flattened, then restored) and the weights, after the checks;
+    ``aliases``: ``ffi_call``'s input_output_aliases (operand index -> output index)."""
     if not build.load():
         raise RuntimeError("the CPU GEMM kernel could not be built (see the warning logged)")
     if x_MK.dtype != jnp.bfloat16 or w_NK.dtype != jnp.bfloat16:
@@ -50,5 +63,6 @@ def _call(target: str, out: jnp.dtype, x_MK: jax.Array, w_NK: jax.Array, *more: 
         raise ValueError(f"w must be [N, K={x_MK.shape[-1]}], got {w_NK.shape}")
     lead, k = x_MK.shape[:-1], x_MK.shape[-1]
     x2 = x_MK.reshape(math.prod(lead), k)
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], w_NK.shape[0]), out))
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x2.shape[0], w_NK.shape[0]), out),
+                            input_output_aliases=aliases)
     return call(x2, w_NK, *more).reshape(*lead, w_NK.shape[0])

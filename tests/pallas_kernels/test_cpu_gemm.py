@@ -1,11 +1,12 @@
 """The CPU GEMM kernel (C++, XLA FFI) against a float32 product of the same bf16 inputs, its gated
-product (a gated MLP's gate and up products and SiLU gating) against float64 and XLA's ops, the
-``cpu`` backend's weight products (``models/products.py``) in a model, and the fallback when it
-cannot be built."""
+product (a gated MLP's gate and up products and SiLU gating) against float64 and XLA's ops, its
+accumulating product (r + x . w^T, r aliased) against float64 and XLA's add, the ``cpu`` backend's
+weight products (``models/products.py``) in a model, and the fallback when it cannot be built."""
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 import jax
@@ -16,7 +17,7 @@ import pytest
 from jaxserve.models import products
 from jaxserve.pallas_kernels.cpu_ffi_build import cache_dir
 from jaxserve.pallas_kernels.cpu_gemm import build
-from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gated_gemm, cpu_gemm
+from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gated_gemm, cpu_gemm, cpu_gemm_add
 from tests.pallas_kernels.helpers import failing_kernel_build
 
 # (M, N, K): K tails (100, 33, 1, 1537), N tails of every width below the 8- and 4-row tiles,
@@ -119,6 +120,58 @@ def test_gated_product_overflow_nan_and_errors():
         cpu_gated_gemm(jnp.ones((1, 4), jnp.bfloat16), jnp.ones((3, 4), jnp.bfloat16), jnp.ones((2, 4), jnp.bfloat16))
 
 
+# (M, N, K) of the accumulating product: 1..64 rows (4-row tiles and their 1-3 row tails, decode's
+# 1-2 rows with 8-column tiles), N tails below both tile widths and a vector, K tails, SmolLM2's o/down.
+ADD_SHAPES = [(1, 13, 100), (2, 37, 33), (3, 576, 576), (5, 1023, 1537), (16, 7, 64), (17, 577, 1536),
+              (64, 576, 1536), (64, 21, 96)]
+
+
+@pytest.mark.parametrize("m,n,k", ADD_SHAPES)
+def test_gemm_add_matches_float64_and_xlas_add_bit_for_bit(m, n, k):
+    """r + x . w^T against float64 (float32 rounding of the sums and the add), and bit-identical to
+    XLA's add of the plain GEMM's product (the same sums, one float32 add)."""
+    x, w = _inputs(m, n, k, seed=m * 3 + n + k)
+    r = jnp.asarray(np.random.default_rng(m + n).standard_normal((m, n), np.float32) * 4)
+    y = jax.jit(cpu_gemm_add)(x, w, r)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    xf, wf, rf = np.asarray(x, np.float64), np.asarray(w, np.float64), np.asarray(r, np.float64)
+    want, scale = rf + xf @ wf.T, np.abs(rf) + np.abs(xf) @ np.abs(wf).T
+    assert np.all(np.abs(np.asarray(y, np.float64) - want) <= 1e-5 * scale + 1e-6)
+    np.testing.assert_array_equal(y, jax.jit(lambda a, b, c: c + cpu_gemm(a, b))(x, w, r))
+
+
+def test_gemm_add_keeps_r_for_later_uses_and_leading_dims():
+    """r aliased to the output: where the caller reads r again (a jit argument, an intermediate used
+    twice) XLA copies it first, so r's later uses see its old value; x [B, L, K] with r [B, L, N];
+    an empty product adds +0 (XLA's -0 + 0); r of another shape or dtype is refused."""
+    x, w = _inputs(12, 40, 64, seed=8)
+    r = jnp.asarray(np.random.default_rng(8).standard_normal((12, 40), np.float32))
+    want = np.asarray(jax.jit(lambda a, b, c: c + cpu_gemm(a, b))(x, w, r))
+    r_host = np.asarray(r).copy()
+    f = jax.jit(lambda a, b, c: (cpu_gemm_add(a, b, c), c * 2))
+    y, twice = f(x, w, r)
+    np.testing.assert_array_equal(y, want)
+    np.testing.assert_array_equal(twice, r_host * 2)
+    np.testing.assert_array_equal(r, r_host)  # the argument itself is untouched
+    assert "copy(" in f.lower(x, w, r).compile().as_text()
+
+    def twice_used(a, b, c):
+        s = c + 1.0  # an intermediate: the call may reuse its buffer only after the later reader's copy
+        return cpu_gemm_add(a, b, s), s - 1.0
+    y, back = jax.jit(twice_used)(x, w, r)
+    np.testing.assert_array_equal(y, np.asarray(jax.jit(lambda a, b, c: (c + 1.0) + cpu_gemm(a, b))(x, w, r)))
+    np.testing.assert_array_equal(back, np.asarray(jax.jit(lambda c: (c + 1.0) - 1.0)(r)))
+    y3 = jax.jit(cpu_gemm_add)(x.reshape(3, 4, 64), w, r.reshape(3, 4, 40))
+    np.testing.assert_array_equal(y3, want.reshape(3, 4, 40))
+    neg0 = jnp.full((2, 3), -0.0, jnp.float32)
+    z = np.asarray(jax.jit(cpu_gemm_add)(jnp.zeros((2, 0), jnp.bfloat16), jnp.zeros((3, 0), jnp.bfloat16), neg0))
+    assert np.all(z == 0) and not np.any(np.signbit(z))
+    with pytest.raises(ValueError, match="r must be float32"):
+        cpu_gemm_add(x, w, r.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match="r must be float32"):
+        cpu_gemm_add(x, w, r[:, :39])
+
+
 def _hlo(f, *args) -> str:
     return jax.jit(f).lower(*args).as_text()
 
@@ -164,6 +217,62 @@ def test_products_use_the_gemm_for_small_bf16_products_only():
     assert products.for_mesh("cpu_gemm", mesh) == "xla" and products.for_mesh("cpu_gemm", None) == "cpu_gemm"
 
 
+def test_matmul_t_add_accumulates_only_where_the_gemm_applies():
+    """``matmul_t_add``: one accumulating call (no plain GEMM call, no add) for small bf16 products
+    into a float32 r of the product's shape under ``cpu_gemm``, bit-identical to XLA's add of the
+    GEMM's product; otherwise ``r + matmul_t`` (the ``xla`` product: exactly that expression's HLO)."""
+    x, w = _inputs(products.GEMM_MAX_ROWS, 70, 48, seed=9)
+    x = x.astype(jnp.float32)
+    r = jnp.asarray(np.random.default_rng(9).standard_normal((products.GEMM_MAX_ROWS, 70), np.float32))
+    fused = lambda a, b, c: products.matmul_t_add(a, b, c, "cpu_gemm")  # noqa: E731
+    hlo = _hlo(fused, x, w, r)
+    assert _calls(hlo, build.ADD_TARGET) == 1 and _calls(hlo, build.TARGET) == 0 and "stablehlo.add" not in hlo
+    np.testing.assert_array_equal(jax.jit(fused)(x, w, r),
+                                  jax.jit(lambda a, b, c: c + products.matmul_t(a, b, "cpu_gemm"))(x, w, r))
+    unfused = lambda a, b, c: c + products.matmul_t(a, b, "xla").astype(c.dtype)  # noqa: E731
+    strip = lambda t: re.sub(r"loc\(.*?\)|#loc.*", "", t)  # noqa: E731  (source locations differ)
+    assert strip(_hlo(lambda a, b, c: products.matmul_t_add(a, b, c, "xla"), x, w, r)) == strip(_hlo(unfused, x, w, r))
+    big = jnp.zeros((products.GEMM_MAX_ROWS + 1, 48), jnp.float32)
+    assert _calls(_hlo(fused, big, w, jnp.zeros((products.GEMM_MAX_ROWS + 1, 70))), build.ADD_TARGET) == 0
+    for other in (r.astype(jnp.bfloat16), r[:1]):  # a bf16 residual stream, a broadcast r: XLA's add
+        hlo = _hlo(fused, x, w, other)
+        assert _calls(hlo, build.ADD_TARGET) == 0 and _calls(hlo, build.TARGET) == 1
+
+
+def test_linear_and_mlp_add_to_keep_biases_and_lora_deltas():
+    """``Linear.add_to`` / ``GatedMLP.add_to`` under ``cpu_gemm``: without a bias or the target's LoRA
+    delta, one accumulating call equal to ``r + self(x)`` bit for bit; with a bias, or a LoRA delta of
+    that target (an adapter on another target does not count), today's ``r + add_lora(self(x), ...)``."""
+    from flax import nnx
+
+    from jaxserve.models.layers import GatedMLP, Linear
+    from jaxserve.models.lora import LayerLora, LoraWeights, add_lora
+
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.standard_normal((6, 48), np.float32))
+    r = jnp.asarray(rng.standard_normal((6, 40), np.float32))
+    delta = LoraWeights(jnp.asarray(rng.standard_normal((2, 4, 48)), jnp.bfloat16),
+                        jnp.asarray(rng.standard_normal((40, 2, 4)), jnp.bfloat16))
+    lora = LayerLora({"o_proj": delta}, jnp.asarray([0, -1, 1, 0, -1, 1], jnp.int32))
+    for bias in (False, True):
+        lin = Linear(48, 40, bias=bias, dtype=jnp.bfloat16, rngs=nnx.Rngs(bias), product="cpu_gemm")
+        if bias:
+            lin.bias[...] = jnp.asarray(rng.standard_normal(40), jnp.bfloat16)
+        for lo, target in ((None, ""), (lora, "down_proj"), (lora, "o_proj")):
+            f = lambda a, c, lo=lo, target=target: lin.add_to(c, a, lo, target)  # noqa: B023, E731
+            fused = not bias and target != "o_proj"
+            assert _calls(_hlo(f, x, r), build.ADD_TARGET) == int(fused), (bias, target)
+            want = jax.jit(lambda a, c, lo=lo, target=target: c + add_lora(lin(a), a, lo, target))(x, r)  # noqa: B023
+            np.testing.assert_array_equal(jax.jit(f)(x, r), want)
+    mlp = GatedMLP(40, 64, bias=False, dtype=jnp.bfloat16, rngs=nnx.Rngs(3), product="cpu_gemm")
+    h = jnp.asarray(rng.standard_normal((6, 40), np.float32))
+    down = LayerLora({"down_proj": LoraWeights(jnp.zeros((2, 4, 64), jnp.bfloat16), delta.b_OSR)}, lora.slots_T)
+    for lo, calls in ((None, 1), (down, 0)):
+        f = lambda a, c, lo=lo: mlp.add_to(c, a, lo)  # noqa: E731
+        assert _calls(_hlo(f, h, r), build.ADD_TARGET) == calls
+        np.testing.assert_array_equal(jax.jit(f)(h, r), jax.jit(lambda a, c, lo=lo: c + mlp(a, lo))(h, r))
+
+
 @pytest.fixture
 def failing_build(tmp_path, monkeypatch):
     yield from failing_kernel_build(build, tmp_path, monkeypatch)
@@ -186,10 +295,8 @@ def test_failed_build_falls_back_to_xla(failing_build, caplog):
 
 
 
-def test_random_model_greedy_tokens_equal_the_reference_backend():
-    """A tiny random Qwen2-like decoder with bf16 weights and f32 activations, greedy decoding by
-    full recompute over right-padded rows (``hidden_states``): the cpu backend, whose weight
-    products run on the GEMM, gives the reference backend's tokens (XLA's products) and close logits."""
+def _tiny_decoder(backend: str):
+    """A tiny random Qwen2-like decoder (q/k/v biases) with bf16 weights and f32 activations."""
     from flax import nnx
 
     from jaxserve.models.config import ModelConfig
@@ -198,8 +305,56 @@ def test_random_model_greedy_tokens_equal_the_reference_backend():
     cfg = ModelConfig("Qwen2ForCausalLM", vocab_size=301, hidden_size=96, intermediate_size=200, num_layers=2,
                       num_heads=6, num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4,
                       max_position_embeddings=64, qkv_bias=True)
-    models = {b: DecoderForCausalLM(cfg, dtype=jnp.bfloat16, compute_dtype=jnp.float32, backend=b, rngs=nnx.Rngs(0))
-              for b in ("cpu", "reference")}
+    return DecoderForCausalLM(cfg, dtype=jnp.bfloat16, compute_dtype=jnp.float32, backend=backend, rngs=nnx.Rngs(0))
+
+
+def _decode_step_hlo(model, rows: int) -> str:
+    """Compiled HLO text of the model's decode step (``__call__``) over ``rows`` sequences."""
+    from flax import nnx
+
+    from jaxserve.models.attention import abstract_metadata
+    from jaxserve.models.attention_backends import get_backend
+
+    graphdef, state = nnx.split(model)
+    cfg, attention = model.config, get_backend(model.layers[0].self_attn.backend)
+    cache = attention.cache_shapes(8, 16, cfg.num_kv_heads, cfg.head_dim, attention.page_dtype(jnp.float32, jnp.bfloat16))
+    i32 = jax.ShapeDtypeStruct((rows,), jnp.int32)
+    step = lambda st, caches, t, p, m, i: nnx.merge(graphdef, st)(t, p, caches, m, i)  # noqa: E731
+    meta = abstract_metadata(rows, rows, 4, True)
+    return jax.jit(step).lower(state, [cache] * cfg.num_layers, i32, i32, meta, i32).compile().as_text()
+
+
+def _residual_adds(hlo: str, rows: int, dim: int) -> int:
+    """Elementwise f32 [rows, dim] adds in compiled HLO (the residual stream's; in the tiny decoder no
+    other add has that shape)."""
+    return len(re.findall(rf"= f32\[{rows},{dim}\]\{{1,0\}} add\(", hlo))
+
+
+def test_decode_step_accumulates_residual_adds_in_the_gemm(monkeypatch):
+    """The decode step under ``cpu``: o and down products are accumulating calls (2 per layer) and no
+    [T, D] add is left; its twin, the residual adds as separate ops (``r + matmul_t``, as
+    bench_decode_step's ``~noresid``), shows the count finds them (2 per layer, no such call)."""
+    from jaxserve.models import layers
+
+    model = _tiny_decoder("cpu")
+    rows, layers_n, dim = 8, model.config.num_layers, model.config.hidden_size
+    hlo = _decode_step_hlo(model, rows)
+    assert hlo.count(f'custom_call_target="{build.ADD_TARGET}"') == 2 * layers_n
+    assert _residual_adds(hlo, rows, dim) == 0
+    monkeypatch.setattr(layers, "matmul_t_add",
+                        lambda x, w, r, product="xla": r + products.matmul_t(x, w, product).astype(r.dtype))
+    old = _decode_step_hlo(model, rows)
+    assert f'custom_call_target="{build.ADD_TARGET}"' not in old and _residual_adds(old, rows, dim) == 2 * layers_n
+
+
+def test_random_model_greedy_tokens_equal_the_reference_backend():
+    """A tiny random Qwen2-like decoder with bf16 weights and f32 activations, greedy decoding by
+    full recompute over right-padded rows (``hidden_states``): the cpu backend, whose weight
+    products run on the GEMM, gives the reference backend's tokens (XLA's products) and close logits."""
+    from flax import nnx
+
+    models = {b: _tiny_decoder(b) for b in ("cpu", "reference")}
+    cfg = models["cpu"].config
     assert models["cpu"].lm_head.product == "cpu_gemm" and models["reference"].lm_head.product == "xla"
 
     @nnx.jit
@@ -208,9 +363,11 @@ def test_random_model_greedy_tokens_equal_the_reference_backend():
 
     hlo = {b: nnx.jit(lambda m, t, k: m.hidden_states(t, k)).lower(
         model, jnp.zeros((2, 24), jnp.int32), jnp.ones((2, 24), bool)).as_text() for b, model in models.items()}
-    # per layer: q, k, v, o and down on the GEMM, gate and up with the SiLU gating in one gated call
+    # per layer: q, k, v on the GEMM, gate and up with the SiLU gating in one gated call, o and down
+    # accumulated into the residual stream
     assert _calls(hlo["cpu"], build.GATED_TARGET) == cfg.num_layers and _calls(hlo["cpu"], build.TARGET) > 0
-    assert _calls(hlo["reference"], build.GATED_TARGET) == 0 == _calls(hlo["reference"], build.TARGET)
+    assert _calls(hlo["cpu"], build.ADD_TARGET) == 2 * cfg.num_layers
+    assert all(_calls(hlo["reference"], t) == 0 for t in (build.GATED_TARGET, build.TARGET, build.ADD_TARGET))
     rng = np.random.RandomState(2)
     lens = [5, 9]
     tokens = {b: np.zeros((2, 24), np.int32) for b in models}
