@@ -65,8 +65,7 @@ def matmul_t_add(x: jax.Array, w: jax.Array, r: jax.Array, product: str = "xla")
     """``r + matmul_t(x, w, product)`` in r's dtype (the product cast to it, then added). ``cpu_gemm``
     adds in the GEMM's store where it applies and r is float32 [..., N] (r's buffer reused in place:
     one call, no add op; the same float32 sums and add, so the same bits)."""
-    xw = x.astype(w.dtype)
     if (product == "cpu_gemm" and r.dtype == jnp.float32 and r.shape == (*x.shape[:-1], w.shape[0])
-            and _use_gemm(xw, w)):
-        return cpu_gemm.cpu_gemm_add(xw, w, r)
+            and _use_gemm(x, w)):
+        return cpu_gemm.cpu_gemm_add(x.astype(w.dtype), w, r)
     return r + matmul_t(x, w, product).astype(r.dtype)

@@ -317,7 +317,8 @@ def _decode_step_hlo(model, rows: int) -> str:
 
     graphdef, state = nnx.split(model)
     cfg, attention = model.config, get_backend(model.layers[0].self_attn.backend)
-    cache = attention.cache_shapes(8, 16, cfg.num_kv_heads, cfg.head_dim, attention.page_dtype(jnp.float32, jnp.bfloat16))
+    pages = attention.page_dtype(jnp.float32, jnp.bfloat16)
+    cache = attention.cache_shapes(8, 16, cfg.num_kv_heads, cfg.head_dim, pages)
     i32 = jax.ShapeDtypeStruct((rows,), jnp.int32)
     step = lambda st, caches, t, p, m, i: nnx.merge(graphdef, st)(t, p, caches, m, i)  # noqa: E731
     meta = abstract_metadata(rows, rows, 4, True)
