@@ -201,9 +201,10 @@ void gated_block(const Gemm& g, int64_t n0, int64_t n1) {
 
 void run_block(const Gemm& g, int64_t n0, int64_t n1) {
   if (g.up) return gated_block(g, n0, n1);
-  // The plain product at 3+ rows (1-2 rows prefetch per tile) asks for the next block's rows while it
-  // works on this one: 5-15 % faster at 16-64 rows when w streams from memory (docs/benchmarks.md,
-  // "Next block prefetch"); the gated product's passes prefetch their own (h set).
+  // The plain product at 3+ rows (1-2 rows prefetch per tile) asks for the next block's rows while
+  // it works on this one: products 5-15 % faster at 16-64 rows when w streams from memory, the
+  // whole decode step 1-2 % (docs/benchmarks.md, "Next block prefetch"). The gated product's
+  // passes prefetch their own (h set).
   if (g.M > 2 && !g.h && n1 < g.N) prefetch_rows(g.w + n1 * g.K, std::min(n1 - n0, g.N - n1) * g.K);
   int64_t m = 0;
   for (; m + 4 <= g.M; m += 4) row_tile<4>(g, m, n0, n1);
