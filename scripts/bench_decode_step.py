@@ -92,9 +92,8 @@ def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: i
     from jaxserve.weights.abstract_model import build_abstract
 
     spec, _, mode = spec.partition("#")
-    spec, unfused = spec.replace(UNFUSED, ""), UNFUSED in spec
-    spec, old_rope = spec.replace(OLD_ROPE, ""), OLD_ROPE in spec
-    spec, no_resid = spec.replace(NO_RESID, ""), NO_RESID in spec
+    patches = [patch for suffix, patch in _PATCHES.items() if suffix in spec]
+    spec = _without_suffixes(spec)
     pick = sampler(mode or "greedy", rows)
     backend, _, act = spec.split("@")[0].partition(":")
     compute = jnp.bfloat16 if act == "bf16" else jnp.float32
@@ -109,9 +108,9 @@ def build_variant(loaded: LoadedModel, cfg: ModelConfig, spec: str, num_pages: i
     def step(state: nnx.State, caches: list[KVCache], tokens: jax.Array, positions: jax.Array,
              meta: AttentionMetadata, idx: jax.Array) -> tuple[jax.Array, list[KVCache]]:
         model = nnx.merge(graphdef, state)
-        with (unfused_gated_mlp() if unfused else contextlib.nullcontext(),
-              concatenate_rope() if old_rope else contextlib.nullcontext(),
-              separate_residual_adds() if no_resid else contextlib.nullcontext()):
+        with contextlib.ExitStack() as stack:
+            for patch in patches:
+                stack.enter_context(patch())
             logits, caches = model(tokens, positions, caches, meta, idx)
         return pick(logits), caches
 
@@ -131,11 +130,8 @@ def unfused_gated_mlp() -> Iterator[None]:
         gate = products.matmul_t(x, w_gate, product).astype(x.dtype)  # (named as the fused one: op_kinds)
         return jax.nn.silu(gate) * products.matmul_t(x, w_up, product).astype(x.dtype)
 
-    fused, layers.gated_matmul_t = layers.gated_matmul_t, gated_matmul_t
-    try:
+    with _patched(layers, "gated_matmul_t", gated_matmul_t):
         yield
-    finally:
-        layers.gated_matmul_t = fused
 
 
 OLD_ROPE = "~oldrope"  # variant suffix: RoPE with HF's concatenate (as before the halves' reverse)
@@ -156,11 +152,8 @@ def concatenate_rope() -> Iterator[None]:
         rotated = jnp.concatenate([-x_TNH[..., half:], x_TNH[..., :half]], axis=-1)
         return x_TNH * cos + rotated * sin
 
-    current, decoder.apply_rope = decoder.apply_rope, apply_rope
-    try:
+    with _patched(decoder, "apply_rope", apply_rope):
         yield
-    finally:
-        decoder.apply_rope = current
 
 
 NO_RESID = "~noresid"  # variant suffix: residual adds as separate ops (no products.matmul_t_add call)
@@ -175,16 +168,28 @@ def separate_residual_adds() -> Iterator[None]:
     def matmul_t_add(x: jax.Array, w: jax.Array, r: jax.Array, product: str = "xla") -> jax.Array:
         return r + products.matmul_t(x, w, product).astype(r.dtype)
 
-    fused, layers.matmul_t_add = layers.matmul_t_add, matmul_t_add
+    with _patched(layers, "matmul_t_add", matmul_t_add):
+        yield
+
+
+@contextlib.contextmanager
+def _patched(module: object, name: str, replacement: Callable) -> Iterator[None]:
+    """``module.name`` is ``replacement`` inside the block (while a variant traces), then restored."""
+    current = getattr(module, name)
+    setattr(module, name, replacement)
     try:
         yield
     finally:
-        layers.matmul_t_add = fused
+        setattr(module, name, current)
+
+
+# variant suffix -> what it changes while the step traces
+_PATCHES = {UNFUSED: unfused_gated_mlp, OLD_ROPE: concatenate_rope, NO_RESID: separate_residual_adds}
 
 
 def _without_suffixes(spec: str) -> str:
-    """``spec`` without the ``~`` variant suffixes (``UNFUSED``, ``OLD_ROPE``, ``NO_RESID``)."""
-    for suffix in (UNFUSED, OLD_ROPE, NO_RESID):
+    """``spec`` without the ``~`` variant suffixes (the keys of ``_PATCHES``)."""
+    for suffix in _PATCHES:
         spec = spec.replace(suffix, "")
     return spec
 
