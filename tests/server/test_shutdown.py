@@ -91,9 +91,12 @@ def test_a_reader_that_keeps_up_is_never_dropped(server):
     assert server.log.read_text().count("dropped and aborted") == drops_before
 
 
-def _request(base_url: str, max_tokens: int, stream: bool, out: dict, started: threading.Event) -> None:
+LONG_JOBS, CHOICES = 8, 16  # 128 sequences x 1000 tokens behind 4 slots: 32,000 steps, far beyond any wait here
+
+
+def _request(base_url: str, max_tokens: int, n: int, stream: bool, out: dict, started: threading.Event) -> None:
     events = []
-    body = {**_body(max_tokens), "stream": stream}
+    body = {**_body(max_tokens), "n": n, "stream": stream}
     with httpx.stream("POST", f"{base_url}/v1/completions", json=body, timeout=60) as r:
         out["status"] = r.status_code
         if not stream:
@@ -107,10 +110,11 @@ def _request(base_url: str, max_tokens: int, stream: bool, out: dict, started: t
 
 
 def _outcome(out: dict) -> str:
-    """"done" (all LONG tokens, finish_reason length) or "aborted" (the shutdown's error), else a failure."""
+    """"done" (every choice's LONG tokens, finish_reason length) or "aborted" (the shutdown's error),
+    else a failure."""
     if "body" in out:
         body = out["body"]
-        if out["status"] == 200 and body["usage"]["completion_tokens"] == LONG:
+        if out["status"] == 200 and body["usage"]["completion_tokens"] == CHOICES * LONG:
             return "done"
         error = body["error"]
         assert out["status"] == 503 and error["message"] == SHUTDOWN_ERROR and error["code"] == 503, body
@@ -121,12 +125,14 @@ def _outcome(out: dict) -> str:
     if "error" in last:
         assert last["error"]["message"] == SHUTDOWN_ERROR and last["error"]["code"] == 503, last
         return "aborted"
-    assert last["choices"][0]["finish_reason"] == "length"
+    finished = {c["index"]: c["finish_reason"] for e in events[:-1] for c in json.loads(e)["choices"]
+                if c["finish_reason"] is not None}
+    assert finished == {i: "length" for i in range(CHOICES)}, finished
     return "done"
 
 
 def _in_engine(base_url: str) -> float:
-    """Requests the engine has seen: finished, running or waiting."""
+    """Sequences (choices) the engine has seen: finished, running or waiting."""
     return sum(_metric(base_url, m) for m in ("request_success_total", "num_requests_running", "num_requests_waiting"))
 
 
@@ -134,21 +140,26 @@ SHUTDOWN_ERROR = "the server is shutting down: the request was aborted after 3s"
 
 
 def test_sigterm_drains_new_requests_503_then_aborts_and_exits_0(server):
-    """A stream in flight at SIGTERM finishes; 40 long requests behind 4 slots (40,000 tokens: more than
-    --shutdown-timeout 3 allows) finish or end with the shutdown's error, some the latter; exit 0."""
+    """A stream in flight at SIGTERM finishes; 8 long requests of 16 choices each behind 4 slots (128,000
+    tokens: far more than --shutdown-timeout 3, or any wait of this test, allows) end with the shutdown's
+    error, or finish; some the former; exit 0. The SIGTERM waits until every sequence is in the engine."""
     short: dict = {}
     started = threading.Event()
-    long = [{} for _ in range(40)]
-    threads = [threading.Thread(target=_request, args=(server.base_url, 300, True, short, started))]
-    threads += [threading.Thread(target=_request, args=(server.base_url, LONG, i % 2 == 0, out, threading.Event()))
+    long = [{} for _ in range(LONG_JOBS)]
+    threads = [threading.Thread(target=_request, args=(server.base_url, 300, 1, True, short, started))]
+    threads += [threading.Thread(target=_request, args=(server.base_url, LONG, CHOICES, i % 2 == 0, out,
+                                                        threading.Event()))
                 for i, out in enumerate(long)]
     finished_before = _metric(server.base_url, "request_success_total")
     for t in threads:
         t.start()
+    sequences = 1 + LONG_JOBS * CHOICES
     deadline = time.monotonic() + 30
-    while _in_engine(server.base_url) - finished_before < len(threads) and time.monotonic() < deadline:
+    while (seen := _in_engine(server.base_url) - finished_before) < sequences and time.monotonic() < deadline:
         time.sleep(0.02)  # every request reached the engine (SIGTERM would refuse those still connecting)
+    assert seen == sequences, f"after 30 s the engine has seen {seen} of the {sequences} sequences"
     assert started.wait(30)  # the short stream is running: 300 tokens take far longer than the signal
+    generated = _metric(server.base_url, "generation_tokens_total")
     sent = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     health = httpx.get(f"{server.base_url}/health", timeout=5)
@@ -163,6 +174,6 @@ def test_sigterm_drains_new_requests_503_then_aborts_and_exits_0(server):
     assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])  # it streamed text
     outcomes = [_outcome(out) for out in long]
-    assert "aborted" in outcomes, outcomes
+    assert "aborted" in outcomes, f"{outcomes}; {generated:.0f} tokens generated before SIGTERM"
     assert server.proc.wait(timeout=30) == 0
     assert 3 <= time.monotonic() - sent < 20
