@@ -17,6 +17,7 @@ the fused call (``cpu_gated_gemm``); FLOP and bytes count both products.
   python scripts/bench_cpu_gemm.py --m 2 --shapes 49152x576 --layers 2
   python scripts/bench_cpu_gemm.py --m 2,32 --variants gemm+main,gemm
   python scripts/bench_cpu_gemm.py --m 1,16,32,64 --gated --variants gemm,gated
+  python scripts/bench_cpu_gemm.py --m 1,16,64 --gated --variants gated+main,gated
 """
 
 from __future__ import annotations
@@ -36,14 +37,27 @@ import numpy as np
 
 
 @functools.cache
-def _revision_gemm(rev: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """The GEMM kernel as of ``rev``, registered under its own FFI target."""
+def _revision_target(rev: str, symbol: str) -> str:
+    """The FFI target of ``symbol`` in the GEMM kernel as of ``rev``, registered under its own name."""
     from kernel_revision import build_revision
 
     lib = build_revision("pallas_kernels/cpu_gemm", rev)
-    target = f"jaxserve_cpu_gemm_{rev}"
-    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(lib.JaxserveCpuGemm), platform="cpu")
+    target = f"jaxserve_{symbol}_{rev}"
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    return target
+
+
+def _revision_gemm(rev: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """The plain product as of ``rev``."""
+    target = _revision_target(rev, "JaxserveCpuGemm")
     return lambda x, w: jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32))(x, w)
+
+
+def _revision_gated(rev: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+    """The fused gated product as of ``rev``."""
+    target = _revision_target(rev, "JaxserveCpuGatedGemm")
+    return lambda x, wg, wu: jax.ffi.ffi_call(
+        target, jax.ShapeDtypeStruct((x.shape[0], wg.shape[0]), jnp.bfloat16))(x, wg, wu)
 
 
 def product(variant: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -59,12 +73,15 @@ def product(variant: str) -> Callable[[jax.Array, jax.Array], jax.Array]:
 
 
 def gated(variant: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """bf16 ``silu(x . wg^T) * (x . wu^T)``: ``gated`` (the fused call) or two of ``variant``'s products
-    and XLA's SiLU gating and convert (one fusion, as in the model)."""
+    """bf16 ``silu(x . wg^T) * (x . wu^T)``: ``gated`` (the fused call), ``gated+REV`` (as of git
+    revision REV) or two of ``variant``'s products and XLA's SiLU gating and convert (one fusion, as
+    in the model)."""
     from jaxserve.pallas_kernels.cpu_gemm.ops import cpu_gated_gemm
 
     if variant == "gated":
         return cpu_gated_gemm
+    if variant.startswith("gated+"):
+        return _revision_gated(variant.partition("+")[2])
     f = product(variant)
     return lambda x, wg, wu: (jax.nn.silu(f(x, wg)) * f(x, wu)).astype(jnp.bfloat16)
 
@@ -124,12 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--inner", type=int, default=3)
     p.add_argument("--variants", default="xla,gemm",
-                   help="xla, gemm, gemm+REV (the kernel as of git revision REV), gated (with --gated)")
+                   help="xla, gemm, gemm+REV (the kernel as of git revision REV), gated or gated+REV (with --gated)")
     p.add_argument("--gated", action="store_true", help="gate and up products with SiLU gating (see above)")
     args = p.parse_args(argv)
     if args.gated and args.shapes == p.get_default("shapes"):
         args.shapes = "1536x576"
-    if "gated" in args.variants.split(",") and not args.gated:
+    if any(v.partition("+")[0] == "gated" for v in args.variants.split(",")) and not args.gated:
         p.error("the gated variant needs --gated")
     from jaxserve.pallas_kernels.cpu_gemm import ops
 

@@ -126,4 +126,46 @@ void run_claimed(xla::ffi::ThreadPool& pool, int64_t n, int64_t threads, const W
   while (claims->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
 }
 
+// Items [0, n) in `parts` contiguous segments, one per thread: each thread claims its own segment's
+// items in order, then helps with the others' (from where each stands). work(i, next) gets the item
+// this thread claims next if nobody else takes it (i + 1 within the segment, else -1), so a kernel
+// can prefetch what this core reads next; with one shared counter, two threads alternate items and
+// that item is usually the other thread's. The same lifetime rule as Claims: `work` is a copy and
+// nothing is claimed after the counters run out.
+template <typename Work>
+struct Segments {
+  Segments(int64_t n, int64_t parts, const Work& work) : n(n), parts(parts), work(work), next(new Counter[parts]) {
+    for (int64_t p = 0; p < parts; ++p) next[p].v.store(begin(p));
+  }
+  struct alignas(64) Counter {
+    std::atomic<int64_t> v{0};
+  };
+  const int64_t n, parts;
+  const Work work;
+  std::unique_ptr<Counter[]> next;
+  std::atomic<int64_t> joined{1};  // the caller owns segment 0, helpers the rest as they start
+  std::atomic<int64_t> done{0};
+
+  int64_t begin(int64_t p) const { return p * n / parts; }
+  void drain(int64_t own) {
+    for (int64_t k = 0; k < parts; ++k) {
+      const int64_t p = (own + k) % parts, end = begin(p + 1);
+      for (int64_t i; (i = next[p].v.fetch_add(1)) < end;) {
+        work(i, i + 1 < end ? i + 1 : -1);
+        done.fetch_add(1, std::memory_order_release);
+      }
+    }
+  }
+};
+
+// run_claimed with one segment per thread (see Segments): work(i, next).
+template <typename Work>
+void run_segmented(xla::ffi::ThreadPool& pool, int64_t n, int64_t threads, const Work& work) {
+  const int64_t parts = std::min<int64_t>(std::max<int64_t>(threads, 1), n);
+  auto segs = std::make_shared<Segments<Work>>(n, parts, work);
+  for (int64_t h = 1; h < parts; ++h) pool.Schedule([segs] { segs->drain(segs->joined.fetch_add(1)); });
+  segs->drain(0);
+  while (segs->done.load(std::memory_order_acquire) < n) std::this_thread::yield();
+}
+
 }  // namespace

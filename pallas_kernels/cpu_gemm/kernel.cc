@@ -8,8 +8,12 @@
 // without it, 16 K widened to f32 and multiplied-added (same sums, other rounding order).
 //
 // Work items are blocks of consecutive w rows, each against ALL rows of x, so every weight byte is
-// read from memory once per call; blocks are claimed in order by the calling thread and the helpers
-// it schedules on XLA's intra-op thread pool (the FFI execution context's).
+// read from memory once per call. Each thread (the calling one and the helpers it schedules on XLA's
+// intra-op pool, the FFI execution context's) owns a contiguous segment of blocks and runs them in
+// order, then helps with the others' (run_segmented), so it knows the block it runs next: while
+// working on one block it prefetches the next one's rows toward L2, a line per K step spread over
+// the block's tiles (a burst at the block's start, or blocks alternating between threads, left the
+// stream and the products unoverlapped: at 16 rows 1.25-1.6x slower, docs/benchmarks.md §15).
 //
 // The gated product (a second target, JaxserveCpuGatedGemm) is a gated MLP's first half in one call:
 // h[M, F] (bf16) = silu(x . wg^T) * (x . wu^T) with wg, wu [F, K], rounded to nearest even once.
@@ -76,15 +80,30 @@ struct Gemm {
   bool add;       // the store adds the sums to y's values (the accumulating product), else overwrites
 };
 
+// Weight rows read later (the next block's, or the gated product's up block), asked for toward L2 a
+// little at every K step of the current block's tiles. Empty (p == end): nothing to ask for.
+struct Cursor {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  const char* target = nullptr;  // p catches up with it, one 64-byte line at a time
+  int64_t per_step = 0;          // bytes target advances per K step
+
+  void step() {
+    target += per_step;
+    for (; p < end && p < target; p += 64) __builtin_prefetch(p, 0, 2);
+  }
+};
+
 // Lane r * NR + c: x row r . w row c (x rows [MR, K], w rows [NR, K], both with row stride K).
 template <int MR, int NR>
-vf tile(const uint16_t* x, const uint16_t* w, int64_t K) {
+vf tile(const uint16_t* x, const uint16_t* w, int64_t K, Cursor& pf) {
   static_assert(MR * NR <= L, "at most 16 accumulators");
   vf acc[L] = {};
   int64_t k = 0;
   for (; k + S <= K; k += S) {
     vk xv[MR];
     for (int r = 0; r < MR; ++r) xv[r] = load_k(x + r * K + k);
+    pf.step();
     for (int c = 0; c < NR; ++c) {
       if constexpr (MR <= 2) __builtin_prefetch(w + (NR + c) * K + k);  // the next tile's rows (decode)
       const vk wv = load_k(w + c * K + k);
@@ -131,8 +150,8 @@ void store(vf sums, float* y, int64_t ldy, bool add) {
 
 // The tile of rows m .. m + MR and columns n .. n + NR of x . w^T, to y.
 template <int MR, int NR>
-void out_tile(const Gemm& g, int64_t m, int64_t n) {
-  store<MR, NR>(tile<MR, NR>(g.x + m * g.K, g.w + n * g.K, g.K), g.y + m * g.ldy + (n - g.y0), g.ldy,
+void out_tile(const Gemm& g, int64_t m, int64_t n, Cursor& pf) {
+  store<MR, NR>(tile<MR, NR>(g.x + m * g.K, g.w + n * g.K, g.K, pf), g.y + m * g.ldy + (n - g.y0), g.ldy,
                   g.add);
 }
 
@@ -141,20 +160,20 @@ template <int MR>
 constexpr int nr() { return MR <= 2 ? 8 : 4; }
 
 template <int MR, int NR>
-void tail_cols(const Gemm& g, int64_t m, int64_t n, int rest) {
+void tail_cols(const Gemm& g, int64_t m, int64_t n, int rest, Cursor& pf) {
   if constexpr (NR > 1) {
-    if (rest == NR - 1) return out_tile<MR, NR - 1>(g, m, n);
-    return tail_cols<MR, NR - 1>(g, m, n, rest);
+    if (rest == NR - 1) return out_tile<MR, NR - 1>(g, m, n, pf);
+    return tail_cols<MR, NR - 1>(g, m, n, rest, pf);
   }
 }
 
 // Rows m .. m + MR of x against w rows n0 .. n1.
 template <int MR>
-void row_tile(const Gemm& g, int64_t m, int64_t n0, int64_t n1) {
+void row_tile(const Gemm& g, int64_t m, int64_t n0, int64_t n1, Cursor& pf) {
   constexpr int NR = nr<MR>();
   int64_t n = n0;
-  for (; n + NR <= n1; n += NR) out_tile<MR, NR>(g, m, n);
-  if (n < n1) tail_cols<MR, NR>(g, m, n, static_cast<int>(n1 - n));
+  for (; n + NR <= n1; n += NR) out_tile<MR, NR>(g, m, n, pf);
+  if (n < n1) tail_cols<MR, NR>(g, m, n, static_cast<int>(n1 - n), pf);
 }
 
 // h[m, c] = silu(gate[m, c]) * up[m, c] for c < width (rows of stride ld, a multiple of L).
@@ -170,18 +189,37 @@ void gate_rows(const float* gate, const float* up, int64_t M, int64_t width, int
     }
 }
 
-void run_block(const Gemm& g, int64_t n0, int64_t n1);
+// A Cursor over `rows` w rows at p that paces its prefetches to finish with the tiles of the block
+// of columns n0 .. n1 (every tile's K steps); p null: an empty one.
+Cursor spread_over(const Gemm& g, int64_t n0, int64_t n1, const uint16_t* p, int64_t rows) {
+  Cursor c;
+  if (!p || rows <= 0) return c;
+  const int64_t nr = g.M <= 2 ? 8 : 4;
+  const int64_t steps = (g.M + 3) / 4 * ((n1 - n0 + nr - 1) / nr) * ((g.K + S - 1) / S);
+  const int64_t bytes = rows * g.K * static_cast<int64_t>(sizeof(uint16_t));
+  c.p = c.target = reinterpret_cast<const char*>(p);
+  c.end = c.p + bytes;
+  c.per_step = (bytes + steps - 1) / steps;
+  return c;
+}
 
-// Rows of bf16 weights toward L2 (one prefetch per 64-byte line).
-inline void prefetch_rows(const uint16_t* p, int64_t elems) {
-  for (int64_t i = 0; i < elems; i += 32) __builtin_prefetch(p + i, 0, 2);
+// Rows m .. M of x against w rows n0 .. n1, prefetching pf's rows meanwhile.
+void run_rows(const Gemm& g, int64_t n0, int64_t n1, Cursor pf) {
+  int64_t m = 0;
+  for (; m + 4 <= g.M; m += 4) row_tile<4>(g, m, n0, n1, pf);
+  switch (g.M - m) {
+    case 3: row_tile<3>(g, m, n0, n1, pf); break;
+    case 2: row_tile<2>(g, m, n0, n1, pf); break;
+    case 1: row_tile<1>(g, m, n0, n1, pf); break;
+    default: break;
+  }
 }
 
 // The gated product's columns n0 .. n1: the gate's and then the up's sums into this thread's
-// scratch (rows padded to whole vectors), then h from them. Each pass first prefetches the rows
-// the next one reads (up's block, then the next gate block): switching matrices leaves the
-// hardware prefetcher cold at every block (10 % slower at 1-16 rows, 3 % at 64 without).
-void gated_block(const Gemm& g, int64_t n0, int64_t n1) {
+// scratch (rows padded to whole vectors), then h from them. Each pass prefetches the rows the next
+// one reads (up's block, then this thread's next gate block): switching matrices leaves the
+// hardware prefetcher cold at every block.
+void gated_block(const Gemm& g, int64_t n0, int64_t n1, int64_t next) {
   thread_local std::vector<float> sums;
   const int64_t ld = (n1 - n0 + L - 1) / L * L;
   sums.resize(2 * g.M * ld);
@@ -190,30 +228,22 @@ void gated_block(const Gemm& g, int64_t n0, int64_t n1) {
   pass.ldy = ld;
   pass.y0 = n0;
   pass.y = sums.data();
-  prefetch_rows(g.up + n0 * g.K, (n1 - n0) * g.K);
-  run_block(pass, n0, n1);
-  if (n1 < g.N) prefetch_rows(g.w + n1 * g.K, std::min(n1 - n0, g.N - n1) * g.K);
+  run_rows(pass, n0, n1, spread_over(g, n0, n1, g.up + n0 * g.K, n1 - n0));
   pass.w = g.up;
   pass.y = sums.data() + g.M * ld;
-  run_block(pass, n0, n1);
+  const int64_t next_rows = next < 0 ? 0 : std::min(g.block, g.N - next);
+  run_rows(pass, n0, n1, spread_over(g, n0, n1, next < 0 ? nullptr : g.w + next * g.K, next_rows));
   gate_rows(sums.data(), pass.y, g.M, n1 - n0, ld, g.h + n0, g.N);
 }
 
-void run_block(const Gemm& g, int64_t n0, int64_t n1) {
-  if (g.up) return gated_block(g, n0, n1);
-  // The plain product at 3+ rows (1-2 rows prefetch per tile) asks for the next block's rows while
-  // it works on this one: products 5-15 % faster at 16-64 rows when w streams from memory, the
-  // whole decode step 1-2 % (docs/benchmarks.md, "Next block prefetch"). The gated product's
-  // passes prefetch their own (h set).
-  if (g.M > 2 && !g.h && n1 < g.N) prefetch_rows(g.w + n1 * g.K, std::min(n1 - n0, g.N - n1) * g.K);
-  int64_t m = 0;
-  for (; m + 4 <= g.M; m += 4) row_tile<4>(g, m, n0, n1);
-  switch (g.M - m) {
-    case 3: row_tile<3>(g, m, n0, n1); break;
-    case 2: row_tile<2>(g, m, n0, n1); break;
-    case 1: row_tile<1>(g, m, n0, n1); break;
-    default: break;
-  }
+// Item: w rows n0 .. n1 against all of x; `next` is the first w row of the block this thread runs
+// next (-1: none). At 3+ rows the plain product prefetches that block's rows, a line per K step
+// of this block's tiles (1-2 rows: each tile prefetches the next tile's rows itself).
+void run_block(const Gemm& g, int64_t n0, int64_t n1, int64_t next) {
+  if (g.up) return gated_block(g, n0, n1, next);
+  const bool ahead = g.M > 2 && next >= 0;
+  run_rows(g, n0, n1, spread_over(g, n0, n1, ahead ? g.w + next * g.K : nullptr,
+                                  ahead ? std::min(g.block, g.N - next) : 0));
 }
 
 int max_threads() {
@@ -238,9 +268,9 @@ void run_all(const Gemm& g0, ffi::ThreadPool& pool) {
   const int64_t items = (g.N + g.block - 1) / g.block;
   // Small products (under ~64 K multiply-adds per extra thread) stay on the calling thread.
   const int64_t by_work = 1 + mats * g.M * g.N * g.K / (1 << 16);
-  run_claimed(pool, items, std::min(threads, by_work), [g](int64_t i) {
+  run_segmented(pool, items, std::min(threads, by_work), [g](int64_t i, int64_t next) {
     const int64_t n0 = i * g.block;
-    run_block(g, n0, std::min(n0 + g.block, g.N));
+    run_block(g, n0, std::min(n0 + g.block, g.N), next < 0 ? -1 : next * g.block);
   });
 }
 
