@@ -195,7 +195,7 @@ Cursor spread_over(const Gemm& g, int64_t n0, int64_t n1, const uint16_t* p, int
   Cursor c;
   if (!p || rows <= 0) return c;
   const int64_t nr = g.M <= 2 ? 8 : 4;
-  const int64_t steps = (g.M + 3) / 4 * ((n1 - n0 + nr - 1) / nr) * ((g.K + S - 1) / S);
+  const int64_t steps = std::max<int64_t>(1, (g.M + 3) / 4 * ((n1 - n0 + nr - 1) / nr) * (g.K / S));  // full steps
   const int64_t bytes = rows * g.K * static_cast<int64_t>(sizeof(uint16_t));
   c.p = c.target = reinterpret_cast<const char*>(p);
   c.end = c.p + bytes;
