@@ -91,7 +91,11 @@ def test_a_reader_that_keeps_up_is_never_dropped(server):
     assert server.log.read_text().count("dropped and aborted") == drops_before
 
 
-LONG_JOBS, CHOICES = 8, 16  # 128 sequences x 1000 tokens behind 4 slots: 32,000 steps, far beyond any wait here
+# Two requests (one streamed, one not) of 64 choices x 1000 tokens behind 4 slots: 32,000 steps. Few
+# requests, so all are in the engine at once (with eight, the event loop, busy streaming the first,
+# admitted the last ones so late in CI that little work was left at SIGTERM).
+LONG_JOBS, CHOICES = 2, 64
+SHORT = 600  # tokens of the stream in flight at SIGTERM: it shares 4 slots with the long ones, so ~1 s
 
 
 def _request(base_url: str, max_tokens: int, n: int, stream: bool, out: dict, started: threading.Event) -> None:
@@ -140,26 +144,28 @@ SHUTDOWN_ERROR = "the server is shutting down: the request was aborted after 3s"
 
 
 def test_sigterm_drains_new_requests_503_then_aborts_and_exits_0(server):
-    """A stream in flight at SIGTERM finishes; 8 long requests of 16 choices each behind 4 slots (128,000
-    tokens: far more than --shutdown-timeout 3, or any wait of this test, allows) end with the shutdown's
-    error, or finish; some the former; exit 0. The SIGTERM waits until every sequence is in the engine."""
+    """A stream in flight at SIGTERM (started first) finishes; 2 long requests of 64 choices each behind
+    4 slots (128,000 tokens: far more than --shutdown-timeout 3 allows) end with the shutdown's error;
+    exit 0. The SIGTERM waits until every sequence is in the engine."""
     short: dict = {}
     started = threading.Event()
     long = [{} for _ in range(LONG_JOBS)]
-    threads = [threading.Thread(target=_request, args=(server.base_url, 300, 1, True, short, started))]
+    threads = [threading.Thread(target=_request, args=(server.base_url, SHORT, 1, True, short, started))]
     threads += [threading.Thread(target=_request, args=(server.base_url, LONG, CHOICES, i % 2 == 0, out,
                                                         threading.Event()))
                 for i, out in enumerate(long)]
     finished_before = _metric(server.base_url, "request_success_total")
-    for t in threads:
+    generated_before = _metric(server.base_url, "generation_tokens_total")
+    threads[0].start()  # first, so that it runs, not queued behind the long ones (FIFO)
+    assert started.wait(30)
+    for t in threads[1:]:
         t.start()
     sequences = 1 + LONG_JOBS * CHOICES
     deadline = time.monotonic() + 30
     while (seen := _in_engine(server.base_url) - finished_before) < sequences and time.monotonic() < deadline:
         time.sleep(0.02)  # every request reached the engine (SIGTERM would refuse those still connecting)
     assert seen == sequences, f"after 30 s the engine has seen {seen} of the {sequences} sequences"
-    assert started.wait(30)  # the short stream is running: 300 tokens take far longer than the signal
-    generated = _metric(server.base_url, "generation_tokens_total")
+    generated = _metric(server.base_url, "generation_tokens_total") - generated_before
     sent = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     health = httpx.get(f"{server.base_url}/health", timeout=5)
@@ -174,6 +180,6 @@ def test_sigterm_drains_new_requests_503_then_aborts_and_exits_0(server):
     assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
     assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])  # it streamed text
     outcomes = [_outcome(out) for out in long]
-    assert "aborted" in outcomes, f"{outcomes}; {generated:.0f} tokens generated before SIGTERM"
+    assert outcomes == ["aborted"] * LONG_JOBS, f"{outcomes}; {generated:.0f} of their tokens before SIGTERM"
     assert server.proc.wait(timeout=30) == 0
     assert 3 <= time.monotonic() - sent < 20
