@@ -92,8 +92,7 @@ def test_a_reader_that_keeps_up_is_never_dropped(server):
 
 
 # Two requests (one streamed, one not) of 64 choices x 1000 tokens behind 4 slots: 32,000 steps. Few
-# requests, so all are in the engine at once (with eight, the event loop, busy streaming the first,
-# admitted the last ones so late in CI that little work was left at SIGTERM).
+# requests, so all are in the engine at once soon after they are sent.
 LONG_JOBS, CHOICES = 2, 64
 SHORT = 600  # tokens of the stream in flight at SIGTERM: it shares 4 slots with the long ones, so ~1 s
 
